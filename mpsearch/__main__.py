@@ -1,0 +1,5 @@
+import sys
+
+from mpsearch.service.cli import main
+
+sys.exit(main())

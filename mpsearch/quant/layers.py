@@ -1,0 +1,327 @@
+"""Which layers of a model can be quantized, and what each costs in bytes at each bit-width.
+
+The :class:`LayerTable` is the byte ledger every later stage relies on. It implements
+DESIGN.md's definitions exactly:
+
+* a layer at b ∈ {2, 3, 4, 8} bits costs ``ceil(n·b/8)`` bytes of packed codes, plus one
+  scale per group at the scheme's scale dtype, plus one uint8 zero point per group when
+  the scheme is asymmetric;
+* a layer at 16 bits costs ``2·n`` bytes (fp16, no scales);
+* everything else in the model's state dict (biases, norms, embeddings that are not
+  quantized, persistent buffers) costs its own ``numel·itemsize``, and a tensor shared
+  by several modules is counted once.
+
+So ``bytes(plan) = Σ_l bytes_l(b_l) + other_bytes``, and that is also the tensor-data
+size of the exported file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mpsearch.errors import BudgetError, MPSearchError, SpecError
+from mpsearch.quant.budget import MIB, Budget
+from mpsearch.quant.scheme import BIT_MENU, FLOAT_BITS, Scheme
+
+try:  # GPT-2 style layers keep their weight as (in, out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, this is belt and braces
+    Conv1D = None
+
+MATMUL_TYPES: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d) + (
+    (Conv1D,) if Conv1D is not None else ()
+)
+
+
+@dataclass(frozen=True)
+class QuantLayer:
+    """One quantizable weight, seen as a matrix of ``rows`` outputs × ``cols`` inputs.
+
+    ``aliases`` are the other module names that share this very weight (tied weights):
+    the weight is stored and counted once, under ``name``.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    rows: int
+    cols: int
+    group_size: int
+    rule: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def n_groups(self) -> int:
+        return self.rows * math.ceil(self.cols / self.group_size)
+
+    def bytes(self, bits: int, scheme: Scheme) -> int:
+        if bits == FLOAT_BITS:
+            return 2 * self.n
+        codes = math.ceil(self.n * bits / 8)
+        return codes + self.n_groups * (scheme.scale_bytes + scheme.zero_bytes)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The module's weight as a (rows=outputs, cols=inputs) matrix, a view where possible.
+
+    >>> weight_matrix(nn.Conv2d(3, 8, kernel_size=3)).shape
+    torch.Size([8, 27])
+    """
+    w = module.weight
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def _kind(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Glob patterns (``encoder.layer.*.attention.*``), or a regex after ``re:``."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    # Two state-dict entries are the same stored tensor when they view the same memory the
+    # same way; that is how tied weights show up (GPT-2's lm_head and wte).
+    return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+@dataclass
+class LayerTable:
+    """The quantizable layers of one model under one scheme and bit menu, with exact bytes.
+
+    >>> table = LayerTable.from_model(nn.Sequential(nn.Linear(256, 64), nn.ReLU()), Scheme())
+    >>> [layer.name for layer in table.layers], table.n_weights
+    (['0'], 16384)
+    >>> table.bytes({"0": 4}), table.other_bytes
+    (8448, 256)
+    >>> table.bpw({"0": 4})
+    4.125
+    """
+
+    layers: list[QuantLayer]
+    scheme: Scheme
+    menu: tuple[int, ...] = BIT_MENU
+    other_bytes: int = 0
+    excluded: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._by_name = {layer.name: layer for layer in self.layers}
+
+    # -- discovery -------------------------------------------------------------------
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        scheme: Scheme,
+        menu: Sequence[int] = BIT_MENU,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        embeddings: bool = False,
+    ) -> "LayerTable":
+        """Find the quantizable layers of ``model``.
+
+        A weight shared by several modules becomes one layer (the first name, with the
+        others as aliases). A weight tied to a module that is not quantizable, and every
+        layer left out by the patterns, is listed in ``excluded`` with the reason.
+        Raises :class:`SpecError` when an include pattern matches no layer.
+        """
+        types = MATMUL_TYPES + ((nn.Embedding,) if embeddings else ())
+        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            if isinstance(module, types) and isinstance(getattr(module, "weight", None), torch.Tensor):
+                groups.setdefault(_tensor_key(module.weight), []).append((name, module))
+
+        # Every owner of each weight, quantizable or not, to catch ties to e.g. embeddings.
+        owners: dict[tuple, list[tuple[str, nn.Module]]] = {}
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for p in module.parameters(recurse=False):
+                owners.setdefault(_tensor_key(p), []).append((mod_name, module))
+
+        include_hits = {p: 0 for p in include}
+        layers, excluded, quantized_keys = [], [], set()
+        for key, members in groups.items():
+            name, module = members[0]
+            names = [n for n, _ in members]
+            others = [(n, m) for n, m in owners.get(key, []) if not isinstance(m, types)]
+            hits = [p for p in include if any(_matches(n, p) for n in names)]
+            for p in hits:
+                include_hits[p] += 1
+            blocked = [p for p in exclude if any(_matches(n, p) for n in names)]
+            if others:
+                other_name, other = others[0]
+                hint = "set layers.embeddings = true to quantize it" if isinstance(other, nn.Embedding) else "it stays at its dtype"
+                excluded.append({"name": name, "reason": f"weight tied to {_kind(other)} '{other_name}'; {hint}"})
+                continue
+            if not hits:
+                excluded.append({"name": name, "reason": "matches no layers.include pattern"})
+                continue
+            if blocked:
+                excluded.append({"name": name, "reason": f"matches layers.exclude pattern {blocked[0]!r}"})
+                continue
+            w = weight_matrix(module)
+            rows, cols = w.shape
+            group, rule = _group_rule(cols, scheme)
+            kinds = sorted({_kind(m) for _, m in members})
+            layers.append(
+                QuantLayer(
+                    name=name,
+                    kind="+".join(kinds),
+                    shape=tuple(module.weight.shape),
+                    rows=rows,
+                    cols=cols,
+                    group_size=group,
+                    rule=rule,
+                    aliases=tuple(names[1:]),
+                )
+            )
+            quantized_keys.add(key)
+
+        for pattern, count in include_hits.items():
+            if count == 0:
+                raise SpecError(
+                    "layers.include",
+                    f"pattern {pattern!r} matches no quantizable layer; run `mpsearch layers` with include = [\"*\"] to list their names",
+                )
+        if not layers:
+            raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
+
+        seen, other_bytes = set(), 0
+        for t in model.state_dict(keep_vars=True).values():
+            key = _tensor_key(t)
+            if key in seen or key in quantized_keys:
+                continue
+            seen.add(key)
+            other_bytes += t.numel() * t.element_size()
+
+        menu = tuple(sorted(set(menu)))
+        return cls(layers=layers, scheme=scheme, menu=menu, other_bytes=other_bytes, excluded=excluded)
+
+    # -- the ledger ------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def n_weights(self) -> int:
+        return sum(layer.n for layer in self.layers)
+
+    def layer(self, name: str) -> QuantLayer:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise MPSearchError(f"no quantizable layer named {name!r}; `mpsearch layers` lists them") from None
+
+    def layer_bytes(self, name: str, bits: int) -> int:
+        return self.layer(name).bytes(bits, self.scheme)
+
+    def check_plan(self, plan: Mapping[str, int]) -> None:
+        missing = [n for n in self.names if n not in plan]
+        extra = [n for n in plan if n not in self._by_name]
+        if missing or extra:
+            what = f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
+            raise MPSearchError(f"plan does not match the model's layers ({what}); plans come from `mpsearch layers` names")
+        bad = {n: b for n, b in plan.items() if b not in self.menu}
+        if bad:
+            name, bits = next(iter(bad.items()))
+            raise MPSearchError(f"plan gives {name!r} {bits} bits, which is not in the bit menu {list(self.menu)}")
+
+    def quantized_bytes(self, plan: Mapping[str, int]) -> int:
+        """Bytes of the quantizable layers alone: codes, scales and zero points."""
+        self.check_plan(plan)
+        return sum(layer.bytes(plan[layer.name], self.scheme) for layer in self.layers)
+
+    def bytes(self, plan: Mapping[str, int]) -> int:
+        """bytes(plan): the exported model's exact tensor bytes."""
+        return self.quantized_bytes(plan) + self.other_bytes
+
+    def bpw(self, plan: Mapping[str, int]) -> float:
+        """Effective bits per quantizable weight, scales and zero points included."""
+        return self.quantized_bytes(plan) * 8 / self.n_weights
+
+    def uniform(self, bits: int) -> dict[str, int]:
+        return {name: bits for name in self.names}
+
+    def budget_bytes(self, budget: Budget) -> int:
+        """The byte limit ``budget`` stands for, checked against the smallest and largest plan."""
+        if budget.unit == "bytes":
+            limit = int(budget.value)
+        elif budget.unit == "mib":
+            limit = math.floor(budget.value * MIB)
+        else:
+            limit = self.other_bytes + math.floor(budget.value * self.n_weights / 8)
+        lo_bits, hi_bits = self.menu[0], self.menu[-1]
+        lo, hi = self.bytes(self.uniform(lo_bits)), self.bytes(self.uniform(hi_bits))
+        field_name = f"budget.{budget.unit}"
+        if limit < lo:
+            raise BudgetError(
+                field_name,
+                f"{budget} ({limit} bytes) is below the smallest plan, all {lo_bits}-bit at {lo} bytes "
+                f"({self.bpw(self.uniform(lo_bits)):.4g} bpw); raise it or add smaller bits to quant.bits",
+            )
+        if limit > hi:
+            raise BudgetError(
+                field_name,
+                f"{budget} ({limit} bytes) is above the largest plan, all {hi_bits}-bit at {hi} bytes "
+                f"({self.bpw(self.uniform(hi_bits)):.4g} bpw), so there is nothing to choose; lower it",
+            )
+        return limit
+
+    def to_json(self) -> dict:
+        """The `mpsearch layers --json` document (DESIGN.md's shape, keys only ever added)."""
+        rows = []
+        for layer in self.layers:
+            row = {
+                "name": layer.name,
+                "kind": layer.kind,
+                "shape": list(layer.shape),
+                "n": layer.n,
+                "bytes": {str(b): layer.bytes(b, self.scheme) for b in self.menu},
+                "group_size": layer.group_size,
+            }
+            if layer.rule:
+                row["rule"] = layer.rule
+            if layer.aliases:
+                row["aliases"] = list(layer.aliases)
+            rows.append(row)
+        return {
+            "layers": rows,
+            "other_bytes": self.other_bytes,
+            "n_weights": self.n_weights,
+            "scheme": self.scheme.to_dict(),
+            "menu": list(self.menu),
+            "total_bytes": {str(b): self.bytes(self.uniform(b)) for b in self.menu},
+            "excluded": self.excluded,
+        }
+
+
+def _group_rule(cols: int, scheme: Scheme) -> tuple[int, str | None]:
+    """The group size a layer with ``cols`` inputs actually gets, and the rule if it differs."""
+    g = scheme.group_size
+    if g == -1:
+        return cols, None
+    if cols % g == 0:
+        return g, None
+    if cols < g:
+        return cols, f"per-channel: input dim {cols} is smaller than group {g}"
+    if scheme.ragged == "per-channel":
+        return cols, f"per-channel: input dim {cols} is not a multiple of group {g}"
+    return g, f"pad: input dim {cols} is not a multiple of group {g}; the last group of each row holds {cols % g}"
+

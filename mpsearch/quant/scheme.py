@@ -1,0 +1,75 @@
+"""How a layer's weight is quantized, apart from its bit-width.
+
+A :class:`Scheme` is plain, versioned data. It is shared by every (layer, bits)
+candidate of a study; the plan then says which bits each layer gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from mpsearch.errors import MPSearchError
+
+BIT_MENU = (2, 3, 4, 8, 16)
+"""Every bit-width mpsearch knows: integer codes at 2, 3, 4 and 8 bits, fp16 at 16."""
+
+FLOAT_BITS = 16
+
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+RaggedRule = Literal["pad", "per-channel"]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """Group-wise weight-only integer quantization.
+
+    Groups run along a weight's input dimension. ``group_size=-1`` gives one scale per
+    output channel. Asymmetric schemes add one uint8 zero point per group.
+
+    ``ragged`` is the rule for a layer whose input dimension is not a multiple of the
+    group size: ``"pad"`` keeps the group size and lets the last group of each row be
+    shorter; ``"per-channel"`` gives that layer one group per row. Either way the layer
+    is reported with the rule it took.
+
+    >>> Scheme(group_size=128).scale_bytes
+    2
+    >>> Scheme(group_size=0)
+    Traceback (most recent call last):
+    ...
+    mpsearch.errors.MPSearchError: group_size must be -1 (per-channel) or a positive integer, got 0
+    """
+
+    group_size: int = 128
+    symmetric: bool = True
+    method: str = "rtn"
+    scale_dtype: str = "float16"
+    ragged: RaggedRule = "pad"
+    version: int = 1
+
+    def __post_init__(self):
+        if self.group_size != -1 and self.group_size < 1:
+            raise MPSearchError(
+                f"group_size must be -1 (per-channel) or a positive integer, got {self.group_size}"
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise MPSearchError(
+                f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}"
+            )
+        if self.ragged not in ("pad", "per-channel"):
+            raise MPSearchError(f"ragged must be 'pad' or 'per-channel', got {self.ragged!r}")
+
+    @property
+    def scale_bytes(self) -> int:
+        return SCALE_DTYPES[self.scale_dtype].itemsize
+
+    @property
+    def zero_bytes(self) -> int:
+        """Bytes per group for zero points: uint8 codes when asymmetric, none otherwise."""
+        return 0 if self.symmetric else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)

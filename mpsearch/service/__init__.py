@@ -1,0 +1,1 @@
+"""The service layer: the command line (and, later, the HTTP API and cluster submission)."""

