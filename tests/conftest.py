@@ -1,0 +1,115 @@
+"""Shared fixtures: real models and real data, built once per test session."""
+
+from __future__ import annotations
+
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpsearch.spec import Spec
+from mpsearch.workload import Workload, minilm_dir
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_STUDY = REPO / "studies" / "minilm.toml"
+
+FACTORIES = textwrap.dedent(
+    '''
+    """Small model factories for `python:` model sources in tests."""
+    import torch
+    from torch import nn
+
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 10))
+
+
+    def convnet():
+        torch.manual_seed(0)
+        return ConvNet()
+
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, kernel_size=3)
+            self.conv1d = nn.Conv1d(8, 8, kernel_size=5)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, images):
+            x = torch.relu(self.conv(images))           # (B, 8, 6, 6)
+            x = torch.relu(self.conv1d(x.flatten(2)))    # (B, 8, 32)
+            return self.head(x.mean(-1))
+
+
+    class TextClassifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(30522, 32)
+            self.hidden = nn.Linear(32, 32)
+            self.head = nn.Linear(32, 2)
+
+        def forward(self, input_ids, attention_mask):
+            mask = attention_mask[..., None].float()
+            pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1)
+            return {"logits": self.head(torch.tanh(self.hidden(pooled)))}
+
+
+    def text_classifier():
+        torch.manual_seed(0)
+        return TextClassifier()
+
+
+    def not_a_model():
+        return 42
+
+
+    def first_token_mse(output, reference, batch):
+        """A user loss: squared error of the first output column, summed over the batch."""
+        diff = (output.value[:, 0] - reference.value[:, 0]) ** 2
+        return diff.sum(), torch.tensor(float(diff.numel()))
+    '''
+)
+
+
+@pytest.fixture(scope="session")
+def minilm_spec() -> Spec:
+    """The default study with small data, so the real model runs in seconds."""
+    return Spec.load(DEFAULT_STUDY).with_overrides(
+        data={"source": "stdlib-docs", "calibration": 16, "evaluation": 32, "max_length": 64, "batch_size": 16, "seed": 0}
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_workload(minilm_spec) -> Workload:
+    return Workload(minilm_spec, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def factories_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("factories")
+    (folder / "mpsearch_test_factories.py").write_text(FACTORIES)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A GPT-2 (Conv1D layers, tied lm_head) from a tiny config, with MiniLM's tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=30522, bos_token_id=101, eos_token_id=102)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / name, folder / name)
+    return folder
+
+
+def write_spec(folder: Path, text: str, name: str = "study.toml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text))
+    return path

@@ -1,0 +1,100 @@
+"""The installed `mpsearch` command, run as a user runs it: a real process, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import mpsearch
+
+from conftest import DEFAULT_STUDY, write_spec
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mpsearch", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"mpsearch, version {mpsearch.__version__}"
+
+
+def test_every_command_has_help():
+    for args in (["--help"], ["layers", "--help"]):
+        out = run(*args)
+        assert out.returncode == 0 and "Usage: mpsearch" in out.stdout
+
+
+def test_layers_json_on_the_default_study():
+    out = run("layers", str(DEFAULT_STUDY), "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    layers = doc["layers"]
+    assert len(layers) == 37 and {row["kind"] for row in layers} == {"Linear"}
+    assert layers[-1]["name"] == "pooler.dense"
+    assert sum(row["n"] for row in layers) == doc["n_weights"] == 10_764_288
+    for row in layers:
+        rows, cols = row["shape"]
+        assert row["n"] == rows * cols
+        assert row["bytes"]["16"] == 2 * row["n"]
+        assert row["bytes"]["4"] == row["n"] // 2 + rows * (cols // 128) * 2
+        assert "rule" not in row
+    for bits in ("2", "3", "4", "8", "16"):
+        assert doc["total_bytes"][bits] == sum(row["bytes"][bits] for row in layers) + doc["other_bytes"]
+    assert doc["budget"] == {"spec": "4bpw", "bytes": doc["other_bytes"] + 10_764_288 // 2, "bpw": 4.0}
+
+
+def test_layers_table_for_people():
+    out = run("layers", str(DEFAULT_STUDY))
+    assert out.returncode == 0, out.stderr
+    assert "37 quantizable layers, 10,764,288 weights" in out.stdout
+    assert "encoder.layer.5.output.dense" in out.stdout and "budget 4bpw" in out.stdout
+
+
+def _bad(tmp_path: Path, text: str, extra: dict[str, str] | None = None) -> Path:
+    for name, content in (extra or {}).items():
+        (tmp_path / name).write_text(content)
+    return write_spec(tmp_path, text)
+
+
+CASES = {
+    "missing spec": (None, "spec '.*nope.toml' does not exist"),
+    "not toml": ("[model\n", ".*study.toml is not valid TOML: .*line 1"),
+    "unknown field": ("[quant]\ngroupsize = 64\n", "quant.groupsize: unknown field"),
+    "wrong type": ("[data]\nbatch_size = 'many'\n", "data.batch_size: expected an integer"),
+    "bits outside the menu": ("[quant]\nbits = [2, 4, 6]\n", "quant.bits: 6 is not a supported bit-width"),
+    "model path missing": ("[model]\nsource = 'hf:./no-model-here'\n", "model.source: model directory .* does not exist"),
+    "empty data file": ("[data]\nsource = 'empty.txt'\n", "data.source: data file .* is empty"),
+    "budget below all-2-bit": ("[budget]\nbpw = 1.0\n", "budget.bpw: 1bpw .* is below the smallest plan, all 2-bit"),
+    "budget above all-16-bit": ("[budget]\nmib = 500\n", "budget.mib: 500MiB .* is above the largest plan, all 16-bit"),
+    "include matches nothing": ("[layers]\ninclude = ['decoder.*']\n", "layers.include: pattern 'decoder.\\*' matches no quantizable layer"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_no_traceback(tmp_path, case):
+    text, pattern = CASES[case]
+    path = tmp_path / "nope.toml" if text is None else _bad(tmp_path, text, {"empty.txt": ""})
+    out = run("layers", str(path), "--json")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert re.match(f"^mpsearch: error: {pattern}", lines[0]), lines[0]
+
+
+def test_usage_errors_are_one_line_too():
+    out = run("layers")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "mpsearch: error: Missing argument 'SPEC'; see `mpsearch layers --help`"

@@ -1,0 +1,92 @@
+"""The study spec: defaults, forms of the budget, and one clear error per bad field."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpsearch.errors import MPSearchError, SpecError
+from mpsearch.quant import Budget, Scheme
+from mpsearch.spec import Spec
+
+from conftest import DEFAULT_STUDY, write_spec
+
+
+def test_default_study_loads_with_the_documented_settings():
+    spec = Spec.load(DEFAULT_STUDY)
+    assert spec.name == "minilm"
+    assert spec.model.source == "minilm"
+    assert spec.quant.bits == (2, 3, 4, 8, 16)
+    assert spec.scheme == Scheme(group_size=128, symmetric=True, method="rtn", scale_dtype="float16")
+    assert spec.budget.to_budget() == Budget("bpw", 4.0)
+    assert spec.storage.url == "sqlite:///mpsearch.db"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('budget = "4.0bpw"', Budget("bpw", 4.0)),
+        ('budget = "5.2MiB"', Budget("mib", 5.2)),
+        ("budget = 5000000", Budget("bytes", 5_000_000)),
+        ("[budget]\nmib = 12", Budget("mib", 12.0)),
+    ],
+)
+def test_budget_is_read_in_each_form(text, expected):
+    assert Spec.from_toml(text).budget.to_budget() == expected
+
+
+def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_path):
+    (tmp_path / "lines.txt").write_text("one sentence\nanother sentence\n")
+    path = write_spec(tmp_path, '[data]\nsource = "lines.txt"\n', name="my-study.toml")
+    spec = Spec.load(path)
+    assert spec.name == "my-study"
+    assert spec.resolve(spec.data.source) == tmp_path / "lines.txt"
+
+
+@pytest.mark.parametrize(
+    "text, field, words",
+    [
+        ("[model]\nsorce = 'minilm'", "model.sorce", "unknown field"),
+        ("colour = 'blue'", "colour", "unknown field"),
+        ("[data]\nbatch_size = '32'", "data.batch_size", "expected an integer"),
+        ("[quant]\nsymmetric = 1", "quant.symmetric", "expected true or false"),
+        ("[quant]\nbits = [2, 4, 5]", "quant.bits", "5 is not a supported bit-width"),
+        ("[quant]\nbits = [1, 16]", "quant.bits", "1 is not a supported bit-width"),
+        ("[quant]\nbits = []", "quant.bits", "non-empty"),
+        ("[quant]\ngroup_size = 0", "quant.group_size", "-1"),
+        ("[quant]\nmethod = 'awq'", "quant.method", "must be one of"),
+        ("[budget]\nbpw = -1.0", "budget.bpw", "must be > 0"),
+        ("[budget]\nbpw = 4.0\nmib = 3.0", "budget", "exactly one"),
+        ("budget = '4 bits'", "budget", "cannot read"),
+        ("[data]\ncalibration = 0", "data.calibration", "must be > 0"),
+        ("[loss]\nkind = 'callable'", "loss", "loss.callable"),
+        ("[model]\nsource = 'hf:no/such/dir'", "model.source", "does not exist"),
+        ("[data]\nsource = 'missing.jsonl'", "data.source", "does not exist"),
+    ],
+)
+def test_each_bad_field_is_named_with_what_to_do(text, field, words):
+    with pytest.raises(SpecError) as raised:
+        Spec.from_toml(text)
+    message = str(raised.value)
+    assert message.startswith(f"{field}:"), message
+    assert words in message
+    assert "\n" not in message
+
+
+def test_an_empty_data_file_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SpecError, match=r"^data.source: data file .*empty.txt' is empty"):
+        Spec.load(write_spec(tmp_path, "[data]\nsource = 'empty.txt'\n"))
+
+
+def test_a_missing_spec_and_bad_toml_say_what_to_do(tmp_path):
+    with pytest.raises(MPSearchError, match="does not exist; pass a study TOML"):
+        Spec.load(tmp_path / "nope.toml")
+    with pytest.raises(MPSearchError, match=r"is not valid TOML: .*line 1"):
+        Spec.load(write_spec(tmp_path, "[model\nsource = 'minilm'\n"))
+
+
+def test_overrides_are_validated_like_the_file():
+    spec = Spec.load(DEFAULT_STUDY)
+    assert spec.with_overrides(budget="3.5bpw").budget.to_budget() == Budget("bpw", 3.5)
+    with pytest.raises(SpecError, match="^data.batch_size:"):
+        spec.with_overrides(data={"batch_size": -4})
