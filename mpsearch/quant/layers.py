@@ -109,7 +109,7 @@ class LayerTable:
     >>> [layer.name for layer in table.layers], table.n_weights
     (['0'], 16384)
     >>> table.bytes({"0": 4}), table.other_bytes
-    (8448, 256)
+    (8704, 256)
     >>> table.bpw({"0": 4})
     4.125
     """
