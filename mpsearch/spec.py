@@ -61,6 +61,10 @@ class LossSection(_Section):
     def _callable_given(self):
         if self.kind == "callable" and not self.callable:
             raise ValueError('kind = "callable" needs loss.callable = "module:function"')
+        if self.callable is not None:
+            module, _, fn = self.callable.rpartition(":")
+            if not module or not fn:
+                raise ValueError(f'callable must be "module:function", got {self.callable!r}')
         return self
 
 
@@ -166,7 +170,8 @@ class Spec(_Section):
     def load(cls, path: str | Path) -> "Spec":
         path = Path(path)
         if not path.is_file():
-            raise MPSearchError(f"spec {str(path)!r} does not exist; pass a study TOML such as studies/minilm.toml")
+            problem = "is a folder" if path.is_dir() else "does not exist"
+            raise MPSearchError(f"spec {str(path)!r} {problem}; pass a study TOML such as studies/minilm.toml")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:

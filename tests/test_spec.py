@@ -59,6 +59,7 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("budget = '4 bits'", "budget", "cannot read"),
         ("[data]\ncalibration = 0", "data.calibration", "must be > 0"),
         ("[loss]\nkind = 'callable'", "loss", "loss.callable"),
+        ("[loss]\nkind = 'callable'\ncallable = 'just_a_name'", "loss", 'must be "module:function"'),
         ("[model]\nsource = 'hf:no/such/dir'", "model.source", "does not exist"),
         ("[data]\nsource = 'missing.jsonl'", "data.source", "does not exist"),
     ],
