@@ -95,7 +95,7 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
+def tensor_key(t: torch.Tensor) -> tuple:
     # Two state-dict entries are the same stored tensor when they view the same memory the
     # same way; that is how tied weights show up (GPT-2's lm_head and wte).
     return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
@@ -146,13 +146,13 @@ class LayerTable:
         groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             if isinstance(module, types) and isinstance(getattr(module, "weight", None), torch.Tensor):
-                groups.setdefault(_tensor_key(module.weight), []).append((name, module))
+                groups.setdefault(tensor_key(module.weight), []).append((name, module))
 
         # Every owner of each weight, quantizable or not, to catch ties to e.g. embeddings.
         owners: dict[tuple, list[tuple[str, nn.Module]]] = {}
         for mod_name, module in model.named_modules(remove_duplicate=False):
             for p in module.parameters(recurse=False):
-                owners.setdefault(_tensor_key(p), []).append((mod_name, module))
+                owners.setdefault(tensor_key(p), []).append((mod_name, module))
 
         include_hits = {p: 0 for p in include}
         layers, excluded, quantized_keys = [], [], set()
@@ -204,7 +204,7 @@ class LayerTable:
 
         seen, other_bytes = set(), 0
         for t in model.state_dict(keep_vars=True).values():
-            key = _tensor_key(t)
+            key = tensor_key(t)
             if key in seen or key in quantized_keys:
                 continue
             seen.add(key)

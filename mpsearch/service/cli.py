@@ -59,6 +59,36 @@ def layers(spec: str, as_json: bool) -> None:
     _print_layers(document)
 
 
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--bits", type=int, required=True, help="The bit-width every layer gets (one of the spec's quant.bits).")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None, help="Override the spec's quant.method.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a line.")
+def quantize(spec: str, bits: int, method: str | None, as_json: bool) -> None:
+    """Quantize every layer of SPEC's model at BITS and score it: the uniform baseline.
+
+    Prints the loss on the evaluation set, the exact bytes and the bpw of the uniform plan.
+    """
+    from mpsearch.quant import quantize_model_
+    from mpsearch.workload import Workload
+
+    s = _load(spec)
+    if method is not None:
+        s = s.with_overrides(quant={**s.quant.model_dump(), "method": method})
+    if bits not in s.quant.bits:
+        raise MPSearchError(f"--bits {bits} is not in quant.bits {list(s.quant.bits)}; pick one of those or add it to the spec")
+    workload = Workload(s, device="cpu")
+    table = workload.layer_table()
+    plan = table.uniform(bits)
+    model = quantize_model_(workload.build_model(), table, plan)
+    size = table.bytes(plan)
+    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": workload.loss(model)}
+    if as_json:
+        _emit_json(document)
+        return
+    click.echo(f"uniform {bits}-bit {document['method']}: loss {document['loss']:.6g}, {size:,} bytes, {document['bpw']:.4g} bpw")
+
+
 def _print_layers(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table

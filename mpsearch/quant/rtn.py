@@ -1,0 +1,98 @@
+"""Round-to-nearest group-wise quantization of a weight matrix.
+
+For a group of weights ``w`` at ``b`` bits, with ``L = 2**b − 1`` the largest code:
+
+* symmetric: the signed grid ``ŵ = s·(q − 2**(b−1))``, whose levels run from
+  ``−2**(b−1)·s`` to ``(2**(b−1) − 1)·s``. Zero is a level, all ``2**b`` levels are used,
+  and ``s = max(max(w, 0) / (2**(b−1) − 1), max(−w, 0) / 2**(b−1))`` is the smallest step
+  that fits both signs, so every weight is within half a step of its level.
+  (On MiniLM, a grid without a zero level loses over twice as much at 3 bits.)
+* asymmetric: ``lo = min(w, 0)``, ``hi = max(w, 0)``, ``s = (hi − lo) / L``, an integer
+  zero point ``z = round(−lo / s)`` stored as uint8, and ``ŵ = s·(q − z)``.
+
+In both, ``q = clamp(round(w/s + offset), 0, L)``, computed with the scale already
+rounded to its storage dtype, so the stored codes and scales reproduce ``ŵ`` exactly. The
+scale is rounded *up* to that dtype: rounded to nearest, an fp16 step can fall short of the
+range by up to 255·2⁻¹¹ of a step at 8 bits, and the extreme weights would be clipped past
+the half-step bound.
+Groups run along the input dimension; a row whose length is not a multiple of the group
+size has a shorter last group (zero padding changes neither ``max|w|`` nor ``lo``/``hi``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mpsearch.quant.scheme import SCALE_DTYPES
+
+
+@dataclass
+class QuantizedWeight:
+    """Unpacked codes (rows × cols, uint8), per-group scales and optional zero points."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        g = self.group_size
+        n_groups = self.scales.shape[1]
+        q = _pad_cols(self.codes.to(torch.float32), n_groups * g).reshape(rows, n_groups, g)
+        offset = self.zeros.to(torch.float32)[..., None] if self.zeros is not None else float(2 ** (self.bits - 1))
+        w = self.scales.to(torch.float32)[..., None] * (q - offset)
+        return w.reshape(rows, n_groups * g)[:, :cols].to(dtype)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True, scale_dtype: str = "float16") -> QuantizedWeight:
+    """Quantize a (rows × cols) matrix group-wise by round-to-nearest.
+
+    >>> w = torch.tensor([[0.5, -1.0, 0.25, 1.0]])
+    >>> q = quantize_rtn(w, bits=2, group_size=4)
+    >>> q.codes.tolist(), q.scales.tolist()
+    ([[2, 1, 2, 3]], [[1.0]])
+    >>> q.dequantize().tolist()
+    [[0.0, -1.0, 0.0, 1.0]]
+    """
+    rows, cols = w.shape
+    g = cols if group_size == -1 else group_size
+    n_groups = math.ceil(cols / g)
+    top = 2**bits - 1
+    x = _pad_cols(w.to(torch.float32), n_groups * g).reshape(rows, n_groups, g)
+    dtype = SCALE_DTYPES[scale_dtype]
+    tiny = torch.finfo(dtype).tiny
+    if symmetric:
+        half = 2 ** (bits - 1)
+        step = torch.maximum(x.amax(dim=-1).clamp_min(0) / (half - 1), (-x.amin(dim=-1)).clamp_min(0) / half)
+        scales = _round_up(step, dtype).clamp_min(tiny)
+        offset = torch.full(scales.shape, float(half), device=x.device)
+        zeros = None
+    else:
+        lo, hi = x.amin(dim=-1).clamp_max(0), x.amax(dim=-1).clamp_min(0)
+        scales = _round_up((hi - lo) / top, dtype).clamp_min(tiny)
+        zeros = torch.round(-lo / scales.to(torch.float32)).clamp(0, top).to(torch.uint8)
+        offset = zeros.to(torch.float32)
+    s = scales.to(torch.float32)[..., None]
+    q = torch.clamp(torch.round(x / s + offset[..., None]), 0, top).to(torch.uint8)
+    codes = q.reshape(rows, n_groups * g)[:, :cols].contiguous()
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=g)
+
+
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Positive float32 ``x`` in ``dtype``, never smaller than ``x``."""
+    y = x.to(dtype)
+    if dtype.itemsize == 2:
+        short = y.to(torch.float32) < x
+        # For positive floats the next representable value is the next bit pattern.
+        y = torch.where(short, (y.view(torch.int16) + 1).view(dtype), y)
+    return y
+
+
+def _pad_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    pad = width - x.shape[1]
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
