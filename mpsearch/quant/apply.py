@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MPSearchError
-from mpsearch.quant.layers import Conv1D, LayerTable, tensor_key, weight_matrix
+from mpsearch.quant.layers import Conv1D, LayerTable, other_tensors, tensor_key, weight_matrix
 from mpsearch.quant.packing import pack
 from mpsearch.quant.rtn import QuantizedWeight, quantize_rtn
 from mpsearch.quant.scheme import FLOAT_BITS, Scheme
@@ -81,10 +81,5 @@ def packed_tensors(model: nn.Module, table: LayerTable, plan: Mapping[str, int])
         out[f"{layer.name}.scales"] = q.scales.contiguous()
         if q.zeros is not None:
             out[f"{layer.name}.zeros"] = q.zeros.contiguous()
-    seen = set(quantized)
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = tensor_key(t)
-        if key not in seen:
-            seen.add(key)
-            out[name] = t.detach()
+    out.update(other_tensors(model, quantized))
     return out

@@ -101,6 +101,17 @@ def tensor_key(t: torch.Tensor) -> tuple:
     return (t.device.type, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
+def other_tensors(model: nn.Module, skip: set[tuple]) -> dict[str, torch.Tensor]:
+    """The state dict's tensors except those keyed in ``skip``, a shared tensor once (first name)."""
+    seen, out = set(skip), {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = tensor_key(t)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach()
+    return out
+
+
 @dataclass
 class LayerTable:
     """The quantizable layers of one model under one scheme and bit menu, with exact bytes.
@@ -202,13 +213,7 @@ class LayerTable:
         if not layers:
             raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
 
-        seen, other_bytes = set(), 0
-        for t in model.state_dict(keep_vars=True).values():
-            key = tensor_key(t)
-            if key in seen or key in quantized_keys:
-                continue
-            seen.add(key)
-            other_bytes += t.numel() * t.element_size()
+        other_bytes = sum(t.numel() * t.element_size() for t in other_tensors(model, quantized_keys).values())
 
         menu = tuple(sorted(set(menu)))
         return cls(layers=layers, scheme=scheme, menu=menu, other_bytes=other_bytes, excluded=excluded)
