@@ -75,6 +75,8 @@ class QuantSection(_Section):
     method: Literal["rtn", "gptq"] = "rtn"
     scale_dtype: Literal["float16", "bfloat16"] = "float16"
     ragged: Literal["pad", "per-channel"] = "pad"
+    damp: float = Field(0.1, gt=0, lt=1, description="gptq: damping, a fraction of the mean diagonal of XᵀX")
+    act_order: bool = Field(True, description="gptq: quantize columns in decreasing input energy")
 
     @field_validator("bits", mode="before")
     @classmethod
@@ -102,6 +104,8 @@ class QuantSection(_Section):
             method=self.method,
             scale_dtype=self.scale_dtype,
             ragged=self.ragged,
+            damp=self.damp,
+            act_order=self.act_order,
         )
 
 

@@ -75,6 +75,16 @@ FACTORIES = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bank_cache(tmp_path_factory) -> Path:
+    """Candidate banks cache into a folder of this test session, never the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("bank-cache")
+    os.environ["MPSEARCH_CACHE_DIR"] = str(folder)  # inherited by the CLI subprocesses
+    return folder
+
+
 @pytest.fixture(scope="session")
 def minilm_spec() -> Spec:
     """The default study with small data, so the real model runs in seconds."""

@@ -16,7 +16,7 @@ def test_default_study_loads_with_the_documented_settings():
     assert spec.name == "minilm"
     assert spec.model.source == "minilm"
     assert spec.quant.bits == (2, 3, 4, 8, 16)
-    assert spec.scheme == Scheme(group_size=128, symmetric=True, method="rtn", scale_dtype="float16")
+    assert spec.scheme == Scheme(group_size=128, symmetric=True, method="gptq", scale_dtype="float16", damp=0.1, act_order=True)
     assert spec.budget.to_budget() == Budget("bpw", 4.0)
     assert spec.storage.url == "sqlite:///mpsearch.db"
 

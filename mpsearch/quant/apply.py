@@ -1,62 +1,68 @@
-"""Putting a plan into a model: fake-quantized weights in place, or the packed tensors an export writes."""
+"""Quantization methods, and the tensors an export of a plan writes.
+
+A method turns one weight matrix into a :class:`QuantizedWeight` at given bits. Methods
+that need calibration statistics (``gptq``) get the layer's prepared
+:class:`~mpsearch.quant.gptq.Curvature`; the others ignore it.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from torch import nn
 
 from mpsearch.errors import MPSearchError
-from mpsearch.quant.layers import Conv1D, LayerTable, other_tensors, tensor_key, weight_matrix
-from mpsearch.quant.packing import pack
+from mpsearch.quant.gptq import Curvature, quantize_gptq
+from mpsearch.quant.layers import Conv1D, other_tensors, tensor_key
 from mpsearch.quant.rtn import QuantizedWeight, quantize_rtn
-from mpsearch.quant.scheme import FLOAT_BITS, Scheme
+from mpsearch.quant.scheme import Scheme
 from mpsearch.registry import Registry
 
-Quantizer = Callable[[torch.Tensor, int, int, Scheme], QuantizedWeight]
-QUANTIZERS: Registry[Quantizer] = Registry("quantization method")
+if TYPE_CHECKING:
+    from mpsearch.quant.bank import CandidateBank
 
 
-@QUANTIZERS.register("rtn")
-def _rtn(w: torch.Tensor, bits: int, group_size: int, scheme: Scheme) -> QuantizedWeight:
+@dataclass(frozen=True)
+class Method:
+    quantize: Callable[[torch.Tensor, int, int, Scheme, Curvature | None], QuantizedWeight]
+    needs_calibration: bool
+
+
+QUANTIZERS: Registry[Method] = Registry("quantization method")
+
+
+def _rtn(w: torch.Tensor, bits: int, group_size: int, scheme: Scheme, curvature: Curvature | None) -> QuantizedWeight:
     return quantize_rtn(w, bits, group_size, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype)
 
 
-def quantizer(method: str) -> Quantizer:
+def _gptq(w: torch.Tensor, bits: int, group_size: int, scheme: Scheme, curvature: Curvature | None) -> QuantizedWeight:
+    if curvature is None:  # a layer whose inputs cannot be collected (the bank reports which)
+        return _rtn(w, bits, group_size, scheme, None)
+    return quantize_gptq(w, bits, group_size, curvature, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype)
+
+
+QUANTIZERS.register("rtn")(Method(_rtn, needs_calibration=False))
+QUANTIZERS.register("gptq")(Method(_gptq, needs_calibration=True))
+
+
+def quantizer(method: str) -> Method:
     try:
         return QUANTIZERS.get(method)
     except MPSearchError as e:
         raise MPSearchError(f"quant.method: {e}") from None
 
 
-def set_weight_matrix_(module: nn.Module, matrix: torch.Tensor) -> None:
-    """Write a (rows × cols) matrix into ``module.weight``, in the weight's own layout and dtype."""
+def module_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """A (rows × cols) matrix in the layout and dtype of ``module.weight``, contiguous."""
     w = module.weight
-    with torch.no_grad():
-        if Conv1D is not None and isinstance(module, Conv1D):
-            w.copy_(matrix.t().to(w.dtype))  # GPT-2's Conv1D keeps (in, out)
-        else:
-            w.copy_(matrix.reshape(w.shape).to(w.dtype))
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return matrix.t().to(w.dtype).contiguous()  # GPT-2's Conv1D keeps (in, out)
+    return matrix.reshape(w.shape).to(w.dtype).contiguous()
 
 
-def quantize_model_(model: nn.Module, table: LayerTable, plan: Mapping[str, int]) -> nn.Module:
-    """Replace every planned layer's weight by its quantize→dequantize image, in place."""
-    table.check_plan(plan)
-    quantize = quantizer(table.scheme.method)
-    modules = dict(model.named_modules())
-    for layer in table.layers:
-        module, bits = modules[layer.name], plan[layer.name]
-        w = weight_matrix(module).detach()
-        if bits == FLOAT_BITS:
-            fake = w.to(torch.float16)
-        else:
-            fake = quantize(w, bits, layer.group_size, table.scheme).dequantize(w.dtype)
-        set_weight_matrix_(module, fake)
-    return model
-
-
-def packed_tensors(model: nn.Module, table: LayerTable, plan: Mapping[str, int]) -> dict[str, torch.Tensor]:
+def packed_tensors(model: nn.Module, bank: "CandidateBank", plan: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Every tensor an export of ``plan`` stores, by name, for the FP ``model``.
 
     A layer at b < 16 bits becomes ``NAME.qweight`` (packed uint8 codes, see
@@ -64,22 +70,8 @@ def packed_tensors(model: nn.Module, table: LayerTable, plan: Mapping[str, int])
     at 16 bits ``NAME.weight`` in fp16. Every other state-dict tensor is kept as it is,
     a shared one once under its first name.
     """
-    table.check_plan(plan)
-    quantize = quantizer(table.scheme.method)
+    out = bank.tensors(plan)
     modules = dict(model.named_modules())
-    out: dict[str, torch.Tensor] = {}
-    quantized = set()
-    for layer in table.layers:
-        module, bits = modules[layer.name], plan[layer.name]
-        quantized.add(tensor_key(module.weight))
-        w = weight_matrix(module).detach()
-        if bits == FLOAT_BITS:
-            out[f"{layer.name}.weight"] = w.to(torch.float16).contiguous()
-            continue
-        q = quantize(w, bits, layer.group_size, table.scheme)
-        out[f"{layer.name}.qweight"] = pack(q.codes, bits)
-        out[f"{layer.name}.scales"] = q.scales.contiguous()
-        if q.zeros is not None:
-            out[f"{layer.name}.zeros"] = q.zeros.contiguous()
+    quantized = {tensor_key(modules[layer.name].weight) for layer in bank.table.layers}
     out.update(other_tensors(model, quantized))
     return out

@@ -62,25 +62,48 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
     rows, cols = w.shape
     g = cols if group_size == -1 else group_size
     n_groups = math.ceil(cols / g)
-    top = 2**bits - 1
     x = _pad_cols(w.to(torch.float32), n_groups * g).reshape(rows, n_groups, g)
+    grid = fit_grid(x, bits, symmetric, scale_dtype)
+    q = grid.codes(x)
+    codes = q.reshape(rows, n_groups * g)[:, :cols].contiguous()
+    return QuantizedWeight(codes=codes, scales=grid.scales, zeros=grid.zeros, bits=bits, group_size=g)
+
+
+@dataclass
+class Grid:
+    """The quantization grid of each group: ``ŵ = scale·(q − offset)`` for integer ``q ∈ [0, top]``.
+
+    ``scales`` and ``zeros`` are what is stored; ``offset`` is ``zeros`` (asymmetric) or
+    ``2**(b−1)`` (symmetric) as float32, shaped like ``scales``.
+    """
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    offset: torch.Tensor
+    top: int
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Round-to-nearest codes (uint8) of ``x``, shaped ``scales.shape + (k,)`` or like ``scales``."""
+        s, off = self.scales.to(torch.float32), self.offset
+        if x.dim() == s.dim() + 1:
+            s, off = s[..., None], off[..., None]
+        return torch.clamp(torch.round(x / s + off), 0, self.top).to(torch.uint8)
+
+
+def fit_grid(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str) -> Grid:
+    """The grid of each group of ``x`` (``… × group`` float32): the module docstring's rule."""
+    top = 2**bits - 1
     dtype = SCALE_DTYPES[scale_dtype]
     tiny = torch.finfo(dtype).tiny
     if symmetric:
         half = 2 ** (bits - 1)
         step = torch.maximum(x.amax(dim=-1).clamp_min(0) / (half - 1), (-x.amin(dim=-1)).clamp_min(0) / half)
         scales = _round_up(step, dtype).clamp_min(tiny)
-        offset = torch.full(scales.shape, float(half), device=x.device)
-        zeros = None
-    else:
-        lo, hi = x.amin(dim=-1).clamp_max(0), x.amax(dim=-1).clamp_min(0)
-        scales = _round_up((hi - lo) / top, dtype).clamp_min(tiny)
-        zeros = torch.round(-lo / scales.to(torch.float32)).clamp(0, top).to(torch.uint8)
-        offset = zeros.to(torch.float32)
-    s = scales.to(torch.float32)[..., None]
-    q = torch.clamp(torch.round(x / s + offset[..., None]), 0, top).to(torch.uint8)
-    codes = q.reshape(rows, n_groups * g)[:, :cols].contiguous()
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=g)
+        return Grid(scales, None, torch.full(scales.shape, float(half), device=x.device), top)
+    lo, hi = x.amin(dim=-1).clamp_max(0), x.amax(dim=-1).clamp_min(0)
+    scales = _round_up((hi - lo) / top, dtype).clamp_min(tiny)
+    zeros = torch.round(-lo / scales.to(torch.float32)).clamp(0, top).to(torch.uint8)
+    return Grid(scales, zeros, zeros.to(torch.float32), top)
 
 
 def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -48,6 +48,8 @@ class Scheme:
     method: str = "rtn"
     scale_dtype: str = "float16"
     ragged: RaggedRule = "pad"
+    damp: float = 0.1
+    act_order: bool = True
     version: int = 1
 
     def __post_init__(self):
@@ -59,6 +61,8 @@ class Scheme:
             raise MPSearchError(
                 f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}"
             )
+        if not 0 < self.damp < 1:
+            raise MPSearchError(f"damp must be between 0 and 1 (a fraction of the mean diagonal), got {self.damp}")
         if self.ragged not in ("pad", "per-channel"):
             raise MPSearchError(f"ragged must be 'pad' or 'per-channel', got {self.ragged!r}")
 

@@ -7,6 +7,7 @@ document on stdout. A problem with the input is one line on stderr and exit code
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -37,22 +38,36 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--errors", is_flag=True, help="Quantize every layer at every bit-width and add its SQNR (dB) and weight MSE.")
+@click.option("--device", default="cpu", show_default=True, help="Where to quantize (cpu, cuda, cuda:1, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def layers(spec: str, as_json: bool) -> None:
+def layers(spec: str, errors: bool, device: str, as_json: bool) -> None:
     """List the quantizable layers of SPEC's model, with their bytes at each bit-width.
 
     Bytes follow DESIGN.md: packed codes plus scales (and zero points), fp16 at 16 bits;
     `other_bytes` is everything else in the model, so bytes(plan) = Σ bytes[l][b] + other_bytes.
+    With --errors, each layer's quantization error at each bit-width under the spec's
+    method (the candidate bank, cached on disk) is added.
     """
     from mpsearch.workload import Workload
 
     s = _load(spec)
-    workload = Workload(s, device="cpu")
+    workload = Workload(s, device=device)
     table = workload.layer_table()
     budget = s.budget.to_budget()
     limit = table.budget_bytes(budget)
     document = table.to_json()
     document["budget"] = {"spec": str(budget), "bytes": limit, "bpw": (limit - table.other_bytes) * 8 / table.n_weights}
+    if errors:
+        bank = workload.candidate_bank(progress=not as_json)
+        stats = bank.errors()
+        for row in document["layers"]:
+            per_bits = stats[row["name"]]
+            row["sqnr"] = {str(b): _finite(e["sqnr"]) for b, e in per_bits.items()}
+            row["mse"] = {str(b): e["mse"] for b, e in per_bits.items()}
+            if row["name"] in bank.notes:
+                row["note"] = bank.notes[row["name"]]
+        document["method"] = s.quant.method
     if as_json:
         _emit_json(document)
         return
@@ -63,13 +78,13 @@ def layers(spec: str, as_json: bool) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--bits", type=int, required=True, help="The bit-width every layer gets (one of the spec's quant.bits).")
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None, help="Override the spec's quant.method.")
+@click.option("--device", default="cpu", show_default=True, help="Where to quantize and evaluate (cpu, cuda, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a line.")
-def quantize(spec: str, bits: int, method: str | None, as_json: bool) -> None:
+def quantize(spec: str, bits: int, method: str | None, device: str, as_json: bool) -> None:
     """Quantize every layer of SPEC's model at BITS and score it: the uniform baseline.
 
     Prints the loss on the evaluation set, the exact bytes and the bpw of the uniform plan.
     """
-    from mpsearch.quant import quantize_model_
     from mpsearch.workload import Workload
 
     s = _load(spec)
@@ -77,12 +92,14 @@ def quantize(spec: str, bits: int, method: str | None, as_json: bool) -> None:
         s = s.with_overrides(quant={**s.quant.model_dump(), "method": method})
     if bits not in s.quant.bits:
         raise MPSearchError(f"--bits {bits} is not in quant.bits {list(s.quant.bits)}; pick one of those or add it to the spec")
-    workload = Workload(s, device="cpu")
+    workload = Workload(s, device=device)
     table = workload.layer_table()
     plan = table.uniform(bits)
-    model = quantize_model_(workload.build_model(), table, plan)
+    bank = workload.candidate_bank(bits=[bits], progress=not as_json)
+    model = workload.build_model()  # a copy: the FP model stays FP for the reference outputs
+    loss = workload.loss(bank.apply(model, plan))
     size = table.bytes(plan)
-    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": workload.loss(model)}
+    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": loss}
     if as_json:
         _emit_json(document)
         return
@@ -99,18 +116,38 @@ def _print_layers(doc: dict) -> None:
     table.add_column("kind")
     for header in ("shape", "weights", *[f"{b}-bit B" for b in menu]):
         table.add_column(header, justify="right", no_wrap=True)
+    with_errors = "sqnr" in doc["layers"][0]
+    if with_errors:
+        for b in menu:
+            table.add_column(f"{b}-bit dB", justify="right", no_wrap=True)
     for row in doc["layers"]:
         name = row["name"] + (f"  ({row['rule']})" if row.get("rule") else "")
-        table.add_row(name, row["kind"], "×".join(map(str, row["shape"])), f"{row['n']:,}", *[f"{row['bytes'][b]:,}" for b in menu])
+        cells = [f"{row['bytes'][b]:,}" for b in menu]
+        if with_errors:
+            cells += [_db(row["sqnr"][b]) for b in menu]
+        table.add_row(name, row["kind"], "×".join(map(str, row["shape"])), f"{row['n']:,}", *cells)
     console = Console()
-    console.width = max(console.width, 150)  # a layer table is wide; let it be, even in a pipe
+    console.width = max(console.width, 210 if with_errors else 150)  # a layer table is wide; let it be, even in a pipe
     console.print(table)
     for item in doc["excluded"]:
         console.print(f"not quantized: {item['name']} — {item['reason']}")
+    for row in doc["layers"]:
+        if "note" in row:
+            console.print(f"{row['name']}: {row['note']}")
+    if with_errors:
+        console.print(f"dB: signal-to-quantization-noise ratio of each layer's weight under {doc['method']}")
     console.print(f"other tensors: {doc['other_bytes']:,} bytes")
     console.print("whole model, uniform: " + ", ".join(f"{b}-bit {doc['total_bytes'][b]:,} B" for b in menu))
     b = doc["budget"]
     console.print(f"budget {b['spec']}: {b['bytes']:,} bytes ({b['bpw']:.4g} bpw over the quantizable layers)")
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no infinity: an exact candidate has no noise
+
+
+def _db(x: float | None) -> str:
+    return "exact" if x is None else f"{x:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:

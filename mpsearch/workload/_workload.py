@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
 from mpsearch.errors import WorkloadError
+from mpsearch.quant.bank import CandidateBank, default_cache_dir
 from mpsearch.quant.budget import Budget
 from mpsearch.quant.layers import LayerTable
 from mpsearch.spec import Spec
@@ -47,6 +49,7 @@ class Workload:
         self._batches: dict[str, list[Batch]] | None = None
         self._reference: dict[str, list[Outputs]] = {}
         self._loss: Loss | None = None
+        self._banks: dict[tuple, CandidateBank] = {}
 
     # -- the model ---------------------------------------------------------------------
 
@@ -80,6 +83,37 @@ class Workload:
                 embeddings=s.layers.embeddings,
             )
         return self._table
+
+    def candidate_bank(
+        self,
+        bits: Sequence[int] | None = None,
+        *,
+        packed: bool = False,
+        progress: bool = False,
+        cache_dir: str | Path | None | Literal["default"] = "default",
+    ) -> CandidateBank:
+        """The bank of every (layer, bits) candidate (``bits``: the menu by default), built once.
+
+        It is built on the workload's device from the FP model, with the calibration
+        batches for methods that need them, and cached on disk (``cache_dir``, by default
+        ``$MPSEARCH_CACHE_DIR`` or ``~/.cache/mpsearch/banks``; ``None`` for no cache).
+        """
+        wanted = tuple(sorted(set(bits if bits is not None else self.spec.quant.bits)))
+        bank = self._banks.get((wanted, packed))
+        if bank is None:
+            folder = default_cache_dir() if cache_dir == "default" else cache_dir
+            bank = CandidateBank.build(
+                self.fp_model(),
+                self.layer_table(),
+                bits=wanted,
+                batches=self.calibration_batches(),
+                forward=self.forward,
+                cache_dir=folder,
+                packed=packed,
+                progress=progress,
+            )
+            self._banks[(wanted, packed)] = bank
+        return bank
 
     def budget_bytes(self, budget: Budget | None = None) -> int:
         """The byte limit of ``budget`` (the spec's by default), checked against this model."""

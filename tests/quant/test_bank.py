@@ -1,0 +1,180 @@
+"""The candidate bank: swap, restore bit-exactly, error statistics, packed mode, and the disk cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mpsearch.errors import MPSearchError
+from mpsearch.quant import CandidateBank, LayerTable, Scheme, quantize_rtn, weight_matrix
+from mpsearch.quant.bank import _cache_path
+from mpsearch.workload import Workload
+
+
+def mixed_plan(table: LayerTable, shift: int = 0) -> dict[str, int]:
+    return {name: table.menu[(i + shift) % len(table.menu)] for i, name in enumerate(table.names)}
+
+
+@pytest.fixture(scope="module")
+def rtn_workload(minilm_spec) -> Workload:
+    spec = minilm_spec.with_overrides(quant={**minilm_spec.quant.model_dump(), "method": "rtn"})
+    return Workload(spec, device="cpu")
+
+
+def test_apply_swaps_candidates_and_restore_gives_back_the_fp_weights_bit_exactly(rtn_workload):
+    bank = rtn_workload.candidate_bank(cache_dir=None)
+    table = rtn_workload.layer_table()
+    model = rtn_workload.build_model()
+    fp = {name: p.detach().clone() for name, p in model.named_parameters()}
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    fp_loss = rtn_workload.loss(model)
+
+    for shift in range(3):  # several plans in a row, as a search does
+        plan = mixed_plan(table, shift)
+        bank.apply(model, plan)
+        modules = dict(model.named_modules())
+        for layer in table.layers:
+            assert modules[layer.name].weight.data_ptr() == bank.candidate(layer.name, plan[layer.name]).ready.data_ptr()
+        assert rtn_workload.loss(model) > fp_loss + 1e-3
+
+    bank.restore(model)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, fp[name]) and p.data_ptr() == storage[name], name
+    assert rtn_workload.loss(model) == fp_loss
+
+
+def test_applied_restores_even_when_the_evaluation_fails(rtn_workload):
+    bank = rtn_workload.candidate_bank(cache_dir=None)
+    model = rtn_workload.build_model()
+    before = model.encoder.layer[0].attention.self.query.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="evaluation died"):
+        with bank.applied(model, rtn_workload.layer_table().uniform(2)):
+            assert not torch.equal(model.encoder.layer[0].attention.self.query.weight, before)
+            raise RuntimeError("evaluation died")
+    assert torch.equal(model.encoder.layer[0].attention.self.query.weight, before)
+
+
+def test_candidates_are_the_quantizer_output_with_exact_bytes_and_errors(rtn_workload):
+    bank = rtn_workload.candidate_bank(cache_dir=None)
+    table = rtn_workload.layer_table()
+    modules = dict(rtn_workload.fp_model().named_modules())
+    errors = bank.errors()
+    for layer in table.layers:
+        w = weight_matrix(modules[layer.name]).detach()
+        for bits in table.menu:
+            cand = bank.candidate(layer.name, bits)
+            expected = w.half().float() if bits == 16 else quantize_rtn(w, bits, layer.group_size).dequantize()
+            assert torch.equal(cand.ready, expected)
+            assert cand.nbytes == table.layer_bytes(layer.name, bits) == sum(t.numel() * t.element_size() for t in cand.packed.values())
+            assert errors[layer.name][bits]["mse"] == pytest.approx((w - expected).pow(2).mean().item(), rel=1e-4)
+        sqnr = [errors[layer.name][b]["sqnr"] for b in table.menu]
+        assert sqnr == sorted(sqnr), layer.name  # more bits, less noise
+    # Lowest SQNR over MiniLM's layers at 2 / 3 / 4 / 8 bits is 2.57 / 10.19 / 16.95 / 40.61 dB
+    # (tests/quant/test_rtn.py); fp16 rounding is measured at 73.7 dB or more.
+    assert min(errors[name][16]["sqnr"] for name in table.names) > 73
+
+
+def test_packed_mode_holds_codes_only_and_swaps_in_the_same_weights(rtn_workload):
+    ready = rtn_workload.candidate_bank(cache_dir=None)
+    packed = rtn_workload.candidate_bank(cache_dir=None, packed=True)
+    table = rtn_workload.layer_table()
+    assert packed.memory()["ready"] == 0
+    assert ready.memory()["packed"] == packed.memory()["packed"]
+    # Dequantized float32 copies at 5 bit-widths: 5 · 4 bytes per weight.
+    assert ready.memory()["ready"] == 5 * 4 * table.n_weights
+    assert packed.memory()["total"] < ready.memory()["total"] / 4
+    plan = mixed_plan(table)
+    a, b = ready.apply(rtn_workload.build_model(), plan), packed.apply(rtn_workload.build_model(), plan)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_a_plan_the_bank_cannot_serve_is_refused(rtn_workload):
+    bank = rtn_workload.candidate_bank(bits=[4, 8], cache_dir=None)
+    table = rtn_workload.layer_table()
+    with pytest.raises(MPSearchError, match=r"the plan uses bits \[2\] but the bank holds \[4, 8\]"):
+        bank.apply(rtn_workload.build_model(), table.uniform(2))
+    with pytest.raises(MPSearchError, match="plan does not match the model's layers"):
+        bank.apply(rtn_workload.build_model(), {"pooler.dense": 4})
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(MPSearchError, match="the model has no layer 'encoder.layer.0.attention.self.query'; apply the bank to the model it was built for"):
+        bank.apply(other, table.uniform(4))
+
+
+def test_the_disk_cache_is_read_back_instead_of_requantizing(rtn_workload, tmp_path):
+    table = rtn_workload.layer_table()
+    first = rtn_workload.candidate_bank(bits=[3], cache_dir=tmp_path)
+    path = _cache_path(tmp_path, first.key, 3)
+    assert path.exists()
+    # Rewrite one scale in the cached file; a bank that reads the cache must show it.
+    tensors, name = load_file(path), table.names[0]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors[f"{name}.scales"] = tensors[f"{name}.scales"] * 2
+    save_file(tensors, path, metadata=metadata)
+    again = Workload(rtn_workload.spec, device="cpu").candidate_bank(bits=[3], cache_dir=tmp_path)
+    assert again.key == first.key
+    assert torch.equal(again.candidate(name, 3).packed["scales"], first.candidate(name, 3).packed["scales"] * 2)
+    assert torch.equal(again.candidate(table.names[1], 3).ready, first.candidate(table.names[1], 3).ready)
+
+
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning(rtn_workload, tmp_path, caplog):
+    first = rtn_workload.candidate_bank(bits=[4], cache_dir=tmp_path)
+    path = _cache_path(tmp_path, first.key, 4)
+    good = {k: v.clone() for k, v in load_file(path).items()}  # copies: the file is about to change
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])  # a half-written file, say from a full disk
+    with caplog.at_level(logging.WARNING, logger="mpsearch.quant.bank"):
+        again = Workload(rtn_workload.spec, device="cpu").candidate_bank(bits=[4], cache_dir=tmp_path)
+    assert "is unusable" in caplog.text and "rebuilding it" in caplog.text
+    for name in rtn_workload.layer_table().names:
+        assert torch.equal(again.candidate(name, 4).ready, first.candidate(name, 4).ready)
+    rewritten = load_file(path)  # rewritten whole
+    assert rewritten.keys() == good.keys() and all(torch.equal(rewritten[k], good[k]) for k in good)
+    assert not list(tmp_path.glob(".bank-*"))  # no temporary files left behind
+
+
+def test_the_cache_key_follows_weights_scheme_and_for_gptq_the_calibration_data(minilm_spec, tmp_path):
+    def key(spec, model=None, **quant):
+        workload = Workload(spec.with_overrides(quant={**spec.quant.model_dump(), **quant}), device="cpu")
+        from mpsearch.quant.bank import _cache_key
+
+        batches = workload.calibration_batches() if workload.spec.quant.method == "gptq" else None
+        return _cache_key(model or workload.fp_model(), workload.layer_table(), batches)
+
+    other_data = minilm_spec.with_overrides(data={**minilm_spec.data.model_dump(), "seed": 1})
+    assert key(minilm_spec, method="rtn") == key(other_data, method="rtn")  # rtn reads no data
+    assert key(minilm_spec, method="gptq") != key(other_data, method="gptq")
+    assert key(minilm_spec, method="rtn") != key(minilm_spec, method="rtn", symmetric=False)
+    assert key(minilm_spec, method="gptq") != key(minilm_spec, method="gptq", damp=0.05)
+    changed = Workload(minilm_spec, device="cpu").build_model()
+    with torch.no_grad():
+        changed.embeddings.LayerNorm.bias[0] += 1e-3  # not a quantized layer, but it moves activations
+    assert key(minilm_spec, method="rtn") != key(minilm_spec, changed, method="rtn")
+
+
+def test_gptq_layers_the_calibration_pass_cannot_see_fall_back_to_rtn_and_say_so():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    table = LayerTable.from_model(model, Scheme(group_size=-1, method="gptq"))
+    batches = [{"x": torch.randn(16, 4, 6, 6, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    bank = CandidateBank.build(model, table, batches=batches, forward=lambda m, b: m(b["x"]))
+    assert set(bank.notes) == {"0"}
+    assert "grouped convolution (groups=2)" in bank.notes["0"] and "rtn" in bank.notes["0"]
+    w = weight_matrix(model[0]).detach()
+    assert torch.equal(bank.candidate("0", 4).ready.reshape(8, -1), quantize_rtn(w, 4, -1).dequantize())
+    with pytest.raises(MPSearchError, match="needs calibration batches"):
+        CandidateBank.build(model, table)
+
+
+def test_a_bank_refuses_a_model_on_another_device_or_of_another_shape(rtn_workload):
+    bank = rtn_workload.candidate_bank(bits=[4], cache_dir=None)
+    model = rtn_workload.build_model()
+    model.pooler.dense = nn.Linear(384, 10)
+    with pytest.raises(MPSearchError, match=r"layer 'pooler.dense' is \(10, 384\) on cpu, the bank's is \(384, 384\) on cpu"):
+        bank.apply(model, rtn_workload.layer_table().uniform(4))
