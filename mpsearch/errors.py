@@ -34,3 +34,8 @@ class BudgetError(SpecError):
 
 class WorkloadError(MPSearchError):
     """A model, data set or loss that cannot be built or evaluated."""
+
+
+class StorageError(MPSearchError):
+    """A storage URL that is malformed, a database that cannot be reached or logged in to,
+    or a schema this mpsearch cannot use."""

@@ -123,3 +123,91 @@ def write_spec(folder: Path, text: str, name: str = "study.toml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+# -- databases -----------------------------------------------------------------------------
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test, dropped afterwards. Never skipped: if the
+    server is down, the test errors (``.ci/run`` starts it)."""
+    import uuid
+
+    import psycopg
+
+    name = f"mpsearch_t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """Each storage test runs on a fresh SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'mpsearch.db'}"
+    else:
+        yield request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def password_refusing_server():
+    """A TCP server that speaks just enough of PostgreSQL's wire protocol to ask for a
+    password and refuse it (SQLSTATE 28P01).
+
+    This is a fake, on purpose: the machine's PostgreSQL uses trust auth, so a real server
+    cannot produce a wrong-password failure here. Yields its port.
+    """
+    import socket
+    import struct
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def read_message(conn, typed):
+        head = conn.recv(5 if typed else 4, socket.MSG_WAITALL)
+        length = struct.unpack("!I", head[-4:])[0]
+        return head, conn.recv(length - 4, socket.MSG_WAITALL)
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    _, body = read_message(conn, typed=False)
+                    while struct.unpack("!I", body[:4])[0] in (80877103, 80877104):  # SSL / GSS requests
+                        conn.sendall(b"N")
+                        _, body = read_message(conn, typed=False)
+                    conn.sendall(b"R" + struct.pack("!II", 8, 3))  # AuthenticationCleartextPassword
+                    read_message(conn, typed=True)  # the password
+                    fields = b"".join(
+                        code + text.encode() + b"\0"
+                        for code, text in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", "28P01"), (b"M", 'password authentication failed for user "alice"'))
+                    ) + b"\0"
+                    conn.sendall(b"E" + struct.pack("!I", len(fields) + 4) + fields)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()

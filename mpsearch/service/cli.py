@@ -106,6 +106,105 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
     click.echo(f"uniform {bits}-bit {document['method']}: loss {document['loss']:.6g}, {size:,} bytes, {document['bpw']:.4g} bpw")
 
 
+# -- storage -------------------------------------------------------------------------------
+
+STORAGE_ENV = "MPSEARCH_STORAGE"
+
+
+def storage_option(fn):
+    return click.option(
+        "--storage",
+        envvar=STORAGE_ENV,
+        default="sqlite:///mpsearch.db",
+        show_default=True,
+        help=f"Database URL: sqlite:///FILE.db or postgresql+psycopg://USER@HOST:PORT/DB (or ${STORAGE_ENV}).",
+    )(fn)
+
+
+@cli.command()
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def studies(storage: str, as_json: bool) -> None:
+    """List the studies in the database: trial counts by state and the best trial."""
+    from mpsearch.storage import Storage
+    from mpsearch.storage.studies import study_rows
+
+    rows = study_rows(Storage(storage, create=False))
+    if as_json:
+        _emit_json({"studies": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} studies", title_justify="left")
+    for header in ("study", "trials", "complete", "running", "failed", "pruned", "best trial", "loss", "bytes", "bpw"):
+        table.add_column(header, justify="left" if header == "study" else "right", no_wrap=True)
+    for row in rows:
+        best, st = row["best"] or {}, row["states"]
+        table.add_row(
+            row["name"], str(row["n_trials"]), str(st["complete"]), str(st["running"]), str(st["fail"]), str(st["pruned"]),
+            _cell(best.get("number")), _cell(best.get("loss"), ".6g"), _cell(best.get("bytes"), ","), _cell(best.get("bpw"), ".4g"),
+        )
+    _wide_console().print(table)
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def trials(study: str, storage: str, as_json: bool) -> None:
+    """List the trials of STUDY: number, state, loss, bytes, bpw, duration, failure reason."""
+    from mpsearch.storage import Storage
+    from mpsearch.storage.studies import trial_rows
+
+    rows = trial_rows(Storage(storage, create=False), study)
+    if as_json:
+        _emit_json({"study": study, "trials": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"study {study}: {len(rows)} trials", title_justify="left")
+    for header in ("trial", "state", "loss", "bytes", "bpw", "seconds", "error"):
+        table.add_column(header, justify="left" if header in ("state", "error") else "right")
+    for row in rows:
+        table.add_row(
+            str(row["number"]), row["state"], _cell(row["loss"], ".6g"), _cell(row["bytes"], ","), _cell(row["bpw"], ".4g"),
+            _cell(row["duration_s"], ".1f"), row["error"] or "",
+        )
+    _wide_console().print(table)
+
+
+@cli.group()
+def db() -> None:
+    """Manage the database schema."""
+
+
+@db.command()
+@storage_option
+def upgrade(storage: str) -> None:
+    """Create or upgrade mpsearch's tables (and Optuna's) in the database at --storage."""
+    from mpsearch.storage import Storage
+
+    store = Storage(storage, check_schema=False)
+    before, after = store.upgrade()
+    where = store.url.render_as_string(hide_password=True)
+    if before == after:
+        click.echo(f"{where}: already at mpsearch schema {after}")
+    else:
+        click.echo(f"{where}: mpsearch schema {before or '(none)'} -> {after}")
+
+
+def _wide_console(width: int = 150):
+    from rich.console import Console
+
+    console = Console()
+    console.width = max(console.width, width)  # tables stay whole in a pipe too
+    return console
+
+
+def _cell(value, fmt: str = "") -> str:
+    return "" if value is None else format(value, fmt)
+
+
 def _print_layers(doc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
