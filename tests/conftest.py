@@ -27,6 +27,12 @@ FACTORIES = textwrap.dedent(
         return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 10))
 
 
+    def small_mlp():
+        """Small enough for exact per-layer Hessian blocks (512 and 264 weights)."""
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8))
+
+
     def convnet():
         torch.manual_seed(0)
         return ConvNet()
@@ -123,6 +129,22 @@ def write_spec(folder: Path, text: str, name: str = "study.toml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(text))
     return path
+
+
+def tiny_study(folder: Path, bits=(3, 8)) -> Path:
+    """MiniLM on 8 + 8 sentences of up to 32 tokens, rtn, with its own SQLite file in ``folder``."""
+    return write_spec(folder, f"""
+        [data]
+        calibration = 8
+        evaluation = 8
+        max_length = 32
+        batch_size = 8
+        [quant]
+        method = "rtn"
+        bits = {list(bits)}
+        [storage]
+        url = "sqlite:///{folder / 'mpsearch.db'}"
+    """)
 
 
 # -- databases -----------------------------------------------------------------------------

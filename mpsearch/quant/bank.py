@@ -27,8 +27,6 @@ read-only (evaluate it; do not train it).
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
@@ -42,6 +40,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import MPSearchError
+from mpsearch.hashing import batches_digest, json_digest, model_digest
 from mpsearch.quant.apply import module_layout, quantizer
 from mpsearch.quant.calibration import input_moments, unsupported_reason
 from mpsearch.quant.gptq import Curvature
@@ -210,10 +209,17 @@ class CandidateBank:
 
     # -- applying --------------------------------------------------------------------
 
-    def apply(self, model: nn.Module, plan: Mapping[str, int]) -> nn.Module:
-        """Point each layer's weight of ``model`` at its candidate for ``plan``; see :meth:`restore`."""
-        self._check(plan)
-        for layer, module, _fp in self._bound(model):
+    def apply(self, model: nn.Module, plan: Mapping[str, int], partial: bool = False) -> nn.Module:
+        """Point each layer's weight of ``model`` at its candidate for ``plan``; see :meth:`restore`.
+
+        With ``partial=True`` the plan may name only some layers; the others keep their FP
+        weights (not fp16: the model's own), as a perturbation scan needs.
+        """
+        self._check(plan, partial)
+        for layer, module, fp in self._bound(model):
+            if layer.name not in plan:
+                module.weight.data = fp
+                continue
             cand = self.candidates[(layer.name, plan[layer.name])]
             module.weight.data = cand.ready if cand.ready is not None else module_layout(module, cand.dequantized(layer))
         return model
@@ -225,16 +231,20 @@ class CandidateBank:
         return model
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, plan: Mapping[str, int]) -> Iterator[nn.Module]:
+    def applied(self, model: nn.Module, plan: Mapping[str, int], partial: bool = False) -> Iterator[nn.Module]:
         """``with bank.applied(model, plan): loss(model)``, restored afterwards, even on error."""
-        self.apply(model, plan)
+        self.apply(model, plan, partial)
         try:
             yield model
         finally:
             self.restore(model)
 
-    def _check(self, plan: Mapping[str, int]) -> None:
-        self.table.check_plan(plan)
+    def _check(self, plan: Mapping[str, int], partial: bool = False) -> None:
+        if partial:
+            for name in plan:
+                self.table.layer(name)
+        else:
+            self.table.check_plan(plan)
         missing = {b for b in plan.values() if b not in self.bits}
         if missing:
             raise MPSearchError(f"the plan uses bits {sorted(missing)} but the bank holds {list(self.bits)}")
@@ -280,22 +290,15 @@ def _errors(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[float, float]:
 
 
 def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, torch.Tensor]] | None) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps({"bank": BANK_FORMAT, "scheme": table.scheme.to_dict()}, sort_keys=True).encode())
-    for layer in table.layers:
-        h.update(f"{layer.name}:{layer.rows}x{layer.cols}/{layer.group_size};".encode())
-    for name, t in model.state_dict().items():
-        _hash_tensor(h, name, t)
-    for i, batch in enumerate(batches or ()):
-        for name in sorted(batch):
-            _hash_tensor(h, f"batch{i}.{name}", batch[name])
-    return h.hexdigest()
-
-
-def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
-    t = t.detach().reshape(-1).contiguous().cpu()
-    h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes())
+    layers = [(layer.name, layer.rows, layer.cols, layer.group_size) for layer in table.layers]
+    parts = {
+        "bank": BANK_FORMAT,
+        "scheme": table.scheme.to_dict(),
+        "layers": layers,
+        "model": model_digest(model),
+        "data": batches_digest(batches) if batches is not None else None,
+    }
+    return json_digest(parts)
 
 
 def _cache_path(folder: Path, key: str, bits: int) -> Path:

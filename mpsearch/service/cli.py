@@ -106,6 +106,78 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
     click.echo(f"uniform {bits}-bit {document['method']}: loss {document['loss']:.6g}, {size:,} bytes, {document['bpw']:.4g} bpw")
 
 
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--method", type=click.Choice(["hessian", "perturbation", "fisher"]), default="hessian", show_default=True)
+@click.option("--mode", type=click.Choice(["all", "per-layer"]), default="all", show_default=True, help="hessian: one Hessian-vector product per probe for all layers, or one per layer.")
+@click.option("--tol", type=float, default=None, help="hessian: relative tolerance of the stopping rule (default 0.05).")
+@click.option("--max-probes", type=int, default=None, help="hessian: most probes per layer (default 48).")
+@click.option("--workers", type=int, default=2, show_default=True, help="perturbation: Ray actors (0: in this process).")
+@click.option("--address", default=None, help="perturbation: an existing Ray cluster (default: local Ray).")
+@click.option("--storage", default=None, help="Database URL for profiles (default: the spec's storage.url).")
+@click.option("--recompute", is_flag=True, help="Compute again even if the database holds this profile.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a bar chart of per-layer sensitivity (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def analyze(spec, method, mode, tol, max_probes, workers, address, storage, recompute, device, plot_path, as_json) -> None:
+    """Rank SPEC's layers by how much quantizing them hurts.
+
+    The profile is stored in the database, keyed by hashes of the model, the calibration
+    data, the scheme and the settings: run again with nothing changed, it is read back.
+    """
+    from mpsearch.sensitivity.analyze import analyze as run_analysis
+    from mpsearch.sensitivity.analyze import plot
+    from mpsearch.storage import Storage
+    from mpsearch.workload import Workload
+
+    s = _load(spec)
+    if plot_path is not None:
+        from pathlib import Path
+
+        folder = Path(plot_path).resolve().parent
+        if not folder.is_dir():
+            raise MPSearchError(f"--plot: folder {str(folder)!r} does not exist; create it or pick another path")
+    store = Storage(storage or s.storage.url)
+    workload = Workload(s, device=device)
+    profile = run_analysis(
+        workload, method, store, mode=mode, tol=tol, max_probes=max_probes, workers=workers, address=address,
+        progress=not as_json, recompute=recompute,
+    )
+    if plot_path is not None:
+        plot(profile, plot_path, workload.layer_table().menu)
+    if as_json:
+        _emit_json(profile.to_json())
+        return
+    _print_profile(profile, workload.layer_table().menu)
+
+
+def _print_profile(profile, menu) -> None:
+    from rich.table import Table
+
+    bits = [str(b) for b in menu]
+    order = {name: i for i, name in enumerate(profile.ranking)}
+    rows = sorted(profile.layers, key=lambda r: order[r["name"]])
+    has_trace = "trace" in rows[0]
+    table = Table(title=f"{profile.method} sensitivity, most sensitive first" + (" (from the database)" if profile.reused else f" ({profile.seconds:.1f} s)"), title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("layer", no_wrap=True)
+    if has_trace:
+        table.add_column("trace", justify="right")
+        if "trace_stderr" in rows[0]:
+            table.add_column("± stderr", justify="right")
+    for b in bits:
+        table.add_column(f"{b}-bit", justify="right")
+    for i, row in enumerate(rows, 1):
+        cells = [str(i), row["name"]]
+        if has_trace:
+            cells.append(f"{row['trace']:.4g}")
+            if "trace_stderr" in row:
+                cells.append(_cell(row["trace_stderr"], ".2g"))
+        cells += [f"{row['score'][b]:.3g}" for b in bits]
+        table.add_row(*cells)
+    _wide_console(170).print(table)
+
+
 # -- storage -------------------------------------------------------------------------------
 
 STORAGE_ENV = "MPSEARCH_STORAGE"

@@ -132,6 +132,31 @@ class Workload:
             }
         return self._batches[which]
 
+    def snapshot(self) -> dict:
+        """The tokenized batches and FP reference outputs of both splits, on the CPU.
+
+        A worker that :meth:`adopt` s it skips reading the data, tokenizing it and running
+        the FP model: only the model itself is loaded again.
+        """
+        cpu = lambda batch: {k: v.cpu() for k, v in batch.items()}  # noqa: E731
+        return {
+            "batches": {split: [cpu(b) for b in self.batches(split)] for split in ("calibration", "evaluation")},
+            "reference": {
+                split: [None if r is None else Outputs(r.value.cpu(), r.kind) for r in self.reference(split)]
+                for split in ("calibration", "evaluation")
+            },
+        }
+
+    def adopt(self, snapshot: dict) -> "Workload":
+        """Take batches and reference outputs from another workload's :meth:`snapshot` of the same spec."""
+        self._batches = {split: [{k: v.to(self.device) for k, v in b.items()} for b in bs] for split, bs in snapshot["batches"].items()}
+        self._reference = {
+            split: [None if r is None else Outputs(r.value.to(self.device), r.kind) for r in refs]
+            for split, refs in snapshot["reference"].items()
+            if any(r is not None for r in refs)
+        }
+        return self
+
     def calibration_batches(self) -> list[Batch]:
         return self.batches("calibration")
 

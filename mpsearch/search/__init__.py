@@ -1,0 +1,1 @@
+"""The search: Optuna studies driven from one process, plans scored by Ray actors."""

@@ -1,0 +1,1 @@
+"""Sensitivity: how much quantizing each layer hurts — Hessian traces, perturbation, Fisher."""

@@ -1,0 +1,27 @@
+"""Perturbation sensitivity: the calibration loss with one layer alone quantized.
+
+``Δloss(l, b) = loss(W with layer l at b bits, every other layer FP) − loss(W)`` on the
+calibration set. The (layer, bits) jobs are independent; they are spread over Ray actors
+that each load the workload and the bank once (see :mod:`mpsearch.search.pool`).
+"""
+
+from __future__ import annotations
+
+from mpsearch.search.pool import ScorerPool
+
+
+def perturbation_scores(workload, workers: int = 2, address: str | None = None, progress: bool = False) -> dict[str, dict[int, float]]:
+    """``{layer: {bits: Δloss}}`` for every bit-width of the menu (16: the fp16 rounding alone)."""
+    table = workload.layer_table()
+    workload.candidate_bank(progress=progress)  # fills the disk cache the actors read
+    jobs = [(name, bits) for name in table.names for bits in table.menu]
+    pool = ScorerPool(workload.spec, workers=workers, address=address, device=str(workload.device), snapshot=workload.snapshot())
+    try:
+        base = workload.loss(workload.fp_model(), "calibration")
+        losses = pool.map(({name: bits} for name, bits in jobs), split="calibration", partial=True, progress=progress, desc="perturbation scan")
+    finally:
+        pool.close()
+    scores: dict[str, dict[int, float]] = {name: {} for name in table.names}
+    for (name, bits), loss in zip(jobs, losses):
+        scores[name][bits] = loss - base
+    return scores

@@ -1,0 +1,101 @@
+"""Hutchinson traces against exact Hessian blocks, and their consistency on MiniLM."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, hessian
+
+from mpsearch.sensitivity.fisher import fisher_diagonal
+from mpsearch.sensitivity.hessian import hessian_traces, total_trace
+from mpsearch.spec import Spec
+from mpsearch.workload import Workload
+
+from conftest import write_spec
+
+
+@pytest.fixture(scope="module")
+def mlp_workload(factories_dir, tmp_path_factory):
+    """A 16→32→8 MLP on 96 random inputs, self-distilled with MSE: a GN Hessian at the FP weights."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("mlp")
+    save_file({"x": torch.randn(96, 16, generator=torch.Generator().manual_seed(0))}, folder / "inputs.safetensors")
+    spec_path = write_spec(folder, f"""
+        [model]
+        source = "python:mpsearch_test_factories:small_mlp"
+        [data]
+        source = "{folder / 'inputs.safetensors'}"
+        calibration = 64
+        evaluation = 32
+        batch_size = 16
+        [quant]
+        method = "rtn"
+        group_size = 8
+    """)
+    import sys
+
+    sys.path.insert(0, str(factories_dir))
+    return Workload(Spec.load(spec_path), device="cpu")
+
+
+def exact_traces(workload) -> dict[str, float]:
+    """Tr of each layer's own Hessian block, from torch.func over the calibration loss."""
+    model = workload.fp_model()
+    names = workload.layer_table().names
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batches, refs = workload.calibration_batches(), workload.reference("calibration")
+    count = sum(float(workload.loss_fn(workload.forward(model, b), r, b)[1]) for b, r in zip(batches, refs))
+    traces = {}
+    for name in names:
+        key = f"{name}.weight"
+
+        def loss(w):
+            total = 0.0
+            for batch, ref in zip(batches, refs):
+                out = functional_call(model, {**params, key: w}, (batch["x"],))
+                total = total + workload.loss_fn(type(ref)(out, ref.kind), ref, batch)[0]
+            return total / count
+
+        h = hessian(loss)(params[key])  # (out, in, out, in)
+        n = params[key].numel()
+        traces[name] = float(torch.diagonal(h.reshape(n, n)).sum())
+    return traces
+
+
+def test_all_at_once_traces_are_within_5_percent_of_the_exact_ones(mlp_workload):
+    exact = exact_traces(mlp_workload)
+    estimate = hessian_traces(mlp_workload)  # the default tolerance
+    for name, value in exact.items():
+        assert value > 0
+        assert abs(estimate.trace[name] - value) <= 0.05 * value, (name, estimate.trace[name], value)
+        assert estimate.probes[name] >= 8 and math.isfinite(estimate.stderr[name])
+
+
+def test_per_layer_mode_and_the_total_trace_agree_with_the_exact_ones(mlp_workload):
+    exact = exact_traces(mlp_workload)
+    per_layer = hessian_traces(mlp_workload, mode="per-layer")
+    for name, value in exact.items():
+        assert abs(per_layer.trace[name] - value) <= 0.05 * value, (name, per_layer.trace[name], value)
+    total, stderr, probes = total_trace(mlp_workload)
+    assert abs(total - sum(exact.values())) <= 0.05 * sum(exact.values())
+
+
+def test_the_fisher_diagonal_sums_to_the_gauss_newton_trace(mlp_workload):
+    """At the FP weights the residual is zero, so Σ F_l estimates the same Tr(H_ll)."""
+    exact = exact_traces(mlp_workload)
+    fisher = fisher_diagonal(mlp_workload, samples=32)
+    for name, value in exact.items():
+        assert abs(float(fisher[name].sum()) - value) <= 0.05 * value, (name, float(fisher[name].sum()), value)
+
+
+def test_minilm_traces_are_finite_non_negative_and_zero_where_the_loss_does_not_look(minilm_workload):
+    traces = hessian_traces(minilm_workload, tol=0.1, max_probes=16)
+    for name, value in traces.trace.items():
+        assert math.isfinite(value) and math.isfinite(traces.stderr[name]), name
+        assert value >= -2 * traces.stderr[name], (name, value, traces.stderr[name])
+    # The mean-pooled cosine loss never reads the pooler: its Hessian block is exactly zero.
+    assert traces.trace["pooler.dense"] == 0.0 and traces.stderr["pooler.dense"] == 0.0
+    assert min(v for k, v in traces.trace.items() if k != "pooler.dense") > 0
