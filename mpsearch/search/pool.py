@@ -48,13 +48,8 @@ class Scorer:
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster at ``address``, or start a local one (once per process)."""
-    if address and "RAY_AUTH_MODE" not in os.environ:
-        # Ray ≥ 2.59 turns token auth on for clusters it starts, but a client only sends its
-        # token (~/.ray/auth_token or $RAY_AUTH_TOKEN) in token mode, read when Ray is first
-        # imported; so say so before that, unless the user chose a mode.
-        if os.environ.get("RAY_AUTH_TOKEN") or Path("~/.ray/auth_token").expanduser().exists():
-            os.environ["RAY_AUTH_MODE"] = "token"
     if address:
+        os.environ.update(ray_client_env())
         _check_reachable(address)
     import ray
 
@@ -69,6 +64,22 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray"
         raise MPSearchError(f"cannot start or reach Ray at {where} ({str(e).splitlines()[0]}); check --address or `ray status`") from None
+
+
+def ray_client_env() -> dict[str, str]:
+    """Environment for a client of an existing cluster.
+
+    A Ray 2.60 head runs with token auth when it finds a token (``~/.ray/auth_token``, which
+    a local ``ray.init`` creates, or ``$RAY_AUTH_TOKEN``), but a client only sends its token
+    in ``RAY_AUTH_MODE=token``, read when Ray is first imported. Sending one to a head
+    without auth does no harm, so: token mode whenever a token exists and the user chose no
+    mode.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return {}
+    if os.environ.get("RAY_AUTH_TOKEN") or Path("~/.ray/auth_token").expanduser().exists():
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from mpsearch.search.pool import ray_client_env
+
 from conftest import tiny_study
 
 RAY = Path(sys.executable).with_name("ray")
@@ -67,7 +69,7 @@ def test_the_perturbation_scan_runs_its_actors_on_the_cluster(ray_cluster, tmp_p
     # The cluster's own record shows the two scorer actors it ran.
     actors = subprocess.run(
         [str(RAY), "list", "actors", "--address", ray_cluster, "--filter", "class_name=Scorer", "--format", "json", "--detail"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_AUTH_MODE": "token"},
+        capture_output=True, text=True, timeout=120, env={**os.environ, **ray_client_env()},
     )
     assert actors.returncode == 0, actors.stderr
     assert len(json.loads(actors.stdout)) >= 2
