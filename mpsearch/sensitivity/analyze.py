@@ -43,12 +43,6 @@ class Profile:
             "reused": self.reused,
         }
 
-    def score(self, name: str, bits: int) -> float:
-        for row in self.layers:
-            if row["name"] == name:
-                return row["score"][str(bits)]
-        raise MPSearchError(f"no layer {name!r} in this profile")
-
     @classmethod
     def from_values(cls, method: str, values: dict, params: dict, seconds: float, reused: bool) -> "Profile":
         return cls(method=method, layers=values["layers"], ranking=values["ranking"], seconds=seconds, params=params, reused=reused)
