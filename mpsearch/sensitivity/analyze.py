@@ -79,6 +79,7 @@ def analyze(
     storage=None,
     *,
     mode: str = "all",
+    estimator: str = "auto",
     tol: float | None = None,
     max_probes: int | None = None,
     seed: int = 0,
@@ -96,6 +97,7 @@ def analyze(
     if method == "hessian":
         params = {
             "mode": mode,
+            "estimator": hessian.resolve_estimator(workload, estimator) if mode == "all" else "hvp",
             "tol": tol if tol is not None else hessian.DEFAULT_TOL,
             "min_probes": hessian.DEFAULT_MIN_PROBES,
             "max_probes": max_probes if max_probes is not None else hessian.DEFAULT_MAX_PROBES,
@@ -115,7 +117,7 @@ def analyze(
     table = workload.layer_table()
     layers = []
     if method == "hessian":
-        traces = hessian.hessian_traces(workload, mode=mode, tol=params["tol"], max_probes=params["max_probes"], seed=seed, progress=progress)
+        traces = hessian.hessian_traces(workload, mode=mode, estimator=params["estimator"], tol=params["tol"], max_probes=params["max_probes"], seed=seed, progress=progress)
         scores = hessian.hawq_scores(traces, workload.candidate_bank(progress=progress))
         for layer in table.layers:
             layers.append(

@@ -9,11 +9,16 @@ direction ``u`` whose covariance is the loss's own Hessian with respect to the m
 output, and backpropagates ``⟨u, output⟩``: the gradient ``g = Jᵀu`` then satisfies
 ``E[g gᵀ] = Jᵀ H_out J``, the Gauss–Newton matrix, so ``E[g²]`` is its diagonal. Per loss:
 
-* KL / cross-entropy over logits (``kl``, ``causal-lm``, ``error-rate``): ``u = onehot(y) − p``
-  with ``y ~ p = softmax(logits)``; its covariance ``diag(p) − ppᵀ`` is the Hessian of
-  cross-entropy in the logits (for ``causal-lm`` this is the true Fisher);
-* ``cosine`` (1 − cos of mean-pooled embeddings ``e``): ``u = (I − êêᵀ) ε / ‖e‖``, ``ε ~ N(0, I)``,
-  whose covariance is the Hessian of 1 − cos at ``e = e_ref``;
+Every ``u`` is ``A ε`` with ``AAᵀ = H_out`` and ``ε`` Rademacher (±1): any zero-mean,
+identity-covariance ``ε`` would do, and Rademacher's has the least variance for traces
+(Hutchinson's choice). Per loss:
+
+* KL / cross-entropy over logits (``kl``, ``causal-lm``, ``error-rate``): ``H_out = diag(p) − ppᵀ``
+  with ``p = softmax(logits)``, the Hessian of cross-entropy in the logits, and
+  ``A = diag(√p) − p√pᵀ`` (so ``u = √p ⊙ ε − p ⟨√p, ε⟩``; for ``causal-lm`` this is the true
+  Fisher);
+* ``cosine`` (1 − cos of mean-pooled embeddings ``e``): ``u = (I − êêᵀ) ε / ‖e‖``, whose
+  covariance is the Hessian of 1 − cos at ``e = e_ref``;
 * ``mse`` (mean over ``d`` features): ``u = √(2/d) ε``;
 * a user ``callable``: ``u = ε`` (the loss's curvature is unknown; treated as isotropic).
 
@@ -47,9 +52,9 @@ def output_direction(kind: str, out: Outputs, batch, generator: torch.Generator)
         else:
             mask = None
         p = torch.softmax(logits.detach().float(), dim=-1)
-        flat = p.reshape(-1, p.shape[-1])
-        drawn = torch.multinomial(flat.cpu(), 1, generator=generator).to(p.device)
-        u = torch.zeros_like(flat).scatter_(1, drawn, 1.0).reshape(p.shape) - p
+        root = p.sqrt()
+        eps = _rademacher(p, generator)
+        u = root * eps - p * (root * eps).sum(-1, keepdim=True)
         if mask is not None:
             u = u * mask.to(u.device, u.dtype)[..., None]
         return (u * logits.float()).sum()
@@ -57,22 +62,23 @@ def output_direction(kind: str, out: Outputs, batch, generator: torch.Generator)
         e = mean_pool(value, batch).flatten(1).float()
         norm = e.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
         unit = e.detach() / norm
-        eps = _normal(e, generator)
+        eps = _rademacher(e, generator)
         u = (eps - unit * (unit * eps).sum(-1, keepdim=True)) / norm
         return (u * e).sum()
     if kind == "mse":
         v = value.float()
         d = v.shape[-1] if v.dim() > 1 else 1
-        u = _normal(v, generator) * math.sqrt(2 / d)
+        u = _rademacher(v, generator) * math.sqrt(2 / d)
         mask = _token_mask(v, batch) if v.dim() == 3 else None
         if mask is not None:
             u = u * mask.to(u.device, u.dtype)[..., None]
         return (u * v).sum()
-    return (_normal(value.float(), generator) * value.float()).sum()
+    return (_rademacher(value.float(), generator) * value.float()).sum()
 
 
-def _normal(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(like.shape, generator=generator).to(like.device, like.dtype)
+def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    bits = torch.randint(0, 2, like.shape, generator=generator)
+    return (bits * 2 - 1).to(like.device, like.dtype)
 
 
 def fisher_diagonal(workload, samples: int = 4, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:

@@ -110,6 +110,7 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--method", type=click.Choice(["hessian", "perturbation", "fisher"]), default="hessian", show_default=True)
 @click.option("--mode", type=click.Choice(["all", "per-layer"]), default="all", show_default=True, help="hessian: one Hessian-vector product per probe for all layers, or one per layer.")
+@click.option("--estimator", type=click.Choice(["auto", "gn", "hvp"]), default="auto", show_default=True, help="hessian, all-at-once: Gauss-Newton output-space probes (exact for distillation losses, no cross-layer noise) or parameter-space Hessian-vector products; auto picks gn for distillation losses.")
 @click.option("--tol", type=float, default=None, help="hessian: relative tolerance of the stopping rule (default 0.05).")
 @click.option("--max-probes", type=int, default=None, help="hessian: most probes per layer (default 48).")
 @click.option("--workers", type=int, default=2, show_default=True, help="perturbation: Ray actors (0: in this process).")
@@ -119,7 +120,7 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a bar chart of per-layer sensitivity (PNG).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def analyze(spec, method, mode, tol, max_probes, workers, address, storage, recompute, device, plot_path, as_json) -> None:
+def analyze(spec, method, mode, estimator, tol, max_probes, workers, address, storage, recompute, device, plot_path, as_json) -> None:
     """Rank SPEC's layers by how much quantizing them hurts.
 
     The profile is stored in the database, keyed by hashes of the model, the calibration
@@ -140,7 +141,7 @@ def analyze(spec, method, mode, tol, max_probes, workers, address, storage, reco
     store = Storage(storage or s.storage.url)
     workload = Workload(s, device=device)
     profile = run_analysis(
-        workload, method, store, mode=mode, tol=tol, max_probes=max_probes, workers=workers, address=address,
+        workload, method, store, mode=mode, estimator=estimator, tol=tol, max_probes=max_probes, workers=workers, address=address,
         progress=not as_json, recompute=recompute,
     )
     if plot_path is not None:

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call, hessian
 
 from mpsearch.sensitivity.fisher import fisher_diagonal
-from mpsearch.sensitivity.hessian import hessian_traces, total_trace
+from mpsearch.sensitivity.hessian import hessian_traces, resolve_estimator, total_trace
 from mpsearch.spec import Spec
 from mpsearch.workload import Workload
 
@@ -72,6 +72,56 @@ def test_all_at_once_traces_are_within_5_percent_of_the_exact_ones(mlp_workload)
         assert value > 0
         assert abs(estimate.trace[name] - value) <= 0.05 * value, (name, estimate.trace[name], value)
         assert estimate.probes[name] >= 8 and math.isfinite(estimate.stderr[name])
+
+
+def test_all_at_once_hessian_vector_products_agree_with_the_exact_ones(mlp_workload):
+    """The parameter-space estimator (the default for label losses) on the same model."""
+    exact = exact_traces(mlp_workload)
+    estimate = hessian_traces(mlp_workload, estimator="hvp", max_probes=200)
+    assert estimate.estimator == "hvp"
+    for name, value in exact.items():
+        assert abs(estimate.trace[name] - value) <= 0.05 * value, (name, estimate.trace[name], value)
+
+
+def test_the_default_estimator_follows_the_loss(mlp_workload):
+    """Zero residual (distillation) → Gauss–Newton; a label loss's Hessian is not GN → hvp."""
+    assert resolve_estimator(mlp_workload) == "gn"
+    causal = mlp_workload.spec.with_overrides(loss={"kind": "causal-lm"})
+
+    class Labelled:
+        spec = causal
+
+    assert resolve_estimator(Labelled()) == "hvp"
+    assert resolve_estimator(Labelled(), "gn") == "gn"
+
+
+@pytest.mark.parametrize("kind", ["kl", "cosine", "mse"])
+def test_output_directions_have_the_loss_hessian_as_covariance(kind):
+    """E[uuᵀ] = H_out, checked by autograd's Hessian of the loss in the output at out = ref."""
+    from mpsearch.sensitivity.fisher import output_direction
+    from mpsearch.workload.losses import Outputs, make_loss
+
+    torch.manual_seed(0)
+    value = torch.randn(2, 3, 5, dtype=torch.float64)  # (examples, tokens, features)
+    batch = {"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])}
+    out_kind = "logits" if kind == "kl" else "hidden" if kind == "cosine" else "tensor"
+    ref = Outputs(value.clone(), out_kind)
+    loss = make_loss(kind)
+
+    def total(x):
+        return loss(Outputs(x, out_kind), ref, batch)[0]
+
+    h = torch.autograd.functional.hessian(total, value).reshape(value.numel(), value.numel())
+    generator = torch.Generator().manual_seed(1)
+    draws = 10000
+    cov = torch.zeros_like(h)
+    for _ in range(draws):
+        x = value.clone().requires_grad_(True)
+        (u,) = torch.autograd.grad(output_direction(kind, Outputs(x, out_kind), batch, generator), x)
+        u = u.reshape(-1).double()
+        cov += torch.outer(u, u)
+    cov /= draws
+    assert torch.allclose(cov, h, atol=0.05 * float(h.abs().max())), float((cov - h).abs().max() / h.abs().max())
 
 
 def test_per_layer_mode_and_the_total_trace_agree_with_the_exact_ones(mlp_workload):
