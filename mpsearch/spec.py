@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from mpsearch.errors import MPSearchError, SpecError
 from mpsearch.quant.budget import Budget
@@ -135,8 +135,11 @@ class BudgetSection(_Section):
 class SearchSection(_Section):
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     trials: PositiveInt = 64
-    workers: PositiveInt = 2
+    workers: NonNegativeInt = 2  # 0: score in the driver's own process, no Ray
     seed: int = 0
+    fill: bool = True  # every evaluated plan is maximal: no layer could go up a step and still fit
+    synchronous: bool = True  # rounds of one trial per worker, told in order: reproducible
+    trial_timeout_s: PositiveFloat = 600.0
 
 
 class StorageSection(_Section):

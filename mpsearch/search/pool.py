@@ -12,6 +12,8 @@ in this process instead (the baseline the parallel scan is measured against).
 from __future__ import annotations
 
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
@@ -44,6 +46,20 @@ class Scorer:
 
     def score_batch(self, jobs: list[tuple[int, dict]], split: Split, partial: bool) -> list[tuple[int, float]]:
         return [(i, self.score(plan, split, partial)) for i, plan in jobs]
+
+    def evaluate(self, plan: Mapping[str, int], split: Split = "evaluation") -> dict:
+        """One trial: ``{loss, seconds, worker, error}``. An exception in the evaluation is
+        returned, not raised, so the driver can tell it from a worker that died."""
+        start = time.perf_counter()
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        try:
+            loss = self.score(plan, split)
+        except Exception as e:  # noqa: BLE001 - reported as the trial's failure reason
+            return {"loss": None, "seconds": time.perf_counter() - start, "worker": worker, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        return {"loss": loss, "seconds": time.perf_counter() - start, "worker": worker, "error": None}
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
@@ -99,52 +115,100 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 class ScorerPool:
-    """``workers`` scorers; ``map`` scores plans and returns losses in order."""
+    """``workers`` scorers, as Ray actors (or one in this process for ``workers=0``).
+
+    The driver uses the slots directly (:meth:`submit`, :meth:`replace`); :meth:`map`
+    scores a list of plans and returns the losses in order.
+    """
 
     def __init__(self, spec, workers: int, address: str | None = None, device: str = "cpu", snapshot: dict | None = None):
         from mpsearch.quant.bank import default_cache_dir
 
         self.workers = workers
+        self.spec, self.device, self.address = spec, device, address
         cache = default_cache_dir()
+        self._cache = str(cache) if cache else None
+        self.actors: list = []
         if workers <= 0:
             self._local = Scorer(spec, device=device, snapshot=snapshot)
-            self._pool = None
             return
+        self._local = None
         start_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))  # before importing ray
         import ray
-        from ray.util import ActorPool
 
         # Each actor reserves one CPU; locally the cores are shared out, on a cluster one each.
-        threads = max(1, (os.cpu_count() or 1) // workers) if not address else 1
-        actor = ray.remote(num_cpus=1)(Scorer)
-        shared = ray.put(snapshot) if snapshot is not None else None  # one copy in the object store
-        self._actors = [actor.remote(spec, device, threads, str(cache) if cache else None, shared) for _ in range(workers)]
-        self._pool = ActorPool(self._actors)
-        self._local = None
+        self._threads = max(1, (os.cpu_count() or 1) // workers) if not address else 1
+        self._actor_class = ray.remote(num_cpus=1, max_restarts=0)(Scorer)
+        self._snapshot = ray.put(snapshot) if snapshot is not None else None  # one copy in the object store
+        self.actors = [self._spawn() for _ in range(workers)]
 
-    def map(self, plans: Iterable[Mapping[str, int]], split: Split = "evaluation", partial: bool = False, progress: bool = False, desc: str = "scoring", chunk: int = 1) -> list[float]:
+    def _spawn(self):
+        return self._actor_class.remote(self.spec, self.device, self._threads, self._cache, self._snapshot)
+
+    @property
+    def local(self) -> bool:
+        return self._local is not None
+
+    @property
+    def slots(self) -> int:
+        return max(1, len(self.actors))
+
+    def submit(self, slot: int, plan: Mapping[str, int], split: Split = "evaluation"):
+        """A Ray reference to the slot's evaluation of ``plan`` (locally: the result itself)."""
+        if self._local is not None:
+            return self._local.evaluate(plan, split)
+        return self.actors[slot].evaluate.remote(dict(plan), split)
+
+    def replace(self, slot: int) -> None:
+        """Kill the slot's actor (if it still lives) and start a fresh one in its place."""
+        import ray
+
+        try:
+            ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[slot] = self._spawn()
+
+    def map(self, plans: Iterable[Mapping[str, int]], split: Split = "evaluation", partial: bool = False, progress: bool = False, desc: str = "scoring", chunk: int = 1, timeout_s: float = 3600.0) -> list[float]:
         from tqdm.auto import tqdm
 
         plans = [dict(p) for p in plans]
         losses: list[float | None] = [None] * len(plans)
         bar = tqdm(total=len(plans), desc=desc, unit="plan", disable=not progress, leave=False)
-        if self._pool is None:
+        if self._local is not None:
             for i, plan in enumerate(plans):
                 losses[i] = self._local.score(plan, split, partial)
                 bar.update()
         else:
+            import ray
+
             jobs = [list(enumerate(plans))[k : k + chunk] for k in range(0, len(plans), chunk)]
-            for results in self._pool.map_unordered(lambda a, batch: a.score_batch.remote(batch, split, partial), jobs):
-                for i, loss in results:
-                    losses[i] = loss
-                bar.update(len(results))
+            jobs.reverse()
+            running = {}
+            for slot in range(len(self.actors)):
+                if jobs:
+                    running[self.actors[slot].score_batch.remote(jobs.pop(), split, partial)] = slot
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout_s)
+                if not ready:
+                    raise MPSearchError(f"{desc}: no worker answered in {timeout_s:.0f} s; check the Ray cluster (`ray status`)")
+                for ref in ready:
+                    slot = running.pop(ref)
+                    for i, loss in ray.get(ref, timeout=timeout_s):
+                        losses[i] = loss
+                        bar.update()
+                    if jobs:
+                        running[self.actors[slot].score_batch.remote(jobs.pop(), split, partial)] = slot
         bar.close()
         return losses  # type: ignore[return-value]
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self.actors:
             import ray
 
-            for a in self._actors:
-                ray.kill(a)
-            self._pool = None
+            for a in self.actors:
+                try:
+                    ray.kill(a)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            self.actors = []

@@ -88,6 +88,7 @@ def analyze(
     fisher_samples: int = 4,
     progress: bool = False,
     recompute: bool = False,
+    pool=None,
 ) -> Profile:
     """The ``method`` profile of the workload, from ``storage`` when it holds one for these keys."""
     from mpsearch.sensitivity import hessian
@@ -133,7 +134,7 @@ def analyze(
     elif method == "perturbation":
         from mpsearch.sensitivity.perturbation import perturbation_scores
 
-        scores = perturbation_scores(workload, workers=workers, address=address, progress=progress)
+        scores = perturbation_scores(workload, workers=workers, address=address, progress=progress, pool=pool)
         layers = [{"name": layer.name, "n": layer.n, "score": {str(b): v for b, v in scores[layer.name].items()}} for layer in table.layers]
     else:
         from mpsearch.sensitivity.fisher import fisher_diagonal, fisher_scores

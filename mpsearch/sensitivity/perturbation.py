@@ -10,17 +10,23 @@ from __future__ import annotations
 from mpsearch.search.pool import ScorerPool
 
 
-def perturbation_scores(workload, workers: int = 2, address: str | None = None, progress: bool = False) -> dict[str, dict[int, float]]:
-    """``{layer: {bits: Δloss}}`` for every bit-width of the menu (16: the fp16 rounding alone)."""
+def perturbation_scores(workload, workers: int = 2, address: str | None = None, progress: bool = False, pool: ScorerPool | None = None) -> dict[str, dict[int, float]]:
+    """``{layer: {bits: Δloss}}`` for every bit-width of the menu (16: the fp16 rounding alone).
+
+    ``pool``: score on these (the search's) actors instead of starting new ones.
+    """
     table = workload.layer_table()
     workload.candidate_bank(progress=progress)  # fills the disk cache the actors read
     jobs = [(name, bits) for name in table.names for bits in table.menu]
-    pool = ScorerPool(workload.spec, workers=workers, address=address, device=str(workload.device), snapshot=workload.snapshot())
+    own = pool is None
+    if own:
+        pool = ScorerPool(workload.spec, workers=workers, address=address, device=str(workload.device), snapshot=workload.snapshot())
     try:
         base = workload.loss(workload.fp_model(), "calibration")
         losses = pool.map(({name: bits} for name, bits in jobs), split="calibration", partial=True, progress=progress, desc="perturbation scan")
     finally:
-        pool.close()
+        if own:
+            pool.close()
     scores: dict[str, dict[int, float]] = {name: {} for name in table.names}
     for (name, bits), loss in zip(jobs, losses):
         scores[name][bits] = loss - base

@@ -184,6 +184,65 @@ def _print_profile(profile, menu) -> None:
 STORAGE_ENV = "MPSEARCH_STORAGE"
 
 
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Complete trials the study ends with, baselines included (default: the spec's search.trials).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ray actors scoring plans; 0 scores in this process (default: the spec's search.workers).")
+@click.option("--budget", default=None, help="Overrides the spec's budget: bytes (5000000), MiB (5.2MiB) or bpw (4.0bpw).")
+@click.option("--storage", envvar=STORAGE_ENV, default=None, help=f"Database URL (default: the spec's storage.url, or ${STORAGE_ENV}).")
+@click.option("--study", "study_name", default=None, help="Study name (default: SPEC's name and budget, e.g. minilm-4bpw).")
+@click.option("--address", default=None, help="An existing Ray cluster, HOST:PORT of its head (default: a local Ray).")
+@click.option("--resume", is_flag=True, help="Continue the study if it exists: keep its complete trials, re-run those a dead driver left running.")
+@click.option("--pareto", is_flag=True, help="Two objectives, (loss, bytes): the whole front up to the budget in one study.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def search(spec, trials, workers, budget, storage, study_name, address, resume, pareto, device, as_json) -> None:
+    """Search per-layer bit-widths for SPEC under its budget: an Optuna study scored on Ray.
+
+    Warm starts (ILP on the Hessian and perturbation scores, greedy, every uniform plan that
+    fits) run first and are reported as the baselines next to the best plan found.
+    """
+    from mpsearch.search.driver import Search
+    from mpsearch.storage import Storage
+    from mpsearch.workload import Workload
+
+    s = _load(spec)
+    if budget is not None:
+        s = s.with_overrides(budget=budget)
+    store = Storage(storage or s.storage.url)
+    workload = Workload(s, device=device)
+    run = Search(workload, store, study=study_name, trials=trials, workers=workers, address=address, resume=resume, pareto=pareto, progress=not as_json, trial_timeout_s=s.search.trial_timeout_s)
+    result = run.run()
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    _print_outcome(result)
+
+
+def _print_outcome(result) -> None:
+    from rich.table import Table
+
+    best_base = min((b["loss"] for b in result.baselines.values()), default=None)
+    table = Table(
+        title=f"study {result.study}: {result.n_complete} complete trials ({result.n_failed} failed), budget {result.budget_bytes:,} bytes",
+        title_justify="left",
+    )
+    for header in ("plan", "trial", "loss", "bytes", "bpw", "loss / best baseline"):
+        table.add_column(header, justify="left" if header == "plan" else "right", no_wrap=True)
+    rows = ([("best found", result.best)] if result.best else []) + sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"])
+    for name, row in rows:
+        ratio = row["loss"] / best_base if best_base else None
+        table.add_row(name, str(row["trial"]), f"{row['loss']:.6g}", f"{row['bytes']:,}", f"{row['bpw']:.4g}", _cell(ratio, ".3f"))
+    _wide_console().print(table)
+    if result.pareto:
+        front = Table(title=f"Pareto front: {len(result.pareto)} plans", title_justify="left")
+        for header in ("trial", "loss", "bytes", "bpw"):
+            front.add_column(header, justify="right")
+        for row in result.pareto:
+            front.add_row(str(row["trial"]), f"{row['loss']:.6g}", f"{row['bytes']:,}", f"{row['bpw']:.4g}")
+        _wide_console().print(front)
+
+
 def storage_option(fn):
     return click.option(
         "--storage",
@@ -223,25 +282,27 @@ def studies(storage: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("study")
 @storage_option
+@click.option("--pareto", is_flag=True, help="Only the Pareto front (loss, bytes) of a --pareto study, smallest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def trials(study: str, storage: str, as_json: bool) -> None:
-    """List the trials of STUDY: number, state, loss, bytes, bpw, duration, failure reason."""
+def trials(study: str, storage: str, pareto: bool, as_json: bool) -> None:
+    """List the trials of STUDY: number, state, loss, bytes, bpw, duration, source, failure reason."""
     from mpsearch.storage import Storage
-    from mpsearch.storage.studies import trial_rows
+    from mpsearch.storage.studies import pareto_rows, trial_rows
 
-    rows = trial_rows(Storage(storage, create=False), study)
+    store = Storage(storage, create=False)
+    rows = pareto_rows(store, study) if pareto else trial_rows(store, study)
     if as_json:
         _emit_json({"study": study, "trials": rows})
         return
     from rich.table import Table
 
     table = Table(title=f"study {study}: {len(rows)} trials", title_justify="left")
-    for header in ("trial", "state", "loss", "bytes", "bpw", "seconds", "error"):
-        table.add_column(header, justify="left" if header in ("state", "error") else "right")
+    for header in ("trial", "state", "loss", "bytes", "bpw", "seconds", "source", "error"):
+        table.add_column(header, justify="left" if header in ("state", "source", "error") else "right")
     for row in rows:
         table.add_row(
             str(row["number"]), row["state"], _cell(row["loss"], ".6g"), _cell(row["bytes"], ","), _cell(row["bpw"], ".4g"),
-            _cell(row["duration_s"], ".1f"), row["error"] or "",
+            _cell(row["duration_s"], ".1f"), row["source"] or "", row["error"] or "",
         )
     _wide_console().print(table)
 

@@ -43,12 +43,22 @@ def trial_row(trial) -> dict:
         "bytes": trial.user_attrs.get(ATTR_BYTES),
         "bpw": trial.user_attrs.get(ATTR_BPW),
         "duration_s": duration,
+        "source": trial.user_attrs.get("source"),
+        "worker": trial.user_attrs.get("worker"),
         "error": trial.user_attrs.get(ATTR_ERROR),
     }
 
 
 def trial_rows(storage: Storage, name: str) -> list[dict]:
     return [trial_row(t) for t in load_study(storage, name).get_trials(deepcopy=False)]
+
+
+def pareto_rows(storage: Storage, name: str) -> list[dict]:
+    """The Pareto-optimal complete trials of a two-objective (loss, bytes) study, smallest first."""
+    study = load_study(storage, name)
+    if len(study.directions) < 2:
+        raise MPSearchError(f"study {name!r} has one objective, so no Pareto front; run `mpsearch search SPEC --pareto` for one")
+    return sorted((trial_row(t) for t in study.best_trials), key=lambda r: (r["bytes"], r["loss"]))
 
 
 def study_rows(storage: Storage) -> list[dict]:

@@ -1,0 +1,154 @@
+"""Bit allocation under an exact byte budget: the ILP, the greedy plan, and the repair.
+
+Every allocator works on a :class:`Costs` table: for each layer and each bit-width of the
+menu, the layer's exact bytes (codes, scales and zero points, from the
+:class:`~mpsearch.quant.layers.LayerTable`) and an additive cost, the sensitivity
+profile's estimate of how much the loss grows with the layer at that width. Costs are made
+monotone first (fewer bits never cost less than more bits), so raising a layer never
+looks harmful and "no room to raise anything" is a well-defined end state.
+
+* :func:`ilp` is exact for the additive model: one binary per (layer, bits), one choice per
+  layer, ``Σ bytes ≤ budget``, minimise ``Σ cost``; solved by HiGHS through
+  ``scipy.optimize.milp``.
+* :func:`repair` turns any plan into one that fits and is *maximal* (no single layer can
+  go up one step and still fit): while over budget, lower the layer whose step down costs
+  the least loss per byte saved; then, while something fits, raise the layer whose step
+  up gains the most loss per byte added. Ties go to the earlier layer, so it is
+  deterministic.
+* :func:`greedy` is the repair of the all-lowest plan: the classic "most benefit per
+  byte" allocation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from mpsearch.errors import BudgetError
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Per-layer bytes and additive loss costs at each bit-width of ``menu`` (ascending)."""
+
+    names: tuple[str, ...]
+    menu: tuple[int, ...]
+    nbytes: np.ndarray  # (layers, widths) int64, exact bytes of each layer at each width
+    cost: np.ndarray  # (layers, widths) float64, monotone non-increasing along widths
+    other_bytes: int
+
+    @classmethod
+    def of(cls, table, scores: Mapping[str, Mapping[int | str, float]] | None) -> "Costs":
+        """From a layer table and a profile's ``{layer: {bits: score}}`` (None: all zero).
+
+        Scores are clamped at 0 (a perturbation Δloss can come out a hair negative) and
+        made monotone: the cost at ``b`` bits is at least the cost at every wider width.
+        """
+        names = tuple(table.names)
+        menu = tuple(table.menu)
+        nbytes = np.array([[table.layer_bytes(n, b) for b in menu] for n in names], dtype=np.int64)
+        cost = np.zeros((len(names), len(menu)))
+        if scores is not None:
+            for i, n in enumerate(names):
+                per = {int(k): v for k, v in scores[n].items()}
+                cost[i] = [max(float(per.get(b, 0.0) or 0.0), 0.0) for b in menu]
+            cost = np.maximum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
+        return cls(names, menu, nbytes, cost, int(table.other_bytes))
+
+    def index(self, plan: Mapping[str, int]) -> np.ndarray:
+        position = {b: j for j, b in enumerate(self.menu)}
+        return np.array([position[int(plan[n])] for n in self.names], dtype=np.int64)
+
+    def plan(self, index: np.ndarray) -> dict[str, int]:
+        return {n: self.menu[int(j)] for n, j in zip(self.names, index)}
+
+    def bytes_of(self, index: np.ndarray) -> int:
+        return int(self.nbytes[np.arange(len(self.names)), index].sum()) + self.other_bytes
+
+    def cost_of(self, index: np.ndarray) -> float:
+        return float(self.cost[np.arange(len(self.names)), index].sum())
+
+    def check_budget(self, budget: int) -> None:
+        lowest = self.bytes_of(np.zeros(len(self.names), dtype=np.int64))
+        if budget < lowest:
+            raise BudgetError("budget", f"{budget} bytes is below the smallest plan ({lowest} bytes, every layer at {self.menu[0]} bits); raise it")
+
+
+def is_maximal(costs: Costs, index: np.ndarray, budget: int) -> bool:
+    """No single layer can go up one step of the menu and still fit."""
+    return not _raises(costs, index, budget - costs.bytes_of(index)).any()
+
+
+def _raises(costs: Costs, index: np.ndarray, slack: int) -> np.ndarray:
+    rows = np.arange(len(costs.names))
+    up = np.minimum(index + 1, len(costs.menu) - 1)
+    extra = costs.nbytes[rows, up] - costs.nbytes[rows, index]
+    return (index < len(costs.menu) - 1) & (extra <= slack)
+
+
+def repair(costs: Costs, plan: Mapping[str, int] | np.ndarray, budget: int, fill: bool = True) -> np.ndarray:
+    """The plan made to fit ``budget`` (and, with ``fill``, maximal); see the module docstring."""
+    costs.check_budget(budget)
+    index = costs.index(plan) if isinstance(plan, Mapping) else np.array(plan, dtype=np.int64).copy()
+    rows = np.arange(len(costs.names))
+    used = costs.bytes_of(index)
+    while used > budget:
+        down = np.maximum(index - 1, 0)
+        saved = costs.nbytes[rows, index] - costs.nbytes[rows, down]
+        loss = costs.cost[rows, down] - costs.cost[rows, index]
+        rate = np.where((index > 0) & (saved > 0), loss / np.maximum(saved, 1), np.inf)
+        i = int(np.argmin(rate))  # first of the ties
+        index[i] -= 1
+        used -= int(saved[i])
+    if fill:
+        while True:
+            can = _raises(costs, index, budget - used)
+            if not can.any():
+                break
+            up = np.minimum(index + 1, len(costs.menu) - 1)
+            extra = costs.nbytes[rows, up] - costs.nbytes[rows, index]
+            gain = costs.cost[rows, index] - costs.cost[rows, up]
+            rate = np.where(can, gain / np.maximum(extra, 1), -np.inf)
+            i = int(np.argmax(rate))
+            index[i] += 1
+            used += int(extra[i])
+    return index
+
+
+def greedy(costs: Costs, budget: int) -> np.ndarray:
+    """Every layer at the lowest width, then raised by most loss gained per byte while it fits."""
+    return repair(costs, np.zeros(len(costs.names), dtype=np.int64), budget)
+
+
+def ilp(costs: Costs, budget: int, fill: bool = True) -> np.ndarray:
+    """The plan of least total cost with ``bytes ≤ budget``, exactly (HiGHS via scipy).
+
+    Optimal plans can leave slack that an equal-cost raise would use; ``fill`` raises
+    layers into it (never increasing the cost, since costs are monotone).
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    costs.check_budget(budget)
+    layers, widths = costs.cost.shape
+    n = layers * widths
+    one_each = np.zeros((layers, n))
+    for i in range(layers):
+        one_each[i, i * widths : (i + 1) * widths] = 1
+    # Bytes relative to the all-lowest plan keep the coefficients small and well scaled.
+    base = costs.nbytes[:, :1]
+    extra = (costs.nbytes - base).reshape(1, n).astype(float)
+    room = budget - costs.bytes_of(np.zeros(layers, dtype=np.int64))
+    scale = float(np.abs(costs.cost).max()) or 1.0
+    result = milp(
+        c=(costs.cost / scale).reshape(n),
+        constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(extra, -np.inf, room)],
+        integrality=np.ones(n),
+        bounds=Bounds(0, 1),
+        options={"time_limit": 30.0},
+    )
+    if result.x is None:
+        raise BudgetError("budget", f"no plan fits {budget} bytes ({result.message}); raise it")
+    index = result.x.reshape(layers, widths).argmax(axis=1).astype(np.int64)
+    return repair(costs, index, budget, fill=fill)

@@ -1,0 +1,402 @@
+"""The search driver: one Optuna study, ask/tell, plans scored on a pool of Ray actors.
+
+The driver is the only process that writes trials. For each trial it asks the study
+(whose sampler proposes a plan already repaired to fit; see :mod:`mpsearch.search.sampler`),
+records the plan, its exact bytes and bpw on the trial, sends the plan to a free actor, and
+tells the study the loss when it comes back. Before any sampling it enqueues the warm
+starts: the ILP plans for the Hessian score Ω and the perturbation Δloss, the greedy plan,
+and every uniform plan that fits — evaluated like any other trial and reported as the
+baselines.
+
+Failures (none of them loses or duplicates a finished trial):
+
+* an exception or a non-finite loss in an evaluation: the trial fails with the reason and
+  the study goes on;
+* an actor that dies, or a trial past ``trial_timeout_s``: the trial fails with the reason,
+  the actor is replaced, and the plan is enqueued again (once);
+* a driver that is killed: its trials stay RUNNING in the database; ``resume`` marks them
+  failed and enqueues their plans again, then runs until the study has exactly ``trials``
+  complete trials.
+
+With ``synchronous`` (the default) trials go out in rounds of one per actor and are told
+in trial order when the round is back, so a seeded search proposes the same plans however
+the actors' timings fall; without it a free actor gets the next trial at once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from mpsearch.errors import MPSearchError
+from mpsearch.hashing import json_digest
+from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal
+from mpsearch.search.sampler import RepairingSampler, make_sampler, search_space
+from mpsearch.storage.store import ATTR_BPW, ATTR_BYTES, ATTR_ERROR, ATTR_PLAN
+
+ATTR_SOURCE = "source"
+ATTR_WORKER = "worker"
+ATTR_EVAL_S = "eval_s"
+ATTR_RERUN_OF = "rerun_of"
+ATTR_CACHED = "cached"
+STUDY_ATTR = "mpsearch"
+SAMPLED = "sampler"
+
+
+def default_study_name(spec, pareto: bool = False) -> str:
+    budget = spec.budget.to_budget()
+    return f"{spec.name or 'study'}-{budget}{'-pareto' if pareto else ''}"
+
+
+@dataclass
+class Outcome:
+    """What ``mpsearch search`` reports (``search --json`` in DESIGN.md)."""
+
+    study: str
+    n_complete: int
+    budget_bytes: int
+    best: dict | None
+    baselines: dict[str, dict]
+    pareto: list[dict] = field(default_factory=list)
+    n_failed: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        doc = {
+            "study": self.study,
+            "n_complete": self.n_complete,
+            "n_failed": self.n_failed,
+            "budget_bytes": self.budget_bytes,
+            "best": self.best,
+            "baselines": self.baselines,
+            "seconds": self.seconds,
+        }
+        if self.pareto:
+            doc["pareto"] = self.pareto
+        return doc
+
+
+@dataclass
+class _Flight:
+    trial: Any  # optuna.Trial
+    plan: dict
+    slot: int
+    ref: Any
+    started: float
+
+
+class Search:
+    """One search: see the module docstring. ``run()`` returns the :class:`Outcome`."""
+
+    def __init__(
+        self,
+        workload,
+        storage,
+        *,
+        study: str | None = None,
+        trials: int | None = None,
+        workers: int | None = None,
+        address: str | None = None,
+        resume: bool = False,
+        pareto: bool = False,
+        progress: bool = False,
+        trial_timeout_s: float = 600.0,
+        poll_s: float = 1.0,
+    ):
+        spec = workload.spec
+        self.workload = workload
+        self.storage = storage
+        self.spec = spec
+        self.pareto = pareto
+        self.study_name = study or default_study_name(spec, pareto)
+        self.trials = trials if trials is not None else spec.search.trials
+        self.workers = workers if workers is not None else spec.search.workers
+        self.address = address
+        self.resume = resume
+        self.progress = progress
+        self.trial_timeout_s = trial_timeout_s
+        self.poll_s = poll_s
+        self.table = workload.layer_table()
+        self.budget = self.table.budget_bytes(spec.budget.to_budget())
+        self.fill = spec.search.fill and not pareto
+        self.pool = None
+        self.scores: dict[str, dict] = {}
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        s = self.spec
+        return {
+            "format_version": 1,
+            "spec_digest": json_digest({k: s.model_dump(mode="json")[k] for k in ("model", "data", "loss", "quant", "layers")}),
+            "budget_bytes": self.budget,
+            "pareto": self.pareto,
+            "layers": list(self.table.names),
+            "menu": list(self.table.menu),
+            "scheme": s.quant.model_dump(mode="json"),
+        }
+
+    def _open_study(self, sampler):
+        import optuna
+
+        from mpsearch.storage.studies import study_names
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        where = self.storage.optuna()
+        exists = self.study_name in study_names(self.storage)
+        meta = self._meta()
+        if exists and not self.resume:
+            raise MPSearchError(
+                f"study {self.study_name!r} already exists; pass --resume to continue it, or --study NAME to start another"
+            )
+        directions = ["minimize", "minimize"] if self.pareto else ["minimize"]
+        study = optuna.create_study(study_name=self.study_name, storage=where, sampler=sampler, directions=directions, load_if_exists=True)
+        found = study.user_attrs.get(STUDY_ATTR)
+        if found is None:
+            study.set_user_attr(STUDY_ATTR, meta)
+        else:
+            for key, what in (("spec_digest", "model, data, loss, quant or layers"), ("budget_bytes", "budget"), ("pareto", "--pareto"), ("layers", "layers")):
+                if found.get(key) != meta[key]:
+                    raise MPSearchError(
+                        f"study {self.study_name!r} was made with another {what} than this spec's; "
+                        "resume it with the spec it was made with, or pass --study NAME to start another"
+                    )
+        return study
+
+    def _profiles(self) -> None:
+        from mpsearch.sensitivity.analyze import analyze
+
+        for method in ("hessian", "perturbation"):
+            profile = analyze(self.workload, method, self.storage, pool=self.pool, progress=self.progress)
+            self.scores[method] = {row["name"]: {int(b): v for b, v in row["score"].items()} for row in profile.layers}
+
+    def baselines(self) -> list[tuple[str, np.ndarray]]:
+        """The warm-start plans, by name, in the order they are enqueued."""
+        by_delta = Costs.of(self.table, self.scores["perturbation"])
+        by_omega = Costs.of(self.table, self.scores["hessian"])
+        plans: list[tuple[str, np.ndarray]] = []
+        budgets = [self.budget]
+        if self.pareto:  # the front between the smallest plan and the budget: allocate at every uniform size too
+            budgets += sorted({self.table.bytes(self.table.uniform(b)) for b in self.table.menu} - {self.budget})
+            budgets = [b for b in budgets if b <= self.budget]
+        for limit in budgets:
+            suffix = "" if limit == self.budget else f"@{limit}"
+            plans.append((f"ilp-perturbation{suffix}", ilp(by_delta, limit)))
+            plans.append((f"ilp-hessian{suffix}", ilp(by_omega, limit)))
+            plans.append((f"greedy{suffix}", greedy(by_delta, limit)))
+        for bits in reversed(self.table.menu):
+            uniform = self.table.uniform(bits)
+            if self.table.bytes(uniform) <= self.budget:
+                plans.append((f"uniform-{bits}", by_delta.index(uniform)))
+        return plans
+
+    # -- the loop --------------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        from mpsearch.search.pool import ScorerPool
+
+        start = time.perf_counter()
+        self.costs = Costs.of(self.table, None)
+        self.costs.check_budget(self.budget)
+        self.workload.candidate_bank(progress=self.progress)  # fills the disk cache the actors read
+        self.pool = ScorerPool(self.spec, self.workers, self.address, device=str(self.workload.device), snapshot=self.workload.snapshot())
+        try:
+            self._profiles()
+            self.costs = Costs.of(self.table, self.scores["perturbation"])
+            base = make_sampler(self.spec.search.sampler, self.spec.search.seed, self.pareto)
+            self.study = self._open_study(RepairingSampler(base, self.costs, self.budget, fill=self.fill))
+            self._recover()
+            self._enqueue_baselines()
+            self._loop()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+        return self.outcome(time.perf_counter() - start)
+
+    def _trials(self, states=None):
+        return self.study.get_trials(deepcopy=False, states=states)
+
+    def _recover(self) -> None:
+        """Trials a dead driver left RUNNING: failed, with their plans enqueued again."""
+        from optuna.trial import TrialState
+
+        for t in self._trials((TrialState.RUNNING,)):
+            self._fail(t.number, "the driver stopped while this trial ran (resumed)", rerun=t)
+
+    def _enqueue_baselines(self) -> None:
+        present = {t.user_attrs.get(ATTR_SOURCE) for t in self._trials()}
+        for name, index in self.baselines():
+            if name not in present:
+                self.study.enqueue_trial(
+                    {n: int(j) for n, j in zip(self.costs.names, index)}, user_attrs={ATTR_SOURCE: name}
+                )
+
+    def _fail(self, number: int, reason: str, rerun=None) -> None:
+        from optuna.trial import TrialState
+
+        self.study._storage.set_trial_user_attr(self._trial_id(number), ATTR_ERROR, reason)
+        self.study.tell(number, state=TrialState.FAIL)
+        if rerun is not None and not rerun.user_attrs.get(ATTR_RERUN_OF):
+            attrs = {ATTR_SOURCE: rerun.user_attrs.get(ATTR_SOURCE, SAMPLED), ATTR_RERUN_OF: number}
+            self.study.enqueue_trial(dict(rerun.params), user_attrs=attrs)
+
+    def _trial_id(self, number: int) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+
+    def _ask(self):
+        trial = self.study.ask(search_space(self.costs))
+        index = np.array([trial.params[n] for n in self.costs.names], dtype=np.int64)
+        plan = self.costs.plan(index)
+        nbytes = self.costs.bytes_of(index)
+        if trial.user_attrs.get(ATTR_SOURCE) is None:
+            trial.set_user_attr(ATTR_SOURCE, SAMPLED)
+        trial.set_user_attr(ATTR_PLAN, plan)
+        trial.set_user_attr(ATTR_BYTES, nbytes)
+        trial.set_user_attr(ATTR_BPW, self.table.bpw(plan))
+        return trial, plan
+
+    def _loop(self) -> None:
+        from optuna.trial import TrialState
+        from tqdm.auto import tqdm
+
+        complete = self._trials((TrialState.COMPLETE,))
+        done = len(complete)
+        self._seen = {json_digest(t.user_attrs.get(ATTR_PLAN)): t.values for t in complete}
+        best = min((t.values[0] for t in complete), default=math.inf)
+        bar = tqdm(total=self.trials, initial=min(done, self.trials), desc=f"search {self.study_name}", unit="trial", disable=not self.progress)
+        flights: dict[int, _Flight] = {}  # slot -> in flight
+        synchronous = self.spec.search.synchronous
+        try:
+            while done < self.trials or flights:
+                if not flights or not synchronous:
+                    for slot in range(self.pool.slots):
+                        if slot in flights or done + len(flights) >= self.trials:
+                            continue
+                        trial, plan = self._ask()
+                        cached = self._seen.get(json_digest(plan))
+                        if cached is not None and trial.user_attrs.get(ATTR_SOURCE) == SAMPLED:
+                            # The same plan scored before: its loss is known, nothing to run.
+                            trial.set_user_attr(ATTR_CACHED, True)
+                            self.study.tell(trial, cached)
+                            done += 1
+                            bar.update()
+                            continue
+                        ref = self.pool.submit(slot, plan)
+                        flights[slot] = _Flight(trial, plan, slot, ref, time.monotonic())
+                    if not flights:
+                        continue
+                results = self._collect(flights, all_of=synchronous)
+                for slot in sorted(results, key=lambda s: flights[s].trial.number):
+                    flight = flights.pop(slot)
+                    loss = self._finish(flight, results[slot])
+                    if loss is not None:
+                        done += 1
+                        best = min(best, loss)
+                        bar.update()
+                        bar.set_postfix(best=f"{best:.5g}")
+        except BaseException:
+            for flight in flights.values():  # interrupted: leave nothing RUNNING
+                self._fail(flight.trial.number, "the search was interrupted while this trial ran", rerun=self.study._storage.get_trial(flight.trial._trial_id))
+            raise
+        finally:
+            bar.close()
+
+    def _collect(self, flights: dict[int, _Flight], all_of: bool) -> dict[int, dict]:
+        """Results by slot: every flight (``all_of``) or at least one; each is ``evaluate``'s dict,
+        or ``{"died": reason}`` for an actor that died or a trial past its timeout."""
+        if self.pool.local:
+            return {slot: f.ref for slot, f in flights.items()}
+        import ray
+
+        results: dict[int, dict] = {}
+        while True:
+            waiting = {f.ref: slot for slot, f in flights.items() if slot not in results}
+            if not waiting:
+                return results
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting) if all_of else 1, timeout=self.poll_s)
+            for ref in ready:
+                slot = waiting[ref]
+                try:
+                    results[slot] = ray.get(ref, timeout=self.poll_s * 10)
+                except ray.exceptions.RayError as e:
+                    results[slot] = {"died": f"worker died: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            now = time.monotonic()
+            for slot, f in flights.items():
+                if slot not in results and now - f.started > self.trial_timeout_s:
+                    results[slot] = {"died": f"timed out after {self.trial_timeout_s:.0f} s"}
+            if results and not all_of:
+                return results
+            if all_of and len(results) == len(flights):
+                return results
+
+    def _finish(self, flight: _Flight, result: dict) -> float | None:
+        """Tell the study; the loss for a completed trial, None for a failed one."""
+        trial = flight.trial
+        if "died" in result:
+            self._fail(trial.number, result["died"], rerun=self.study._storage.get_trial(trial._trial_id))
+            self.pool.replace(flight.slot)
+            return None
+        trial.set_user_attr(ATTR_WORKER, result["worker"])
+        trial.set_user_attr(ATTR_EVAL_S, round(result["seconds"], 4))
+        loss = result["loss"]
+        if result["error"] is not None or loss is None or not math.isfinite(loss):
+            self._fail(trial.number, result["error"] or f"the loss is {loss}")
+            return None
+        values = [loss, float(trial.user_attrs[ATTR_BYTES])] if self.pareto else loss
+        self.study.tell(trial, values)
+        self._seen[json_digest(flight.plan)] = [loss] if not self.pareto else values
+        return loss
+
+    # -- the report ------------------------------------------------------------------
+
+    def outcome(self, seconds: float = 0.0) -> Outcome:
+        return outcome(self.study, self.budget, seconds)
+
+
+def _row(t) -> dict:
+    return {
+        "trial": t.number,
+        "loss": t.values[0],
+        "bytes": t.user_attrs.get(ATTR_BYTES),
+        "bpw": t.user_attrs.get(ATTR_BPW),
+        "source": t.user_attrs.get(ATTR_SOURCE),
+    }
+
+
+def outcome(study, budget: int | None = None, seconds: float = 0.0) -> Outcome:
+    """The study's best trial (within the budget), its baselines, and for two objectives its front."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    meta = study.user_attrs.get(STUDY_ATTR, {})
+    budget = budget if budget is not None else meta.get("budget_bytes")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values and math.isfinite(t.values[0])]
+    fits = [t for t in complete if budget is None or (t.user_attrs.get(ATTR_BYTES) or 0) <= budget]
+    best = min(fits, key=lambda t: (t.values[0], t.number), default=None)
+    baselines: dict[str, dict] = {}
+    for t in complete:
+        source = t.user_attrs.get(ATTR_SOURCE)
+        if source and source != SAMPLED and source not in baselines:
+            baselines[source] = _row(t)
+    best_doc = None if best is None else {**_row(best), "plan": best.user_attrs.get(ATTR_PLAN)}
+    front = []
+    if len(study.directions) > 1:
+        front = sorted((_row(t) for t in study.best_trials), key=lambda r: (r["bytes"], r["loss"]))
+    return Outcome(
+        study=study.study_name,
+        n_complete=len(complete),
+        budget_bytes=budget,
+        best=best_doc,
+        baselines=baselines,
+        pareto=front,
+        n_failed=sum(t.state == TrialState.FAIL for t in trials),
+        seconds=seconds,
+    )
+
+
+def maximal(costs: Costs, plan: Mapping[str, int], budget: int) -> bool:
+    return is_maximal(costs, costs.index(plan), budget)
