@@ -1,0 +1,148 @@
+"""The search driver on the real MiniLM, real Ray actors and real SQLite / PostgreSQL files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mpsearch.search.allocate import Costs, is_maximal
+from mpsearch.search.driver import ATTR_RERUN_OF, ATTR_SOURCE, SAMPLED, Search
+from mpsearch.spec import Spec
+from mpsearch.storage import Storage
+from mpsearch.storage.store import ATTR_BYTES, ATTR_ERROR, ATTR_PLAN
+from mpsearch.workload import Workload
+
+from conftest import tiny_study
+
+MENU = (2, 3, 4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """One SQLite file for the module: the sensitivity profiles are computed once and reused."""
+    return tmp_path_factory.mktemp("search")
+
+
+@pytest.fixture(scope="module")
+def workload(study_dir):
+    spec = Spec.load(tiny_study(study_dir, bits=MENU)).with_overrides(budget="3.5bpw", search={"trials": 12, "workers": 2, "seed": 0})
+    return Workload(spec, device="cpu")
+
+
+def complete(study):
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def check_plans(study, workload, budget):
+    """Every evaluated plan fits, and every plan but a uniform baseline is maximal."""
+    table = workload.layer_table()
+    costs = Costs.of(table, None)
+    evaluated = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    assert evaluated
+    for t in evaluated:
+        plan = t.user_attrs[ATTR_PLAN]
+        assert table.bytes(plan) == t.user_attrs[ATTR_BYTES] <= budget, t.number
+        assert {k: MENU[v] for k, v in t.params.items()} == plan, t.number  # the stored params are the plan
+        if not t.user_attrs[ATTR_SOURCE].startswith("uniform-"):
+            assert is_maximal(costs, costs.index(plan), budget), (t.number, t.user_attrs[ATTR_SOURCE])
+
+
+def test_a_search_fits_the_budget_warm_starts_first_and_beats_its_baselines(workload, study_dir):
+    storage = Storage(workload.spec.storage.url)
+    search = Search(workload, storage, study="basic")
+    result = search.run()
+    study = optuna.load_study(study_name="basic", storage=storage.optuna())
+    assert len(complete(study)) == result.n_complete == 12
+    check_plans(study, workload, search.budget)
+    sources = [t.user_attrs[ATTR_SOURCE] for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+    warm = [name for name, _ in search.baselines()]
+    assert sources[: len(warm)] == warm and set(sources[len(warm) :]) == {SAMPLED}
+    assert {"ilp-perturbation", "ilp-hessian", "greedy", "uniform-3", "uniform-2"} == set(result.baselines)
+    assert all(result.best["loss"] <= b["loss"] for b in result.baselines.values())
+    # The ILP on the measured Δloss beats uniform 3-bit at a larger size, as it should.
+    assert result.baselines["ilp-perturbation"]["loss"] < result.baselines["uniform-3"]["loss"]
+    workers = {t.user_attrs["worker"] for t in complete(study)}
+    assert len(workers) == 2  # both actors scored trials
+
+
+def test_a_worker_killed_mid_trial_is_replaced_and_its_plan_rerun(workload):
+    import ray
+
+    storage = Storage(workload.spec.storage.url)
+    search = Search(workload, storage, study="kill")
+    submitted = []
+
+    def run_and_kill():
+        pool_submit = type(search.pool).submit
+
+        def submit(pool, slot, plan, split="evaluation"):
+            ref = pool_submit(pool, slot, plan, split)
+            submitted.append(slot)
+            if len(submitted) == 7:
+                ray.kill(pool.actors[slot], no_restart=True)  # the real fault: the actor dies mid-trial
+            return ref
+
+        search.pool.submit = submit.__get__(search.pool)
+
+    original = search._profiles
+
+    def profiles_then_arm():
+        original()
+        run_and_kill()
+
+    search._profiles = profiles_then_arm
+    result = search.run()
+    study = optuna.load_study(study_name="kill", storage=storage.optuna())
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs[ATTR_ERROR].startswith("worker died")
+    reruns = [t for t in complete(study) if t.user_attrs.get(ATTR_RERUN_OF) == failed[0].number]
+    assert len(reruns) == 1 and reruns[0].user_attrs[ATTR_PLAN] == failed[0].user_attrs[ATTR_PLAN]
+    assert result.n_complete == len(complete(study)) == 12
+    check_plans(study, workload, search.budget)
+
+
+def test_a_seeded_search_is_reproducible(workload):
+    storage = Storage(workload.spec.storage.url)
+    runs = []
+    for name in ("seeded-a", "seeded-b"):
+        Search(workload, storage, study=name, workers=0).run()
+        study = optuna.load_study(study_name=name, storage=storage.optuna())
+        runs.append([(t.user_attrs[ATTR_PLAN], t.values[0]) for t in sorted(complete(study), key=lambda t: t.number)])
+    assert [p for p, _ in runs[0]] == [p for p, _ in runs[1]]
+    assert np.allclose([v for _, v in runs[0]], [v for _, v in runs[1]], rtol=1e-6)
+    # A different seed samples different plans after the same warm starts.
+    other = workload.spec.with_overrides(search={"trials": 12, "workers": 0, "seed": 1})
+    Search(Workload(other), storage, study="seeded-c").run()
+    study = optuna.load_study(study_name="seeded-c", storage=storage.optuna())
+    plans_c = [t.user_attrs[ATTR_PLAN] for t in sorted(complete(study), key=lambda t: t.number)]
+    assert plans_c != [p for p, _ in runs[0]]
+
+
+def test_pareto_mode_keeps_a_front_of_loss_against_bytes(workload):
+    storage = Storage(workload.spec.storage.url)
+    search = Search(workload, storage, study="front", pareto=True, workers=0, trials=16)
+    result = search.run()
+    assert result.pareto and len(result.pareto) >= 3
+    sizes = [r["bytes"] for r in result.pareto]
+    losses = [r["loss"] for r in result.pareto]
+    assert sizes == sorted(sizes) and all(b <= search.budget for b in sizes)
+    for (s1, l1), (s2, l2) in zip(zip(sizes, losses), zip(sizes[1:], losses[1:])):
+        assert l2 < l1 or (s2 == s1 and l2 == l1), (sizes, losses)  # bigger is strictly better on a front
+    assert any(r["source"].startswith("ilp-perturbation@") for r in result.baselines.values())
+
+
+def test_losses_are_finite_and_match_a_direct_evaluation(workload):
+    """A trial's recorded loss is what the workload gives for its plan, evaluated here."""
+    storage = Storage(workload.spec.storage.url)
+    Search(workload, storage, study="direct", workers=0, trials=6).run()
+    study = optuna.load_study(study_name="direct", storage=storage.optuna())
+    trial = min(complete(study), key=lambda t: t.values[0])
+    bank = workload.candidate_bank()
+    model = workload.build_model()
+    with bank.applied(model, trial.user_attrs[ATTR_PLAN]):
+        direct = workload.loss(model, "evaluation")
+    assert math.isfinite(direct) and direct == pytest.approx(trial.values[0], rel=1e-5)

@@ -1,0 +1,113 @@
+"""`mpsearch search` as users run it: JSON output, bad input, and a driver killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mpsearch.search.driver import ATTR_RERUN_OF
+from mpsearch.storage import Storage
+from mpsearch.storage.store import ATTR_PLAN
+
+from conftest import tiny_study
+
+MENU = (2, 3, 4, 8, 16)
+
+
+def mpsearch(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "mpsearch", *args], capture_output=True, text=True, env=env, timeout=600, **kwargs)
+
+
+def test_search_json_follows_the_design_and_a_second_run_needs_resume(tmp_path):
+    spec = tiny_study(tmp_path, bits=MENU)
+    out = mpsearch("search", str(spec), "--budget", "3.5bpw", "--trials", "8", "--workers", "0", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    assert doc["study"] == "study-3.5bpw" and doc["n_complete"] == 8
+    best = doc["best"]
+    assert set(best) >= {"trial", "loss", "bytes", "bpw", "plan"} and best["bytes"] <= doc["budget_bytes"]
+    assert set(doc["baselines"]) == {"ilp-perturbation", "ilp-hessian", "greedy", "uniform-3", "uniform-2"}
+    assert all(set(b) >= {"loss", "bytes", "bpw"} for b in doc["baselines"].values())
+
+    again = mpsearch("search", str(spec), "--budget", "3.5bpw", "--trials", "8", "--workers", "0")
+    assert again.returncode == 2 and "already exists; pass --resume" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+
+    more = mpsearch("search", str(spec), "--budget", "3.5bpw", "--trials", "10", "--workers", "0", "--resume", "--json")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert json.loads(more.stdout)["n_complete"] == 10
+
+    listed = mpsearch("trials", "study-3.5bpw", "--storage", f"sqlite:///{tmp_path / 'mpsearch.db'}", "--json")
+    rows = json.loads(listed.stdout)["trials"]
+    assert [r["source"] for r in rows[:2]] == ["ilp-perturbation", "ilp-hessian"] and len(rows) == 10
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "1000"], "below the smallest plan"),
+        (["--budget", "20bpw"], "above the largest plan"),
+        (["--budget", "lots"], "cannot read 'lots'"),
+        (["--trials", "0"], "--trials"),
+    ],
+)
+def test_bad_search_input_is_one_line_and_exit_2(tmp_path, args, message):
+    out = mpsearch("search", str(tiny_study(tmp_path, bits=MENU)), "--workers", "0", *args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_trial(tmp_path, postgres_url):
+    """The real fault: SIGKILL mid-study on PostgreSQL, then --resume to exactly N complete trials."""
+    spec = tiny_study(tmp_path, bits=MENU)
+    args = ["search", str(spec), "--budget", "3.5bpw", "--trials", "16", "--workers", "0", "--storage", postgres_url, "--study", "killed"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "mpsearch", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    storage = Storage(postgres_url)
+    deadline = time.monotonic() + 300
+    before: dict[int, tuple] = {}
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if "killed" not in optuna.get_all_study_names(storage.optuna()):
+                continue
+            trials = optuna.load_study(study_name="killed", storage=storage.optuna()).get_trials(deepcopy=False)
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 8 and any(t.state == TrialState.RUNNING for t in trials):
+                driver.send_signal(signal.SIGKILL)
+                break
+        driver.wait(timeout=30)
+    finally:
+        driver.kill()
+    assert driver.returncode == -signal.SIGKILL
+    study = optuna.load_study(study_name="killed", storage=storage.optuna())
+    trials = study.get_trials(deepcopy=False)
+    before = {t.number: (t.values[0], t.user_attrs[ATTR_PLAN]) for t in trials if t.state == TrialState.COMPLETE}
+    # The plan is the trial's parameters (menu indices); killed right after the ask, the
+    # trial may not have its plan attribute yet.
+    running = {t.number: {k: MENU[v] for k, v in t.params.items()} for t in trials if t.state == TrialState.RUNNING}
+    assert 8 <= len(before) < 16 and running
+
+    out = mpsearch(*args, "--resume", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["n_complete"] == 16
+    trials = optuna.load_study(study_name="killed", storage=storage.optuna()).get_trials(deepcopy=False)
+    after = {t.number: t for t in trials if t.state == TrialState.COMPLETE}
+    assert len(after) == 16
+    for number, (loss, plan) in before.items():  # nothing finished was lost or changed
+        assert after[number].values[0] == loss and after[number].user_attrs[ATTR_PLAN] == plan
+    # A trial the dead driver left running failed and its plan ran again, once; nothing else re-ran.
+    for number, plan in running.items():
+        failed = next(t for t in trials if t.number == number)
+        assert failed.state == TrialState.FAIL
+        reruns = [t for t in after.values() if t.user_attrs.get(ATTR_RERUN_OF) == number]
+        assert len(reruns) == 1 and reruns[0].user_attrs[ATTR_PLAN] == plan
+    assert all(t.user_attrs.get(ATTR_RERUN_OF) in running for t in after.values() if t.user_attrs.get(ATTR_RERUN_OF) is not None)
