@@ -35,7 +35,7 @@ import numpy as np
 from mpsearch.errors import MPSearchError
 from mpsearch.hashing import json_digest
 from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal
-from mpsearch.search.sampler import RepairingSampler, make_sampler, search_space
+from mpsearch.search.sampler import ATTR_PROPOSAL, RepairingSampler, make_sampler, search_space
 from mpsearch.storage.store import ATTR_BPW, ATTR_BYTES, ATTR_ERROR, ATTR_PLAN
 
 ATTR_SOURCE = "source"
@@ -43,6 +43,7 @@ ATTR_WORKER = "worker"
 ATTR_EVAL_S = "eval_s"
 ATTR_RERUN_OF = "rerun_of"
 ATTR_CACHED = "cached"
+ATTR_RERUN = "rerun"  # on a failed trial: its plan is to run again
 STUDY_ATTR = "mpsearch"
 SAMPLED = "sampler"
 
@@ -209,6 +210,9 @@ class Search:
             self.costs = Costs.of(self.table, self.scores["perturbation"])
             base = make_sampler(self.spec.search.sampler, self.spec.search.seed, self.pareto)
             self.study = self._open_study(RepairingSampler(base, self.costs, self.budget, fill=self.fill))
+            self.space = search_space(self.costs)
+            self.queue: list[tuple[dict, dict]] = []  # (user attrs, params): plans to run before sampling
+            self._queued: set[int] = set()
             self._recover()
             self._enqueue_baselines()
             self._loop()
@@ -221,43 +225,65 @@ class Search:
         return self.study.get_trials(deepcopy=False, states=states)
 
     def _recover(self) -> None:
-        """Trials a dead driver left RUNNING: failed, with their plans enqueued again."""
+        """Re-queue what a previous driver left: trials it left RUNNING (failed now, their
+        plans run again) and failed trials whose re-run it never got to.
+
+        A trial's plan is written in one transaction, so a driver killed while creating a
+        trial leaves it with no parameters: never a plan, never evaluated, failed and not
+        re-run.
+        """
         from optuna.trial import TrialState
 
         for t in self._trials((TrialState.RUNNING,)):
-            self._fail(t.number, "the driver stopped while this trial ran (resumed)", rerun=t)
+            if set(t.params) == set(self.costs.names):
+                self._fail(t.number, "the driver stopped while this trial ran (resumed)", rerun=t, always=True)
+            else:
+                self._fail(t.number, "the driver stopped while this trial was being created (resumed)")
+        trials = self._trials()
+        done = {t.user_attrs.get(ATTR_RERUN_OF) for t in trials}
+        for t in trials:
+            if t.state == TrialState.FAIL and t.user_attrs.get(ATTR_RERUN) and t.number not in done and t.number not in self._queued:
+                self._requeue(t)
 
     def _enqueue_baselines(self) -> None:
         present = {t.user_attrs.get(ATTR_SOURCE) for t in self._trials()}
-        for name, index in self.baselines():
-            if name not in present:
-                self.study.enqueue_trial(
-                    {n: int(j) for n, j in zip(self.costs.names, index)}, user_attrs={ATTR_SOURCE: name}
-                )
+        fresh = [
+            ({ATTR_SOURCE: name}, {n: int(j) for n, j in zip(self.costs.names, index)})
+            for name, index in self.baselines()
+            if name not in present
+        ]
+        self.queue[:0] = fresh  # warm starts first
 
-    def _fail(self, number: int, reason: str, rerun=None) -> None:
+    def _requeue(self, trial) -> None:
+        attrs = {ATTR_SOURCE: trial.user_attrs.get(ATTR_SOURCE, SAMPLED), ATTR_RERUN_OF: trial.number}
+        self.queue.append((attrs, dict(trial.params)))
+        self._queued.add(trial.number)
+
+    def _fail(self, number: int, reason: str, rerun=None, always: bool = False) -> None:
+        """Fail the trial with ``reason``; queue ``rerun``'s plan again, once per plan unless ``always``.
+
+        The re-run is recorded on the failed trial first, so a driver that dies before
+        running it leaves a note that the next ``--resume`` reads.
+        """
         from optuna.trial import TrialState
 
-        self.study._storage.set_trial_user_attr(self._trial_id(number), ATTR_ERROR, reason)
+        again = rerun is not None and (always or rerun.user_attrs.get(ATTR_RERUN_OF) is None)
+        trial_id = self._trial_id(number)
+        self.study._storage.set_trial_user_attr(trial_id, ATTR_ERROR, reason)
+        if again:
+            self.study._storage.set_trial_user_attr(trial_id, ATTR_RERUN, True)
         self.study.tell(number, state=TrialState.FAIL)
-        if rerun is not None and not rerun.user_attrs.get(ATTR_RERUN_OF):
-            attrs = {ATTR_SOURCE: rerun.user_attrs.get(ATTR_SOURCE, SAMPLED), ATTR_RERUN_OF: number}
-            self.study.enqueue_trial(dict(rerun.params), user_attrs=attrs)
+        if again:
+            self._requeue(rerun)
 
     def _trial_id(self, number: int) -> int:
         return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
 
     def _ask(self):
-        trial = self.study.ask(search_space(self.costs))
-        index = np.array([trial.params[n] for n in self.costs.names], dtype=np.int64)
-        plan = self.costs.plan(index)
-        nbytes = self.costs.bytes_of(index)
-        if trial.user_attrs.get(ATTR_SOURCE) is None:
-            trial.set_user_attr(ATTR_SOURCE, SAMPLED)
-        trial.set_user_attr(ATTR_PLAN, plan)
-        trial.set_user_attr(ATTR_BYTES, nbytes)
-        trial.set_user_attr(ATTR_BPW, self.table.bpw(plan))
-        return trial, plan
+        if self.queue:
+            attrs, params = self.queue.pop(0)
+            return ask_plan(self.study, self.costs, self.table, params, attrs)
+        return ask_plan(self.study, self.costs, self.table)
 
     def _loop(self) -> None:
         from optuna.trial import TrialState
@@ -280,8 +306,8 @@ class Search:
                         cached = self._seen.get(json_digest(plan))
                         if cached is not None and trial.user_attrs.get(ATTR_SOURCE) == SAMPLED:
                             # The same plan scored before: its loss is known, nothing to run.
-                            trial.set_user_attr(ATTR_CACHED, True)
-                            self.study.tell(trial, cached)
+                            self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_CACHED, True)
+                            self.study.tell(trial.number, cached)
                             done += 1
                             bar.update()
                             continue
@@ -300,7 +326,10 @@ class Search:
                         bar.set_postfix(best=f"{best:.5g}")
         except BaseException:
             for flight in flights.values():  # interrupted: leave nothing RUNNING
-                self._fail(flight.trial.number, "the search was interrupted while this trial ran", rerun=self.study._storage.get_trial(flight.trial._trial_id))
+                try:
+                    self._fail(flight.trial.number, "the search was interrupted while this trial ran", rerun=flight.trial, always=True)
+                except Exception:  # noqa: BLE001 - the database may be what failed; --resume recovers
+                    pass
             raise
         finally:
             bar.close()
@@ -337,17 +366,18 @@ class Search:
         """Tell the study; the loss for a completed trial, None for a failed one."""
         trial = flight.trial
         if "died" in result:
-            self._fail(trial.number, result["died"], rerun=self.study._storage.get_trial(trial._trial_id))
+            self._fail(trial.number, result["died"], rerun=trial)
             self.pool.replace(flight.slot)
             return None
-        trial.set_user_attr(ATTR_WORKER, result["worker"])
-        trial.set_user_attr(ATTR_EVAL_S, round(result["seconds"], 4))
+        storage = self.study._storage
+        storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER, result["worker"])
+        storage.set_trial_user_attr(trial._trial_id, ATTR_EVAL_S, round(result["seconds"], 4))
         loss = result["loss"]
         if result["error"] is not None or loss is None or not math.isfinite(loss):
             self._fail(trial.number, result["error"] or f"the loss is {loss}")
             return None
         values = [loss, float(trial.user_attrs[ATTR_BYTES])] if self.pareto else loss
-        self.study.tell(trial, values)
+        self.study.tell(trial.number, values)
         self._seen[json_digest(flight.plan)] = [loss] if not self.pareto else values
         return loss
 
@@ -396,6 +426,76 @@ def outcome(study, budget: int | None = None, seconds: float = 0.0) -> Outcome:
         n_failed=sum(t.state == TrialState.FAIL for t in trials),
         seconds=seconds,
     )
+
+
+def ask_plan(study, costs: Costs, table, params: Mapping[str, int] | None = None, attrs: Mapping[str, Any] | None = None):
+    """A new RUNNING trial with its whole plan: ``params`` as given, else the sampler's.
+
+    Mirrors ``Study.ask`` (create, ``before_trial``, relative sampling) but writes the
+    parameters and attributes in one transaction (see :func:`write_trial`): Optuna's ask
+    writes them one at a time, 37 round trips for MiniLM, and a driver killed halfway
+    would leave half a plan. Returns the trial (frozen) and the plan in bits.
+    """
+    from datetime import datetime
+
+    from optuna.trial import FrozenTrial, TrialState
+
+    storage = study._storage
+    space = search_space(costs)
+    trial_id = storage.create_new_trial(study._study_id)
+    number = storage.get_trial_number_from_id(trial_id)  # cached by Optuna's storage: no round trip
+    started = datetime.now()
+
+    def frozen(params_, attrs_) -> FrozenTrial:
+        return FrozenTrial(
+            number=number, state=TrialState.RUNNING, value=None, datetime_start=started, datetime_complete=None,
+            params=dict(params_), distributions={n: space[n] for n in params_}, user_attrs=dict(attrs_), system_attrs={},
+            intermediate_values={}, trial_id=trial_id,
+        )
+
+    if params is None:
+        fresh = frozen({}, {})
+        study.sampler.before_trial(study, fresh)
+        params = study.sampler.sample_relative(study, fresh, space)
+        attrs = {ATTR_SOURCE: SAMPLED, ATTR_PROPOSAL: getattr(study.sampler, "last_proposal", None), **(attrs or {})}
+    index = np.array([params[n] for n in costs.names], dtype=np.int64)
+    plan = costs.plan(index)
+    attrs = {**(attrs or {}), ATTR_PLAN: plan, ATTR_BYTES: costs.bytes_of(index), ATTR_BPW: table.bpw(plan)}
+    write_trial(storage, trial_id, params, space, attrs)
+    return frozen(params, attrs), plan
+
+
+def write_trial(storage, trial_id: int, params: Mapping[str, int], space: Mapping, user_attrs: Mapping[str, Any]) -> None:
+    """Every parameter and user attribute of a fresh RUNNING trial, in one transaction.
+
+    On Optuna's RDB storage: two multi-row INSERTs into its ``trial_params`` and
+    ``trial_user_attributes`` tables, rows exactly as Optuna writes them (the distributions
+    are the study's own, so Optuna's per-parameter compatibility query is not needed).
+    Elsewhere: the public per-row calls.
+    """
+    import json
+
+    from optuna.distributions import distribution_to_json
+
+    backend = getattr(storage, "_backend", storage)
+    engine = getattr(backend, "engine", None)
+    if engine is None:  # pragma: no cover - not an RDB storage
+        for name, value in params.items():
+            storage.set_trial_param(trial_id, name, float(value), space[name])
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        return
+    from optuna.storages._rdb import models
+
+    param_rows = [
+        {"trial_id": trial_id, "param_name": name, "param_value": float(value), "distribution_json": distribution_to_json(space[name])}
+        for name, value in params.items()
+    ]
+    attr_rows = [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in user_attrs.items()]
+    with engine.begin() as connection:
+        connection.execute(models.TrialParamModel.__table__.insert(), param_rows)
+        if attr_rows:
+            connection.execute(models.TrialUserAttributeModel.__table__.insert(), attr_rows)
 
 
 def maximal(costs: Costs, plan: Mapping[str, int], budget: int) -> bool:

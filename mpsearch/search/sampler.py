@@ -12,7 +12,7 @@ proposal to fit the budget (and to be maximal), and hands the repaired plan back
 trial's parameters. So the parameters stored with a trial, which are what TPE, NSGA-II and
 random read as history, are exactly the plan that was evaluated; the raw proposal is kept
 only as a user attribute for diagnosis. Enqueued trials (warm starts, re-runs) carry fixed
-parameters that Optuna uses as they are, so they skip the sampler.
+parameters that the driver writes as they are, so they skip the sampler.
 """
 
 from __future__ import annotations
@@ -55,13 +55,12 @@ class RepairingSampler(BaseSampler):
         self.budget = budget
         self.fill = fill
         self.space = search_space(costs)
+        self.last_proposal: list[int] | None = None  # the unrepaired proposal, for the trial's record
 
     def infer_relative_search_space(self, study, trial):
         return dict(self.space)
 
     def sample_relative(self, study, trial, search_space):
-        if trial.system_attrs.get("fixed_params"):
-            return {}  # an enqueued plan: Optuna uses its fixed parameters
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             proposal = dict(self.base.sample_relative(study, trial, self.space) or {})
@@ -70,7 +69,7 @@ class RepairingSampler(BaseSampler):
                     proposal[name] = self.base.sample_independent(study, trial, name, distribution)
         raw = np.array([int(proposal[n]) for n in self.costs.names], dtype=np.int64)
         fixed = repair(self.costs, raw, self.budget, fill=self.fill)
-        study._storage.set_trial_user_attr(trial._trial_id, ATTR_PROPOSAL, [int(x) for x in raw])
+        self.last_proposal = [int(x) for x in raw]
         return {name: int(j) for name, j in zip(self.costs.names, fixed)}
 
     def sample_independent(self, study, trial, param_name, param_distribution):

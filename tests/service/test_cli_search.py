@@ -94,6 +94,8 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_tr
     # The plan is the trial's parameters (menu indices); killed right after the ask, the
     # trial may not have its plan attribute yet.
     running = {t.number: {k: MENU[v] for k, v in t.params.items()} for t in trials if t.state == TrialState.RUNNING}
+    layers = len(next(iter(before.values()))[1])
+    half_made = {n for n, plan in running.items() if len(plan) < layers}  # killed inside Optuna's ask
     assert 8 <= len(before) < 16 and running
 
     out = mpsearch(*args, "--resume", "--json")
@@ -109,5 +111,8 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_tr
         failed = next(t for t in trials if t.number == number)
         assert failed.state == TrialState.FAIL
         reruns = [t for t in after.values() if t.user_attrs.get(ATTR_RERUN_OF) == number]
-        assert len(reruns) == 1 and reruns[0].user_attrs[ATTR_PLAN] == plan
+        if number in half_made:  # never a whole plan, never evaluated: nothing to re-run
+            assert not reruns
+        else:
+            assert len(reruns) == 1 and reruns[0].user_attrs[ATTR_PLAN] == plan
     assert all(t.user_attrs.get(ATTR_RERUN_OF) in running for t in after.values() if t.user_attrs.get(ATTR_RERUN_OF) is not None)

@@ -1,0 +1,67 @@
+"""What the search finds against the allocations it is warm-started from, at 3.0 and 4.0 bpw.
+
+For each budget (scales included, the byte ledger of DESIGN.md) one study on the default
+MiniLM study of ``--trials`` trials on 2 Ray actors, then the evaluation loss of: every
+uniform plan that fits, ILP on the Hessian score Ω, ILP on the perturbation Δloss, greedy,
+and the search's best after 50, 100 and 200 trials. The goal: search best <= 0.85 x the
+best baseline at 3.0 bpw.
+
+    .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+STUDY = Path(__file__).resolve().parent.parent / "studies" / "minilm.toml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--budgets", default="3.0bpw,4.0bpw")
+    parser.add_argument("--sampler", default=None, choices=[None, "tpe", "nsga2", "random"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--storage", default=None, help="default: a fresh SQLite file")
+    args = parser.parse_args()
+
+    from optuna.trial import TrialState
+
+    from mpsearch.search.driver import ATTR_SOURCE, SAMPLED, Search
+    from mpsearch.spec import Spec
+    from mpsearch.storage import Storage
+    from mpsearch.workload import Workload
+
+    url = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='mpsearch-quality-')}/quality.db"
+    storage = Storage(url)
+    checkpoints = [k for k in (50, 100, 200) if k <= args.trials] + ([args.trials] if args.trials not in (50, 100, 200) else [])
+    for budget in args.budgets.split(","):
+        spec = Spec.load(STUDY).with_overrides(budget=budget)
+        if args.sampler:
+            spec = spec.with_overrides(search={**spec.search.model_dump(), "sampler": args.sampler})
+        workload = Workload(spec, device="cpu")
+        search = Search(workload, storage, study=f"quality-{budget}-{spec.search.sampler}-{int(time.time())}", trials=args.trials, workers=args.workers)
+        start = time.perf_counter()
+        result = search.run()
+        seconds = time.perf_counter() - start
+        trials = sorted((t for t in search.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+        print(f"\nMiniLM at {budget} = {search.budget:,} bytes, sampler {spec.search.sampler}, {len(trials)} trials in {seconds:.0f} s")
+        best_baseline = min(b["loss"] for b in result.baselines.values())
+        for name, row in sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"]):
+            print(f"  {name:18s} loss {row['loss']:.5f}  bytes {row['bytes']:>12,}  bpw {row['bpw']:.3f}")
+        for k in checkpoints:
+            first = trials[:k]
+            best = min(first, key=lambda t: t.values[0])
+            sampled = [t for t in first if t.user_attrs.get(ATTR_SOURCE) == SAMPLED]
+            print(
+                f"  search best @{k:<4d} loss {best.values[0]:.5f}  ({best.user_attrs.get(ATTR_SOURCE)}, trial {best.number})"
+                f"  = {best.values[0] / best_baseline:.3f} x best baseline; best sampled {min((t.values[0] for t in sampled), default=math.nan):.5f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
