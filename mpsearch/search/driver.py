@@ -34,7 +34,7 @@ import numpy as np
 
 from mpsearch.errors import MPSearchError
 from mpsearch.hashing import json_digest
-from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal
+from mpsearch.search.allocate import Costs, greedy, ilp
 from mpsearch.search.sampler import ATTR_PROPOSAL, RepairingSampler, make_sampler, search_space
 from mpsearch.storage.store import ATTR_BPW, ATTR_BYTES, ATTR_ERROR, ATTR_PLAN
 
@@ -208,7 +208,7 @@ class Search:
         try:
             self._profiles()
             self.costs = Costs.of(self.table, self.scores["perturbation"])
-            base = make_sampler(self.spec.search.sampler, self.spec.search.seed, self.pareto)
+            base = make_sampler(self.spec.search.sampler, self.spec.search.seed)
             self.study = self._open_study(RepairingSampler(base, self.costs, self.budget, fill=self.fill))
             self.space = search_space(self.costs)
             self.queue: list[tuple[dict, dict]] = []  # (user attrs, params): plans to run before sampling
@@ -496,7 +496,3 @@ def write_trial(storage, trial_id: int, params: Mapping[str, int], space: Mappin
         connection.execute(models.TrialParamModel.__table__.insert(), param_rows)
         if attr_rows:
             connection.execute(models.TrialUserAttributeModel.__table__.insert(), attr_rows)
-
-
-def maximal(costs: Costs, plan: Mapping[str, int], budget: int) -> bool:
-    return is_maximal(costs, costs.index(plan), budget)

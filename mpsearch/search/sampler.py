@@ -33,7 +33,7 @@ def search_space(costs: Costs) -> dict[str, IntDistribution]:
     return {name: IntDistribution(0, len(costs.menu) - 1) for name in costs.names}
 
 
-def make_sampler(kind: str, seed: int, pareto: bool = False) -> BaseSampler:
+def make_sampler(kind: str, seed: int) -> BaseSampler:
     """Optuna's TPE (multivariate, constant liar for trials in flight), NSGA-II or random."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
