@@ -133,7 +133,7 @@ class BudgetSection(_Section):
 
 
 class SearchSection(_Section):
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler: Literal["tpe", "nsga2", "random", "evo"] = "tpe"
     trials: PositiveInt = 64
     workers: NonNegativeInt = 2  # 0: score in the driver's own process, no Ray
     seed: int = 0

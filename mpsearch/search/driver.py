@@ -208,7 +208,7 @@ class Search:
         try:
             self._profiles()
             self.costs = Costs.of(self.table, self.scores["perturbation"])
-            base = make_sampler(self.spec.search.sampler, self.spec.search.seed)
+            base = make_sampler(self.spec.search.sampler, self.spec.search.seed, self.costs, self.budget)
             self.study = self._open_study(RepairingSampler(base, self.costs, self.budget, fill=self.fill))
             self.space = search_space(self.costs)
             self.queue: list[tuple[dict, dict]] = []  # (user attrs, params): plans to run before sampling

@@ -146,3 +146,36 @@ def test_losses_are_finite_and_match_a_direct_evaluation(workload):
     with bank.applied(model, trial.user_attrs[ATTR_PLAN]):
         direct = workload.loss(model, "evaluation")
     assert math.isfinite(direct) and direct == pytest.approx(trial.values[0], rel=1e-5)
+
+
+def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(workload):
+    spec = workload.spec.with_overrides(search={"trials": 14, "workers": 0, "seed": 0, "sampler": "evo"})
+    evo = Workload(spec)
+    storage = Storage(spec.storage.url)
+    search = Search(evo, storage, study="evo")
+    search.run()
+    study = optuna.load_study(study_name="evo", storage=storage.optuna())
+    check_plans(study, evo, search.budget)
+    sampled = [t for t in complete(study) if t.user_attrs[ATTR_SOURCE] == SAMPLED]
+    assert len(sampled) == 14 - len(search.baselines())
+    # Each child differs from every plan before it (two baselines may coincide: ILP and greedy).
+    ordered = sorted(complete(study), key=lambda t: t.number)
+    for k, t in enumerate(ordered):
+        if t.user_attrs[ATTR_SOURCE] == SAMPLED:
+            assert t.user_attrs[ATTR_PLAN] not in [u.user_attrs[ATTR_PLAN] for u in ordered[:k]], t.number
+    assert not any(t.user_attrs.get("cached") for t in sampled)
+
+
+def test_the_sampler_sees_a_window_of_the_best_and_the_latest_trials(workload):
+    from mpsearch.search.sampler import _Window
+
+    storage = Storage(workload.spec.storage.url)
+    Search(workload, storage, study="window", workers=0, trials=10).run()
+    study = optuna.load_study(study_name="window", storage=storage.optuna())
+    view = _Window(study, best=2, recent=3)
+    seen = view._get_trials(deepcopy=False, use_cache=True)
+    trials = sorted(complete(study), key=lambda t: t.number)
+    best_two = {t.number for t in sorted(trials, key=lambda t: t.values[0])[:2]}
+    latest = {t.number for t in trials[-3:]}
+    assert {t.number for t in seen} == best_two | latest
+    assert view.study_name == study.study_name  # everything else is the study's own
