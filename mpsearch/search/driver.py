@@ -307,7 +307,7 @@ class Search:
                         if cached is not None and trial.user_attrs.get(ATTR_SOURCE) == SAMPLED:
                             # The same plan scored before: its loss is known, nothing to run.
                             self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_CACHED, True)
-                            self.study.tell(trial.number, cached)
+                            tell_plan(self.study, trial, cached)
                             done += 1
                             bar.update()
                             continue
@@ -376,9 +376,9 @@ class Search:
         if result["error"] is not None or loss is None or not math.isfinite(loss):
             self._fail(trial.number, result["error"] or f"the loss is {loss}")
             return None
-        values = [loss, float(trial.user_attrs[ATTR_BYTES])] if self.pareto else loss
-        self.study.tell(trial.number, values)
-        self._seen[json_digest(flight.plan)] = [loss] if not self.pareto else values
+        values = [loss, float(trial.user_attrs[ATTR_BYTES])] if self.pareto else [loss]
+        tell_plan(self.study, trial, values)
+        self._seen[json_digest(flight.plan)] = values
         return loss
 
     # -- the report ------------------------------------------------------------------
@@ -463,6 +463,22 @@ def ask_plan(study, costs: Costs, table, params: Mapping[str, int] | None = None
     attrs = {**(attrs or {}), ATTR_PLAN: plan, ATTR_BYTES: costs.bytes_of(index), ATTR_BPW: table.bpw(plan)}
     write_trial(storage, trial_id, params, space, attrs)
     return frozen(params, attrs), plan
+
+
+def tell_plan(study, trial, values: list[float]) -> None:
+    """Complete ``trial`` (the frozen trial :func:`ask_plan` returned) with finite ``values``.
+
+    What ``Study.tell`` does for a complete trial — the sampler's ``after_trial``, then the
+    state and values in one write — without reading the trial back first: the driver holds
+    it already, and the values are checked finite before they get here.
+    """
+    from optuna.trial import TrialState
+
+    values = [float(v) for v in values]
+    try:
+        study.sampler.after_trial(study, trial, TrialState.COMPLETE, values)
+    finally:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, values)
 
 
 def write_trial(storage, trial_id: int, params: Mapping[str, int], space: Mapping, user_attrs: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ parameters that the driver writes as they are, so they skip the sampler.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -116,33 +117,36 @@ class _Window:
     """
 
     def __init__(self, study, best: int, recent: int):
-        self._study, self._best, self._recent = study, best, recent
+        self._study = study
+        trials = study._get_trials(deepcopy=False, states=None, use_cache=True)
+        finished = [t for t in trials if t.state.is_finished()]
+        if len(finished) > best + recent:
+            scored = [t for t in finished if t.values]
+            keep = {t.number for t in sorted(scored, key=lambda t: tuple(t.values))[:best]}
+            keep |= {t.number for t in finished[-recent:]}
+            trials = [t for t in trials if not t.state.is_finished() or t.number in keep]
+        self._trials = trials  # one pass over the study per proposal, however often it is asked
 
     def __getattr__(self, name):
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
-        trials = self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache)
-        finished = [t for t in trials if t.state.is_finished()]
-        if len(finished) <= self._best + self._recent:
-            return trials
-        scored = [t for t in finished if t.values]
-        keep = {t.number for t in sorted(scored, key=lambda t: tuple(t.values))[: self._best]}
-        keep |= {t.number for t in finished[-self._recent :]}
-        return [t for t in trials if not t.state.is_finished() or t.number in keep]
+        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else list(trials)
 
     def get_trials(self, deepcopy: bool = True, states=None):
-        return self._get_trials(deepcopy=deepcopy, states=states, use_cache=True)
+        return self._get_trials(deepcopy=deepcopy, states=states)
 
 
 class RepairingSampler(BaseSampler):
     """``base``'s proposals, repaired to fit ``budget`` (see the module docstring).
 
     The base sampler sees a window of the study (:class:`_Window`): the ``window_best`` best
-    and ``window_recent`` latest finished trials.
+    and ``window_recent`` latest finished trials (50 and 100: TPE's proposals then cost
+    about the same at 5,000 trials as at 150).
     """
 
-    def __init__(self, base: BaseSampler, costs: Costs, budget: int, fill: bool = True, window_best: int = 100, window_recent: int = 200):
+    def __init__(self, base: BaseSampler, costs: Costs, budget: int, fill: bool = True, window_best: int = 50, window_recent: int = 100):
         self.window = (window_best, window_recent)
         self.base = base
         self.costs = costs
