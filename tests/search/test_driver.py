@@ -179,3 +179,31 @@ def test_the_sampler_sees_a_window_of_the_best_and_the_latest_trials(workload):
     latest = {t.number for t in trials[-3:]}
     assert {t.number for t in seen} == best_two | latest
     assert view.study_name == study.study_name  # everything else is the study's own
+
+
+def test_a_nan_loss_or_an_exception_fails_the_trial_and_the_study_goes_on(workload, monkeypatch):
+    """A fake, said so: a real plan and model give finite losses, so the two faults are
+    injected into the scorer's ``score`` for the 7th and 8th trials."""
+    from mpsearch.search.pool import Scorer
+
+    calls = []
+    real = Scorer.score
+
+    def faulty(self, plan, split="evaluation", partial=False):
+        if split != "evaluation" or partial:  # the perturbation scan, not a trial
+            return real(self, plan, split, partial)
+        calls.append(1)
+        if len(calls) == 7:
+            return float("nan")
+        if len(calls) == 8:
+            raise RuntimeError("simulated evaluation fault")
+        return real(self, plan, split, partial)
+
+    monkeypatch.setattr(Scorer, "score", faulty)
+    storage = Storage(workload.spec.storage.url)
+    result = Search(workload, storage, study="faults", workers=0, trials=10).run()
+    study = optuna.load_study(study_name="faults", storage=storage.optuna())
+    failed = sorted((t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL), key=lambda t: t.number)
+    assert [t.user_attrs[ATTR_ERROR] for t in failed] == ["the loss is nan", "RuntimeError: simulated evaluation fault"]
+    assert not any(t.user_attrs.get(ATTR_RERUN_OF) is not None for t in complete(study))  # a bad plan is not re-run
+    assert result.n_complete == len(complete(study)) == 10 and result.n_failed == 2
