@@ -50,17 +50,31 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """The first ``n`` codes of a packed stream, as a flat uint8 tensor."""
+    """The first ``n`` codes of a packed stream, as a flat uint8 tensor.
+
+    This runs in every forward of a loaded model, so it reads whole bytes rather than
+    single bits: at 2 and 4 bits each byte holds ``8 // b`` whole codes; at 3 bits every
+    3 bytes hold exactly 8 codes, read as one 24-bit little-endian word.
+    """
     _check_bits(bits)
     if packed.numel() != packed_nbytes(n, bits):
         raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} codes of {bits} bits")
     flat = packed.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()
-    shifts = torch.arange(8, device=flat.device, dtype=torch.uint8)
-    stream = ((flat[:, None] >> shifts) & 1).reshape(-1)[: n * bits]
-    weights = (1 << torch.arange(bits, device=flat.device, dtype=torch.int32)).to(torch.uint8)
-    return (stream.reshape(n, bits) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, device=flat.device, dtype=torch.uint8)
+        return ((flat[:, None] >> shifts) & mask).reshape(-1)[:n]
+    pad = (-flat.numel()) % bits
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    chunk = flat.reshape(-1, bits).to(torch.int32)
+    word = chunk[:, 0]
+    for j in range(1, bits):
+        word = word | (chunk[:, j] << (8 * j))
+    shifts = torch.arange(0, 8 * bits, bits, device=flat.device, dtype=torch.int32)
+    return ((word[:, None] >> shifts) & mask).reshape(-1)[:n].to(torch.uint8)
 
 
 def _check_bits(bits: int) -> None:

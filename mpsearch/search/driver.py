@@ -139,6 +139,9 @@ class Search:
             "layers": list(self.table.names),
             "menu": list(self.table.menu),
             "scheme": s.quant.model_dump(mode="json"),
+            # What `mpsearch export STUDY` rebuilds the workload from (the storage URL left out).
+            "spec": s.model_dump(mode="json", exclude={"storage", "base_dir"}),
+            "base_dir": str(s.base_dir),
         }
 
     def _open_study(self, sampler):

@@ -307,6 +307,59 @@ def trials(study: str, storage: str, pareto: bool, as_json: bool) -> None:
     _wide_console().print(table)
 
 
+# -- export --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("study")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The folder to write; it must not exist or be empty (or pass --force).")
+@click.option("--trial", type=click.IntRange(min=0), default=None, help="Export this trial number (default: the best within the budget).")
+@click.option("--pareto-index", type=click.IntRange(min=0), default=None, help="Export the K-th plan of a --pareto study's front, smallest first.")
+@storage_option
+@click.option("--spec", "spec_path", default=None, type=click.Path(dir_okay=False), help="The spec the study ran with (default: the one stored with the study).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the export back and checking its loss against the trial's.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a summary.")
+def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify, device, as_json) -> None:
+    """Write a trial of STUDY to --out: packed model.safetensors, plan.json, FORMAT.md and deployment configs.
+
+    The folder is built beside --out and renamed into place once the export has been loaded
+    back and its loss checked against the trial's, and it is recorded in the database.
+    """
+    from mpsearch.export import export_study
+    from mpsearch.storage import Storage
+
+    result = export_study(
+        Storage(storage, create=False), study, out, trial=trial, pareto_index=pareto_index,
+        spec=_load(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=not as_json,
+    )
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    checked = "" if result.verified_loss is None else f", loaded back at loss {result.verified_loss:.6g}"
+    click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
+    for name, size, _ in result.files:
+        click.echo(f"  {name:<30} {size:>12,} bytes")
+
+
+@cli.command(name="eval")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a line.")
+def eval_(folder, spec, device, as_json) -> None:
+    """Score the export in FOLDER, loaded from its packed file, on SPEC's evaluation data."""
+    from mpsearch.export import evaluate_export
+    from mpsearch.workload import Workload
+
+    doc = evaluate_export(folder, Workload(_load(spec), device=device))
+    if as_json:
+        _emit_json(doc)
+        return
+    click.echo(f"{folder}: loss {doc['loss']:.6g} (trial {doc['trial']} recorded {doc['recorded_loss']:.6g}), {doc['bytes']:,} bytes, {doc['bpw']:.4g} bpw")
+
+
 @cli.group()
 def db() -> None:
     """Manage the database schema."""

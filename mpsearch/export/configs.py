@@ -1,0 +1,147 @@
+"""Deployment configs written beside an export: llama.cpp tensor types, an HF-style config, a README.
+
+* ``llama_cpp_tensor_types.txt`` is a ``--tensor-type-file`` for ``llama-quantize``: one
+  ``regex=type`` line per group of layers that share a GGUF tensor role and a type, for
+  example ``^blk\\.(0|3)\\.attn_q\\.weight$=q4_K``. llama.cpp reads nothing but such lines (it
+  has no comment syntax), so layers with no GGUF name (say, a BERT pooler) are left to
+  ``llama-quantize``'s base type and listed in ``README.md`` instead. Types are written with
+  ggml's own names (``q2_K``, ``q3_K``, ``q4_K``, ``q8_0``, ``f16``), which every
+  llama-quantize build accepts, case-sensitive or not.
+* ``quantization_config.json`` describes the plan per module in the shape Hugging Face
+  quantization configs take (``bits``, ``group_size``, ``sym``, ``modules_to_not_convert``,
+  and a per-module ``dynamic`` override keyed ``+:^name$``, as GPTQModel reads it). The
+  tensors themselves are in mpsearch's packing (``FORMAT.md``), which no HF integration
+  reads: the config is for tools that take the plan, not the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+from mpsearch.export.plan import PlanDocument
+
+GGUF_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
+
+# The block index and the module path inside a block, for the usual transformer layouts.
+_BLOCK = re.compile(r"^(?:.*\.)?(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
+
+# Module path inside a block → GGUF tensor role (llama.cpp's names: blk.N.<role>.weight).
+_ROLES = {
+    # LLaMA, Mistral, Qwen, Gemma
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    # BERT and its kin
+    "attention.self.query": "attn_q", "attention.self.key": "attn_k", "attention.self.value": "attn_v",
+    "attention.output.dense": "attn_output", "intermediate.dense": "ffn_up", "output.dense": "ffn_down",
+    # GPT-2
+    "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+# Whole-model tensors.
+_TOP = {
+    "lm_head": "output", "embed_out": "output",
+    "model.embed_tokens": "token_embd", "transformer.wte": "token_embd", "embeddings.word_embeddings": "token_embd",
+}
+
+
+def gguf_tensor(name: str) -> str | None:
+    """The GGUF tensor a module's weight becomes, or None where llama.cpp has no known name.
+
+    >>> gguf_tensor("encoder.layer.3.attention.self.query"), gguf_tensor("transformer.h.0.mlp.c_fc")
+    ('blk.3.attn_q', 'blk.0.ffn_up')
+    >>> gguf_tensor("pooler.dense") is None
+    True
+    """
+    if name in _TOP:
+        return _TOP[name]
+    m = _BLOCK.match(name)
+    if m and m.group(2) in _ROLES:
+        return f"blk.{m.group(1)}.{_ROLES[m.group(2)]}"
+    return None
+
+
+def llama_cpp_tensor_types(doc: PlanDocument) -> tuple[str, list[str]]:
+    """The ``--tensor-type-file`` text, and the layers it could not name."""
+    groups: dict[tuple[str, int], list[str]] = defaultdict(list)  # (role, bits) -> block numbers
+    singles: list[tuple[str, int]] = []
+    unnamed = []
+    for layer in doc.layers:
+        tensor = gguf_tensor(layer.name)
+        if tensor is None:
+            unnamed.append(layer.name)
+        elif tensor.startswith("blk."):
+            _, block, role = tensor.split(".", 2)
+            groups[(role, layer.bits)].append(block)
+        else:
+            singles.append((tensor, layer.bits))
+    lines = []
+    for (role, bits), blocks in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[1][0]))):
+        numbers = sorted(set(blocks), key=int)
+        which = numbers[0] if len(numbers) == 1 else "(" + "|".join(numbers) + ")"
+        lines.append(rf"^blk\.{which}\.{role}\.weight$={GGUF_TYPES[bits]}")
+    lines += [rf"^{re.escape(tensor)}\.weight$={GGUF_TYPES[bits]}" for tensor, bits in singles]
+    return "".join(line + "\n" for line in lines), unnamed
+
+
+def quantization_config(doc: PlanDocument) -> dict:
+    """A Hugging Face-style per-module quantization config of the plan."""
+    quantized = [layer for layer in doc.layers if layer.bits != 16]
+    scheme = doc.provenance.scheme
+    default_bits = Counter(layer.bits for layer in quantized).most_common(1)[0][0] if quantized else 16
+    dynamic = {}
+    for layer in quantized:
+        if layer.bits != default_bits or layer.group_size != scheme.get("group_size"):
+            dynamic[f"+:^{re.escape(layer.name)}$"] = {"bits": layer.bits, "group_size": layer.group_size}
+    return {
+        "quant_method": "mpsearch",
+        "format": "mpsearch-packed",
+        "format_version": doc.format_version,
+        "bits": default_bits,
+        "group_size": scheme.get("group_size"),
+        "sym": scheme.get("symmetric"),
+        "desc_act": False,  # act_order only changes the order GPTQ visits columns; codes stay in column order
+        "method": scheme.get("method"),
+        "scale_dtype": scheme.get("scale_dtype"),
+        "modules_to_not_convert": [layer.name for layer in doc.layers if layer.bits == 16],
+        "dynamic": dynamic,
+        "modules": {layer.name: {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.symmetric, "method": layer.method} for layer in doc.layers},
+    }
+
+
+def readme(doc: PlanDocument, baselines: dict[str, dict], unnamed: list[str]) -> str:
+    """The export's short README: what it is, how it compares, and every layer's bits."""
+    p, t = doc.provenance, doc.totals
+    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    lines = [
+        f"# {p.study}, trial {p.trial}",
+        "",
+        f"A mixed-precision plan for `{p.model.source}` ({p.model.architecture}), exported by mpsearch {p.mpsearch_version}.",
+        f"Loss ({p.loss_kind}) {p.loss:.6g} at {t.bytes:,} bytes ({mib(t.bytes)}), {t.bpw:.4f} bits per weight"
+        + (f", within a budget of {p.budget_bytes:,} bytes." if p.budget_bytes else "."),
+        "",
+        "| plan | loss | bytes | bpw |",
+        "|---|---|---|---|",
+        f"| **this export** ({p.trial_source or 'sampled'}) | {p.loss:.6g} | {t.bytes:,} | {t.bpw:.4f} |",
+    ]
+    for name, row in sorted(baselines.items(), key=lambda kv: kv[1]["loss"]):
+        lines.append(f"| {name} | {row['loss']:.6g} | {row['bytes']:,} | {row['bpw']:.4f} |")
+    counts = Counter(layer.bits for layer in doc.layers)
+    lines += [
+        "",
+        "Layers per bit-width: " + ", ".join(f"{b} bits: {counts[b]}" for b in sorted(counts)) + ".",
+        "",
+        "Files: `model.safetensors` (packed weights, see `FORMAT.md`), `plan.json` (the plan and its provenance),",
+        "`quantization_config.json` (per-module config), `llama_cpp_tensor_types.txt`",
+        "(`llama-quantize --tensor-type-file llama_cpp_tensor_types.txt MODEL-F16.gguf OUT.gguf q4_K`).",
+    ]
+    if unnamed:
+        lines.append("Layers with no GGUF tensor name, left to llama-quantize's base type: " + ", ".join(f"`{n}`" for n in unnamed) + ".")
+    lines += [
+        "",
+        "Load it with `mpsearch.load_quantized(DIR)`; score it with `mpsearch eval DIR SPEC`.",
+        "",
+        "| layer | bits | group | method | bytes |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| `{layer.name}` | {layer.bits} | {layer.group_size or '-'} | {layer.method} | {layer.bytes:,} |" for layer in doc.layers]
+    return "\n".join(lines) + "\n"
