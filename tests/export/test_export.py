@@ -192,6 +192,20 @@ def test_the_best_trial_is_the_default_fits_the_budget_and_sits_next_to_its_base
             assert (override or config)["bits"] == bits and name not in config["modules_to_not_convert"]
 
 
+def test_a_pareto_front_exports_by_index_smallest_first(minilm, tmp_path):
+    spec = minilm.workload.spec.with_overrides(search={"trials": 8, "workers": 0, "seed": 0})
+    Search(Workload(spec), minilm.storage, study="minilm-pareto", pareto=True).run()
+    study = optuna.load_study(study_name="minilm-pareto", storage=minilm.storage.optuna())
+    front = sorted(study.best_trials, key=lambda t: (t.user_attrs["bytes"], t.values[0]))
+    assert len(front) >= 2
+    smallest = export_study(minilm.storage, "minilm-pareto", tmp_path / "small", pareto_index=0, verify=False)
+    largest = export_study(minilm.storage, "minilm-pareto", tmp_path / "large", pareto_index=len(front) - 1, verify=False)
+    assert (smallest.trial, largest.trial) == (front[0].number, front[-1].number)
+    assert smallest.bytes < largest.bytes and smallest.loss > largest.loss
+    with pytest.raises(MPSearchError, match=f"the front has {len(front)} trials"):
+        export_study(minilm.storage, "minilm-pareto", tmp_path / "none", pareto_index=len(front))
+
+
 def test_format_md_is_enough_to_decode_the_weights_without_mpsearch(gpt2, tmp_path, monkeypatch):
     """Run the NumPy decoder printed in FORMAT.md on a real export (asymmetric, ragged groups)."""
     out = tmp_path / "export"
@@ -309,6 +323,10 @@ def test_eval_scores_an_export_from_its_packed_file(exported, minilm):
     assert doc["bytes"] == plan.totals.bytes and doc["bpw"] == pytest.approx(plan.totals.bpw)
     # The CLI's spec evaluates on the study's own data, so the loss is the trial's.
     assert doc["loss"] == pytest.approx(plan.provenance.loss, rel=1e-4)
+    # Without a model, the loader rebuilds the one plan.json names (here the packaged MiniLM).
+    rebuilt = load_quantized(exported)
+    assert sum(isinstance(m, QuantizedModule) for m in rebuilt.modules()) == len(plan.layers)
+    assert minilm.workload.loss(rebuilt) == pytest.approx(plan.provenance.loss, rel=1e-4)
 
 
 def test_export_refuses_bad_requests_before_writing_anything(minilm, tmp_path):

@@ -1,4 +1,4 @@
-"""The migrations ship in the wheel: `mpsearch db upgrade` works from an installed package."""
+"""The migrations and FORMAT.md ship in the wheel: `mpsearch db upgrade` works from an installed package."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def test_db_upgrade_runs_from_the_installed_wheel_not_the_checkout(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mpsearch/storage/migrations/env.py" in names
     assert {"mpsearch/storage/migrations/versions/0001_jobs.py", "mpsearch/storage/migrations/versions/0002_profiles_and_exports.py"} <= set(names)
+
+    # FORMAT.md, which every export copies beside its files, ships too (the repo's docs/ copy).
+    assert zipfile.ZipFile(wheel).read("mpsearch/export/FORMAT.md") == (REPO / "docs" / "FORMAT.md").read_bytes()
 
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)  # a wheel is installed by unpacking it
