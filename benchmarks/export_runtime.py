@@ -11,7 +11,7 @@ compares it with the FP32 model, in one process, at the same moment:
   sentences. Every forward of the loaded model decodes its packed weights; the time that
   takes is measured on its own too.
 
-    .venv/bin/python benchmarks/export_runtime.py [--storage sqlite:///mpsearch.db] [--study minilm-4.0bpw] [--repeats 15]
+    .venv/bin/python benchmarks/export_runtime.py [--storage sqlite:///mpsearch.db] [--study minilm-4bpw] [--repeats 15]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def ms(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default="sqlite:///mpsearch.db", help="where the default study is (or goes)")
-    parser.add_argument("--study", default=None, help="default: the default study's name, minilm-4.0bpw")
+    parser.add_argument("--study", default=None, help="default: the default study's name, minilm-4bpw")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
