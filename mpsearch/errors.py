@@ -39,3 +39,7 @@ class WorkloadError(MPSearchError):
 class StorageError(MPSearchError):
     """A storage URL that is malformed, a database that cannot be reached or logged in to,
     or a schema this mpsearch cannot use."""
+
+
+class NotFoundError(MPSearchError):
+    """A study, job or export that does not exist (a 404 in the HTTP API)."""

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 import textwrap
 from pathlib import Path
 
@@ -152,10 +159,9 @@ def tiny_study(folder: Path, bits=(3, 8)) -> Path:
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-@pytest.fixture
-def postgres_url():
-    """A fresh PostgreSQL database for one test, dropped afterwards. Never skipped: if the
-    server is down, the test errors (``.ci/run`` starts it)."""
+@contextlib.contextmanager
+def fresh_postgres():
+    """A new PostgreSQL database's URL, dropped on exit."""
     import uuid
 
     import psycopg
@@ -168,6 +174,14 @@ def postgres_url():
     finally:
         with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test, dropped afterwards. Never skipped: if the
+    server is down, the test errors (``.ci/run`` starts it)."""
+    with fresh_postgres() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -233,3 +247,55 @@ def password_refusing_server():
         stop.set()
         thread.join()
         listener.close()
+
+
+# -- a Ray cluster -------------------------------------------------------------------------
+
+RAY = Path(sys.executable).with_name("ray")
+
+
+class RayCluster:
+    def __init__(self, address: str, dashboard: str):
+        self.address, self.dashboard = address, dashboard  # GCS HOST:PORT, and the Jobs API URL
+
+
+def wait_for_port(port: int, alive=lambda: True, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert alive() and time.monotonic() < deadline, f"nothing came up on port {port}"
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The single-node cluster .ci/run started (``$MPSEARCH_TEST_RAY_ADDRESS`` and
+    ``$MPSEARCH_TEST_RAY_DASHBOARD``), or one started here with DESIGN.md's command.
+
+    One started here runs in the foreground (``--block``) in its own session and is stopped
+    by signalling that session: ``ray stop`` would kill every Ray process on the machine,
+    this test process's own local Ray included. It starts with this environment's ``bin``
+    first on PATH, so a Ray job's ``python -m mpsearch`` is this install.
+    """
+    address = os.environ.get("MPSEARCH_TEST_RAY_ADDRESS")
+    if address:
+        yield RayCluster(address, os.environ.get("MPSEARCH_TEST_RAY_DASHBOARD", "http://127.0.0.1:8265"))
+        return
+    port, dashboard = 6391, 8275
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+    )
+    try:
+        wait_for_port(port, lambda: head.poll() is None)
+        wait_for_port(dashboard, lambda: head.poll() is None)
+        time.sleep(3)  # the dashboard's modules (state and Jobs API) come up after its port
+        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from mpsearch.errors import MPSearchError, StorageError
+from mpsearch.errors import MPSearchError, NotFoundError, StorageError
 from mpsearch.storage import schema
 from mpsearch.storage.database import (
     DEFAULT_URL,
@@ -174,7 +174,7 @@ class Storage:
             with self.session() as s:
                 job = s.get(Job, job_id, with_for_update=True)
                 if job is None:
-                    raise MPSearchError(f"no job {job_id!r}; `mpsearch jobs` lists them")
+                    raise NotFoundError(f"no job {job_id!r}; `mpsearch jobs` lists them")
                 if state != job.state and state not in _NEXT[job.state]:
                     raise MPSearchError(f"job {job_id} is {job.state} and cannot become {state}")
                 now = utcnow()
@@ -195,7 +195,7 @@ class Storage:
         with self.session() as s:
             job = s.get(Job, job_id)
             if job is None:
-                raise MPSearchError(f"no job {job_id!r}; `mpsearch jobs` lists them")
+                raise NotFoundError(f"no job {job_id!r}; `mpsearch jobs` lists them")
             job.events  # load the history while the session is open
             return job
 
@@ -267,6 +267,14 @@ class Storage:
                 return row.id
 
         return self._retry(run, "writing to")
+
+    def export(self, export_id: int) -> Export:
+        with self.session() as s:
+            row = s.get(Export, export_id)
+            if row is None:
+                raise NotFoundError(f"no export {export_id}")
+            row.files  # loaded while the session is open
+            return row
 
     def exports(self, study: str | None = None) -> list[Export]:
         with self.session() as s:

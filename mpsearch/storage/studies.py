@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from mpsearch.errors import MPSearchError
+from mpsearch.errors import MPSearchError, NotFoundError
 from mpsearch.storage.database import shown
 from mpsearch.storage.store import ATTR_BPW, ATTR_BYTES, ATTR_ERROR, Storage
 
@@ -29,7 +29,7 @@ def load_study(storage: Storage, name: str):
     names = study_names(storage)
     if name not in names:
         known = ", ".join(names[:20]) + (" …" if len(names) > 20 else "") if names else "none yet"
-        raise MPSearchError(f"no study named {name!r} in {shown(storage.url)}; known studies: {known}")
+        raise NotFoundError(f"no study named {name!r} in {shown(storage.url)}; known studies: {known}")
     return optuna.load_study(study_name=name, storage=storage.optuna())
 
 

@@ -1,0 +1,307 @@
+"""The HTTP API (``mpsearch serve``): submit searches, read studies, pull exports.
+
+A FastAPI app over the same pieces as the CLI; its OpenAPI schema is at ``/openapi.json``.
+
+Security, by rule:
+
+* every endpoint but ``GET /health`` needs ``Authorization: Bearer TOKEN``. The token comes
+  from ``$MPSEARCH_API_TOKEN`` or ``--token-file``; there is no default, and without one the
+  server does not start;
+* a spec whose model (or tokenizer, or loss) is ``python:`` code is refused unless the
+  server was started with ``--allow-python``: those sources execute code on the server;
+* ``hf:`` model paths and data files must lie under the server's ``--root``;
+* a job always writes to the server's own database, whatever its spec says;
+* export downloads serve only the files an export recorded, from inside ``--export-root``;
+* request bodies above ``--max-body-bytes`` get 413; the server binds to 127.0.0.1 unless
+  told otherwise.
+
+Bad input is a 4xx with ``{"detail": "one line that says what to do"}``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from mpsearch.errors import MPSearchError, NotFoundError
+
+TOKEN_ENV = "MPSEARCH_API_TOKEN"
+MIN_TOKEN_LENGTH = 16
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    storage_url: str
+    token: str
+    root: Path
+    export_root: Path
+    ray_address: str | None = None
+    allow_python: bool = False
+    max_body_bytes: int = 1 << 20
+
+
+def read_token(token_file: str | None) -> str:
+    """The API token from ``--token-file`` or ``$MPSEARCH_API_TOKEN``; refusing to run without one."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise MPSearchError(f"--token-file {token_file!r} cannot be read ({e.strerror}); give a file holding the API token") from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise MPSearchError(f"no API token: set ${TOKEN_ENV} or pass --token-file FILE; the server never runs without one")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise MPSearchError(f"the API token is {len(token)} characters; use at least {MIN_TOKEN_LENGTH} (for example `openssl rand -hex 32`)")
+    return token
+
+
+# -- request and response bodies ---------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobRequest(_Body):
+    spec: str = Field(description="The study spec, as TOML text", max_length=200_000)
+    trials: int | None = Field(None, ge=1, le=100_000)
+    workers: int | None = Field(None, ge=0, le=1024)
+    budget: str | None = Field(None, max_length=64, description="Overrides the spec's budget: 5000000, 5.2MiB or 4.0bpw")
+    study: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._@+-]+$")
+    export: bool = Field(False, description="Export the best plan when the search ends")
+
+
+class ExportRequest(_Body):
+    trial: int | None = Field(None, ge=0, le=10_000_000)
+    pareto_index: int | None = Field(None, ge=0, le=100_000)
+
+
+class Job(BaseModel):
+    id: str
+    study: str
+    state: str
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    host: str | None
+    ray_job_id: str | None
+
+
+class Detail(BaseModel):
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Detail}, 400: {"model": Detail}, 404: {"model": Detail}, 413: {"model": Detail}}
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    from mpsearch.storage import Storage
+
+    app = FastAPI(
+        title="mpsearch",
+        version=_version(),
+        description="Sensitivity-driven mixed-precision quantization search: jobs, studies and exports.",
+    )
+    storage = Storage(settings.storage_url)
+    bearer = HTTPBearer(auto_error=False, description=f"The token the server was started with (${TOKEN_ENV} or --token-file)")
+
+    def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorized)]
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(request: Request, e: NotFoundError):
+        return JSONResponse({"detail": str(e)}, status_code=404)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, e: Forbidden):
+        return JSONResponse({"detail": str(e)}, status_code=403)
+
+    @app.exception_handler(MPSearchError)
+    async def bad_input(request: Request, e: MPSearchError):
+        return JSONResponse({"detail": str(e)}, status_code=400)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/jobs", status_code=201, dependencies=auth, responses={**ERRORS, 403: {"model": Detail}}, tags=["jobs"])
+    def submit_job(body: JobRequest) -> Job:
+        """Submit a whole search (sensitivity, search, optional export) for the spec."""
+        from mpsearch.service.jobs import JobArgs, submit
+
+        spec = checked_spec(body.spec, settings)
+        export_dir = str(settings.export_root / f"job-{uuid.uuid4().hex[:12]}") if body.export else None
+        args = JobArgs(trials=body.trials, workers=body.workers, budget=body.budget, study=body.study, export_dir=export_dir)
+        job_id = submit(storage, spec, body.spec, args, address=settings.ray_address, log_dir=settings.export_root.parent / "jobs")
+        return Job(**storage.job(job_id).to_json())
+
+    @app.get("/jobs", dependencies=auth, responses=ERRORS, tags=["jobs"])
+    def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Job]:
+        from mpsearch.service.jobs import sync
+
+        return [Job(**sync(storage, job.id).to_json()) for job in storage.jobs(limit=limit)]
+
+    @app.get("/jobs/{job_id}", dependencies=auth, responses=ERRORS, tags=["jobs"])
+    def get_job(job_id: str) -> Job:
+        from mpsearch.service.jobs import sync
+
+        return Job(**sync(storage, job_id).to_json())
+
+    @app.post("/jobs/{job_id}/cancel", status_code=202, dependencies=auth, responses=ERRORS, tags=["jobs"])
+    def cancel_job(job_id: str) -> Job:
+        from mpsearch.service.jobs import cancel
+
+        return Job(**cancel(storage, job_id).to_json())
+
+    @app.get("/studies", dependencies=auth, responses=ERRORS, tags=["studies"])
+    def studies() -> list[dict[str, Any]]:
+        from mpsearch.storage.studies import study_rows
+
+        return study_rows(storage)
+
+    @app.get("/studies/{name}/trials", dependencies=auth, responses=ERRORS, tags=["studies"])
+    def trials(name: str) -> list[dict[str, Any]]:
+        from mpsearch.storage.studies import trial_rows
+
+        return trial_rows(storage, name)
+
+    @app.get("/studies/{name}/best", dependencies=auth, responses=ERRORS, tags=["studies"])
+    def best(name: str) -> dict[str, Any]:
+        from mpsearch.search.driver import outcome
+        from mpsearch.storage.studies import load_study
+
+        result = outcome(load_study(storage, name))
+        if result.best is None:
+            raise NotFoundError(f"study {name!r} has no completed trial within its budget yet")
+        return result.to_json()
+
+    @app.get("/studies/{name}/pareto", dependencies=auth, responses=ERRORS, tags=["studies"])
+    def pareto(name: str) -> list[dict[str, Any]]:
+        from mpsearch.storage.studies import pareto_rows
+
+        return pareto_rows(storage, name)
+
+    @app.post("/studies/{name}/export", status_code=201, dependencies=auth, responses=ERRORS, tags=["exports"])
+    def export(name: str, body: ExportRequest) -> dict[str, Any]:
+        """Export a trial of the study (the best by default) under the server's export root."""
+        from mpsearch.export import export_study
+
+        out = settings.export_root / f"export-{uuid.uuid4().hex[:12]}"
+        result = export_study(storage, name, out, trial=body.trial, pareto_index=body.pareto_index)
+        doc = result.to_json()
+        doc["files"] = [{**f, "url": f"/exports/{result.export_id}/files/{f['name']}"} for f in doc["files"]]
+        doc.pop("out")
+        return doc
+
+    @app.get("/exports/{export_id}/files/{file:path}", dependencies=auth, responses=ERRORS, response_class=FileResponse, tags=["exports"])
+    def download(export_id: int, file: str):
+        return FileResponse(export_file(storage, settings, export_id, file), filename=file)
+
+    return app
+
+
+def export_file(storage, settings: ApiSettings, export_id: int, name: str) -> Path:
+    """The path of file ``name`` of export ``export_id``: one it recorded, inside the export root."""
+    record = storage.export(export_id)
+    if name not in {f.path for f in record.files}:
+        raise MPSearchError(f"{name!r} is not a file of export {export_id}; it has {', '.join(sorted(f.path for f in record.files))}")
+    root = settings.export_root.resolve()
+    path = (Path(record.out_dir) / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise NotFoundError(f"export {export_id}'s {name} is not under this server's export root (or was removed)")
+    return path
+
+
+def checked_spec(text: str, settings: ApiSettings):
+    """The spec in ``text``, once the server's rules allow it; paths resolve under ``settings.root``."""
+    from mpsearch.spec import Spec
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise MPSearchError(f"spec is not valid TOML: {e}; fix the syntax at that line") from None
+    if not isinstance(raw, dict):
+        raise MPSearchError("spec must be a TOML document")
+    model, loss, data = (raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("model", "loss", "data"))
+    code = [f"{where} = {v!r}" for where, v in (("model.source", model.get("source")), ("model.tokenizer", model.get("tokenizer"))) if isinstance(v, str) and v.startswith("python:")]
+    if loss.get("kind") == "callable" or loss.get("callable"):
+        code.append("loss.kind = 'callable'")
+    if code and not settings.allow_python:
+        raise Forbidden(f"{code[0]} runs Python code on the server, which this server refuses; start it with --allow-python to permit that")
+    root = settings.root.resolve()
+    paths = [(f, v[3:]) for f, v in (("model.source", model.get("source")), ("model.tokenizer", model.get("tokenizer"))) if isinstance(v, str) and v.startswith("hf:")]
+    paths += [(f, v) for f, v in (("data.source", data.get("source")), ("data.eval_source", data.get("eval_source"))) if isinstance(v, str) and v != "stdlib-docs"]
+    for field, value in paths:
+        resolved = (root / Path(value).expanduser()).resolve()
+        if not resolved.is_relative_to(root):
+            raise Forbidden(f"{field}: {value!r} is outside this server's root; give a path under it (relative paths start there)")
+    return Spec.from_dict(raw, base_dir=root)
+
+
+class Forbidden(MPSearchError):
+    """Refused by the server's rules (a 403)."""
+
+
+class BodyLimit:
+    """413 for a request body above ``limit`` bytes, by its Content-Length or as it streams in."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await _too_large(send, self.limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _too_large(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = ('{"detail": "request body is over %d bytes; send a smaller spec"}' % limit).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _version() -> str:
+    from mpsearch import __version__
+
+    return __version__

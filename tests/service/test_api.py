@@ -1,0 +1,208 @@
+"""The HTTP API as a real server process on a loopback port, driven over HTTP, on PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import fresh_postgres, wait_for_port
+
+TOKEN = "t0ken-for-the-api-tests-" + "x" * 16
+
+SPEC = """
+[data]
+calibration = 8
+evaluation = 8
+max_length = 32
+batch_size = 8
+[quant]
+method = "rtn"
+bits = [3, 8]
+[search]
+workers = 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, root: Path, storage: str):
+        self.url, self.root, self.storage = url, root, storage
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+
+
+def start_server(root: Path, storage: str, *extra: str):
+    port = free_port()
+    env = {**os.environ, "MPSEARCH_API_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+    log = (root / f"server-{port}.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mpsearch", "serve", "--port", str(port), "--storage", storage, "--root", str(root),
+         "--export-root", str(root / "exports"), *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )
+    wait_for_port(port, lambda: process.poll() is None, timeout_s=120)
+    return process, Server(f"http://127.0.0.1:{port}", root, storage)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    with fresh_postgres() as storage:
+        process, server = start_server(root, storage)
+        try:
+            yield server
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def wait_job(client: httpx.Client, job_id: str, states: set[str], timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] in states or time.monotonic() > deadline:
+            return job
+        time.sleep(1)
+
+
+def test_every_endpoint_but_health_needs_the_token(server):
+    assert server.client(None).get("/health").json() == {"status": "ok"}
+    for client in (server.client(None), server.client("wrong-token-of-enough-length")):
+        for method, path in (("GET", "/jobs"), ("GET", "/studies"), ("POST", "/jobs"), ("GET", "/exports/1/files/plan.json"), ("POST", "/jobs/x/cancel")):
+            response = client.request(method, path, json={})
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", (method, path)
+    assert server.client().get("/studies").status_code == 200
+
+
+def test_submit_poll_read_export_and_download(server):
+    api = server.client()
+    response = api.post("/jobs", json={"spec": SPEC, "trials": 4, "budget": "5.0bpw", "study": "api-study", "export": True})
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running") and job["study"] == "api-study"
+    done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded", done
+    assert any(j["id"] == job["id"] for j in api.get("/jobs").json())
+
+    assert "api-study" in [s["name"] for s in api.get("/studies").json()]
+    trials = api.get("/studies/api-study/trials").json()
+    assert sum(t["state"] == "COMPLETE" for t in trials) == 4
+    best = api.get("/studies/api-study/best").json()
+    assert best["best"]["loss"] == min(t["loss"] for t in trials if t["state"] == "COMPLETE") and best["best"]["bytes"] <= best["budget_bytes"]
+    assert api.get("/studies/api-study/pareto").status_code == 400  # one objective: no front
+    assert api.get("/studies/nope/trials").status_code == 404
+
+    response = api.post("/studies/api-study/export", json={})
+    assert response.status_code == 201, response.text
+    export = response.json()
+    assert export["trial"] == best["best"]["trial"]
+    files = {f["name"]: f for f in export["files"]}
+    model = api.get(files["model.safetensors"]["url"])
+    assert model.status_code == 200 and hashlib.sha256(model.content).hexdigest() == files["model.safetensors"]["sha256"]
+    assert api.get(files["plan.json"]["url"]).json()["provenance"]["trial"] == export["trial"]
+
+    # Only the export's own files, never a path out of it.
+    base = f"/exports/{export['export_id']}/files"
+    for path in ("..%2Fserver.log", "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "nope.txt"):
+        response = api.get(f"{base}/{path}")
+        assert response.status_code in (400, 404) and b"root:" not in response.content, path
+    assert api.get("/exports/9999/files/plan.json").status_code == 404
+
+
+def test_the_server_rules_refuse_code_paths_outside_its_root_and_big_bodies(server):
+    api = server.client()
+    before = len(api.get("/jobs").json())
+    for spec, field in (
+        ('[model]\nsource = "python:os:getcwd"\n', "model.source"),
+        ('[loss]\nkind = "callable"\ncallable = "os:getcwd"\n', "loss.kind"),
+    ):
+        response = api.post("/jobs", json={"spec": spec})
+        assert response.status_code == 403 and field in response.json()["detail"] and "--allow-python" in response.json()["detail"]
+    for spec in ('[model]\nsource = "hf:/etc"\n', '[model]\nsource = "hf:../.."\n', '[data]\nsource = "/etc/passwd"\n'):
+        response = api.post("/jobs", json={"spec": spec})
+        assert response.status_code == 403 and "outside this server's root" in response.json()["detail"], spec
+    response = api.post("/jobs", json={"spec": "[quant]\nbits = [5]\n"})
+    assert response.status_code == 400 and response.json()["detail"].startswith("quant.bits:")
+    response = api.post("/jobs", content=b'{"spec": "' + b"#" * (2 << 20) + b'"}', headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert len(api.get("/jobs").json()) == before  # nothing was submitted
+
+
+def test_a_job_cancelled_over_the_api_ends_cancelled_and_keeps_its_trials(server):
+    api = server.client()
+    job = api.post("/jobs", json={"spec": SPEC, "trials": 500, "budget": "5.0bpw", "study": "api-cancel"}).json()
+    deadline = time.monotonic() + 600
+    while True:
+        trials = api.get("/studies/api-cancel/trials")
+        complete = [t for t in trials.json() if t["state"] == "COMPLETE"] if trials.status_code == 200 else []
+        if len(complete) >= 3:
+            break
+        assert time.monotonic() < deadline and api.get(f"/jobs/{job['id']}").json()["state"] in ("queued", "running")
+        time.sleep(1)
+    assert api.post(f"/jobs/{job['id']}/cancel").status_code == 202
+    done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"}, timeout_s=120)
+    assert done["state"] == "cancelled", done
+    after = {t["number"]: t["loss"] for t in api.get("/studies/api-cancel/trials").json() if t["state"] == "COMPLETE"}
+    assert all(after[t["number"]] == t["loss"] for t in complete) and len(after) < 500
+    assert api.post(f"/jobs/{job['id']}/cancel").status_code == 400  # already over
+
+
+def test_the_server_does_not_start_without_a_token(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MPSEARCH_API_TOKEN"}
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "serve", "--port", str(free_port())], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "no API token" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    short = tmp_path / "token"
+    short.write_text("abc\n")
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "serve", "--token-file", str(short)], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "at least 16" in out.stderr
+
+
+def test_schema_fuzzing_finds_no_server_error(tmp_path):
+    """schemathesis over every operation of the OpenAPI schema, a bounded number of examples each.
+
+    This server sends jobs to a Ray address where nothing listens, so a generated spec that
+    happens to be valid is refused (400) instead of starting a real search.
+    """
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    with fresh_postgres() as storage:
+        process, server = start_server(tmp_path, storage, "--ray-address", "http://127.0.0.1:9")
+        try:
+            schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+            operations = [result.ok() for result in schema.get_all_operations()]
+            assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
+                "POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /studies",
+                "GET /studies/{name}/trials", "GET /studies/{name}/best", "GET /studies/{name}/pareto",
+                "POST /studies/{name}/export", "GET /exports/{export_id}/files/{file}",
+            }
+            failures = []
+            for operation in operations:
+
+                @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+                @given(case=operation.as_strategy())
+                def call(case):
+                    response = case.call(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"})
+                    if response.status_code >= 500:
+                        failures.append((operation.label, case.path, case.body, response.status_code, response.text[:300]))
+
+                call()
+            assert not failures, failures[:3]
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
