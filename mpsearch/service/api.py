@@ -18,8 +18,7 @@ Security, by rule:
 Bad input is a 4xx with ``{"detail": "one line that says what to do"}``, never a traceback.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads these signatures at run time, closures included.
 import hmac
 import os
 import tomllib
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -162,13 +162,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return [Job(**sync(storage, job.id).to_json()) for job in storage.jobs(limit=limit)]
 
     @app.get("/jobs/{job_id}", dependencies=auth, responses=ERRORS, tags=["jobs"])
-    def get_job(job_id: str) -> Job:
+    def get_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import sync
 
         return Job(**sync(storage, job_id).to_json())
 
     @app.post("/jobs/{job_id}/cancel", status_code=202, dependencies=auth, responses=ERRORS, tags=["jobs"])
-    def cancel_job(job_id: str) -> Job:
+    def cancel_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import cancel
 
         return Job(**cancel(storage, job_id).to_json())
@@ -214,7 +214,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return doc
 
     @app.get("/exports/{export_id}/files/{file:path}", dependencies=auth, responses=ERRORS, response_class=FileResponse, tags=["exports"])
-    def download(export_id: int, file: str):
+    def download(export_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], file: str):  # ids are 32-bit in the database
         return FileResponse(export_file(storage, settings, export_id, file), filename=file)
 
     return app
