@@ -105,3 +105,28 @@ def test_a_cluster_job_refuses_sqlite_and_an_unreachable_head(tmp_path, postgres
     out = mpsearch("submit", spec, "--address", "127.0.0.1:6379", "--storage", postgres_url)
     assert out.returncode == 2 and "dashboard URL" in out.stderr
     assert Storage(postgres_url).jobs() == []  # nothing was recorded for a job that never went in
+
+
+def test_the_api_submits_to_the_cluster_with_the_spec_from_the_database(ray_cluster, postgres_url, tmp_path):
+    """POST /jobs with --ray-address: the Ray job has no working directory; it reads its spec from the job's row."""
+    import httpx
+
+    from test_api import SPEC, TOKEN, start_server
+
+    process, server = start_server(tmp_path, postgres_url, "--ray-address", ray_cluster.dashboard)
+    try:
+        api = server.client()
+        response = api.post("/jobs", json={"spec": SPEC, "trials": 3, "workers": 1, "budget": "5.0bpw", "study": "api-on-ray"})
+        assert response.status_code == 201, response.text
+        job = response.json()
+        assert job["ray_job_id"] == f"mpsearch-{job['id']}"
+        deadline = time.monotonic() + 600
+        while (state := api.get(f"/jobs/{job['id']}").json()["state"]) not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline
+            time.sleep(2)
+        assert state == "succeeded", mpsearch("jobs", "--storage", postgres_url, "logs", job["id"]).stdout[-3000:]
+        assert sum(t["state"] == "COMPLETE" for t in api.get("/studies/api-on-ray/trials").json()) == 3
+        assert httpx.get(f"{server.url}/jobs", headers={"Authorization": "Bearer " + "x" * len(TOKEN)}).status_code == 401
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
