@@ -138,9 +138,9 @@ def write_spec(folder: Path, text: str, name: str = "study.toml") -> Path:
     return path
 
 
-def tiny_study(folder: Path, bits=(3, 8)) -> Path:
-    """MiniLM on 8 + 8 sentences of up to 32 tokens, rtn, with its own SQLite file in ``folder``."""
-    return write_spec(folder, f"""
+def tiny_spec_text(bits=(3, 8)) -> str:
+    """MiniLM on 8 + 8 sentences of up to 32 tokens, rtn: a spec that runs in seconds."""
+    return textwrap.dedent(f"""
         [data]
         calibration = 8
         evaluation = 8
@@ -149,9 +149,12 @@ def tiny_study(folder: Path, bits=(3, 8)) -> Path:
         [quant]
         method = "rtn"
         bits = {list(bits)}
-        [storage]
-        url = "sqlite:///{folder / 'mpsearch.db'}"
     """)
+
+
+def tiny_study(folder: Path, bits=(3, 8)) -> Path:
+    """:func:`tiny_spec_text`, with its own SQLite file in ``folder``."""
+    return write_spec(folder, tiny_spec_text(bits) + f'[storage]\nurl = "sqlite:///{folder / "mpsearch.db"}"\n')
 
 
 # -- databases -----------------------------------------------------------------------------

@@ -13,22 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import fresh_postgres, wait_for_port
+from conftest import fresh_postgres, tiny_spec_text, wait_for_port
 
 TOKEN = "t0ken-for-the-api-tests-" + "x" * 16
 
-SPEC = """
-[data]
-calibration = 8
-evaluation = 8
-max_length = 32
-batch_size = 8
-[quant]
-method = "rtn"
-bits = [3, 8]
-[search]
-workers = 0
-"""
+SPEC = tiny_spec_text((3, 8)) + "[search]\nworkers = 0\n"
 
 
 def free_port() -> int:
