@@ -29,7 +29,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -166,6 +166,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         from mpsearch.service.jobs import sync
 
         return Job(**sync(storage, job_id).to_json())
+
+    @app.get("/jobs/{job_id}/logs", dependencies=auth, responses=ERRORS, response_class=PlainTextResponse, tags=["jobs"])
+    def job_logs(job_id: Annotated[str, PathParam(max_length=64)]) -> str:
+        """The job's output so far (its driver's stdout and stderr)."""
+        from mpsearch.service.jobs import logs
+
+        return logs(storage, job_id)
 
     @app.post("/jobs/{job_id}/cancel", status_code=202, dependencies=auth, responses=ERRORS, tags=["jobs"])
     def cancel_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:

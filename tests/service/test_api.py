@@ -85,8 +85,9 @@ def test_submit_poll_read_export_and_download(server):
     job = response.json()
     assert job["state"] in ("queued", "running") and job["study"] == "api-study"
     done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"})
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", (done, api.get(f"/jobs/{job['id']}/logs").text[-3000:])
     assert any(j["id"] == job["id"] for j in api.get("/jobs").json())
+    assert '"n_complete": 4' in api.get(f"/jobs/{job['id']}/logs").text
 
     assert "api-study" in [s["name"] for s in api.get("/studies").json()]
     trials = api.get("/studies/api-study/trials").json()
@@ -178,7 +179,7 @@ def test_schema_fuzzing_finds_no_server_error(tmp_path):
             assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
                 "POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /studies",
                 "GET /studies/{name}/trials", "GET /studies/{name}/best", "GET /studies/{name}/pareto",
-                "POST /studies/{name}/export", "GET /exports/{export_id}/files/{file}",
+                "POST /studies/{name}/export", "GET /exports/{export_id}/files/{file}", "GET /jobs/{job_id}/logs",
             }
             failures, calls = [], []
             for operation in operations:
