@@ -10,11 +10,20 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 
 from mpsearch.storage import Storage
 
-from conftest import tiny_study
+from conftest import fresh_postgres, tiny_study
+
+
+@pytest.fixture(scope="module")
+def shared_pg():
+    """One database for the jobs that run searches: the sensitivity profiles of the tiny
+    spec are computed by the first and read back by the others, as they would be in use."""
+    with fresh_postgres() as url:
+        yield url
 
 
 def mpsearch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -44,7 +53,8 @@ def complete_trials(storage: str, study: str) -> dict[int, float]:
     return {t.number: t.values[0] for t in trials if t.state == TrialState.COMPLETE}
 
 
-def test_a_submitted_search_succeeds_keeps_its_trials_and_exports(ray_cluster, postgres_url, tmp_path):
+def test_a_submitted_search_succeeds_keeps_its_trials_and_exports(ray_cluster, shared_pg, tmp_path):
+    postgres_url = shared_pg
     spec = tiny_study(tmp_path, bits=(3, 8))
     out_dir = tmp_path / "export"
     out = mpsearch("submit", spec, "--address", ray_cluster.dashboard, "--storage", postgres_url, "--workers", "1", "--trials", "5",
@@ -76,10 +86,11 @@ def test_a_submitted_search_succeeds_keeps_its_trials_and_exports(ray_cluster, p
     assert len(token) >= 16 and all(token not in text for text in (out.stdout, out.stderr, logs, listing.stdout, listing.stderr))
 
 
-def test_a_job_cancelled_while_running_ends_cancelled_and_keeps_its_trials(ray_cluster, postgres_url, tmp_path):
+def test_a_job_cancelled_while_running_ends_cancelled_and_keeps_its_trials(ray_cluster, shared_pg, tmp_path):
+    postgres_url = shared_pg
     spec = tiny_study(tmp_path, bits=(3, 8))
     out = mpsearch("submit", spec, "--address", ray_cluster.dashboard, "--storage", postgres_url, "--workers", "1", "--trials", "500",
-                   "--budget", "5.0bpw", "--json")
+                   "--budget", "5.0bpw", "--study", "cancelled", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     job = json.loads(out.stdout)
     deadline = time.monotonic() + 600
@@ -107,12 +118,13 @@ def test_a_cluster_job_refuses_sqlite_and_an_unreachable_head(tmp_path, postgres
     assert Storage(postgres_url).jobs() == []  # nothing was recorded for a job that never went in
 
 
-def test_the_api_submits_to_the_cluster_with_the_spec_from_the_database(ray_cluster, postgres_url, tmp_path):
+def test_the_api_submits_to_the_cluster_with_the_spec_from_the_database(ray_cluster, shared_pg, tmp_path):
     """POST /jobs with --ray-address: the Ray job has no working directory; it reads its spec from the job's row."""
     import httpx
 
     from test_api import SPEC, TOKEN, start_server
 
+    postgres_url = shared_pg
     process, server = start_server(tmp_path, postgres_url, "--ray-address", ray_cluster.dashboard)
     try:
         api = server.client()
