@@ -172,11 +172,12 @@ def export_study(
         model_path = tmp / MODEL_FILE
         save_file(tensors, str(model_path), metadata=header)
         os.chmod(model_path, 0o666 & ~_umask())  # like the other files, not the 0600 of a temporary file
+        model_sha = sha256_of(model_path)
         doc = PlanDocument(
             layers=[LayerEntry(**e) for e in entries],
             totals=Totals(bytes=nbytes, quantized_bytes=table.quantized_bytes(plan), other_bytes=table.other_bytes, bpw=table.bpw(plan), n_weights=table.n_weights),
             provenance=_provenance(workload, study, chosen, budget),
-            files={MODEL_FILE: FileInfo(bytes=model_path.stat().st_size, tensor_bytes=tensor_bytes, sha256=sha256_of(model_path))},
+            files={MODEL_FILE: FileInfo(bytes=model_path.stat().st_size, tensor_bytes=tensor_bytes, sha256=model_sha)},
         )
         doc.write(tmp / PLAN_FILE)
         shutil.copyfile(FORMAT_DOC, tmp / "FORMAT.md")
@@ -195,7 +196,7 @@ def export_study(
                     f"the exported model's loss {verified:.6g} differs from trial {chosen.number}'s recorded {recorded:.6g}: "
                     "the model or evaluation data changed since the study ran; nothing was written"
                 )
-        files = [(p.name, p.stat().st_size, sha256_of(p)) for p in sorted(tmp.iterdir())]
+        files = [(p.name, p.stat().st_size, model_sha if p.name == MODEL_FILE else sha256_of(p)) for p in sorted(tmp.iterdir())]
         export_id = _publish(storage, tmp, out, study_name, chosen.number, plan, nbytes, table.bpw(plan), files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ or ``~/.ray/auth_token``) is sent by Ray's own client; mpsearch never reads or l
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -54,8 +55,12 @@ def check_cluster_storage(url: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=8)
 def jobs_client(address: str):
-    """A ``JobSubmissionClient`` for the head at ``address`` (``http://HEAD:8265``), reachable or a one-line error."""
+    """A ``JobSubmissionClient`` for the head at ``address`` (``http://HEAD:8265``), reachable or a one-line error.
+
+    Kept per address: listing many jobs asks one client, not one each (a failure is not kept).
+    """
     from mpsearch.search.pool import ray_client_env
 
     if not address.startswith(("http://", "https://")):
