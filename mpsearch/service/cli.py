@@ -428,26 +428,33 @@ def jobs(ctx, storage: str, as_json: bool) -> None:
     _wide_console().print(table)
 
 
+def _job_storage(fn):
+    """``--storage`` after the subcommand too (`mpsearch jobs logs ID --storage URL`), else the group's."""
+    return click.option("--storage", "storage_here", default=None, help="Database URL (default: the one given to `jobs`, or $MPSEARCH_STORAGE).")(fn)
+
+
 @jobs.command(name="logs")
 @click.argument("job_id")
+@_job_storage
 @click.pass_obj
-def jobs_logs(storage: str, job_id: str) -> None:
+def jobs_logs(storage: str, job_id: str, storage_here: str | None) -> None:
     """Print the output of job JOB_ID so far."""
     from mpsearch.service.jobs import logs
     from mpsearch.storage import Storage
 
-    click.echo(logs(Storage(storage, create=False), job_id), nl=False)
+    click.echo(logs(Storage(storage_here or storage, create=False), job_id), nl=False)
 
 
 @jobs.command(name="cancel")
 @click.argument("job_id")
+@_job_storage
 @click.pass_obj
-def jobs_cancel(storage: str, job_id: str) -> None:
+def jobs_cancel(storage: str, job_id: str, storage_here: str | None) -> None:
     """Stop job JOB_ID; the trials it completed stay in its study."""
     from mpsearch.service.jobs import cancel
     from mpsearch.storage import Storage
 
-    job = cancel(Storage(storage, create=False), job_id)
+    job = cancel(Storage(storage_here or storage, create=False), job_id)
     click.echo(f"job {job.id}: stop requested ({job.state}); `mpsearch jobs` shows when it has stopped")
 
 

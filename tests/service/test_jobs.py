@@ -63,7 +63,7 @@ def test_a_submitted_search_succeeds_keeps_its_trials_and_exports(ray_cluster, s
     job = json.loads(out.stdout)
     assert job["ray_job_id"] == f"mpsearch-{job['id']}" and job["study"] == "study-5bpw"
     done = wait_for(job["id"], postgres_url, {"succeeded", "failed", "cancelled"})
-    logs = mpsearch("jobs", "--storage", postgres_url, "logs", job["id"]).stdout
+    logs = mpsearch("jobs", "logs", job["id"], "--storage", postgres_url).stdout  # --storage on either side
     assert done["state"] == "succeeded", (done, logs[-3000:])
     assert '"n_complete": 5' in logs
 
