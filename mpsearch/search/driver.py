@@ -445,6 +445,9 @@ def ask_plan(study, costs: Costs, table, params: Mapping[str, int] | None = None
 
     storage = study._storage
     space = search_space(costs)
+    # Study.ask and Study.tell drop the study's cached trial list; this path bypasses both, so
+    # it must too, or the sampler keeps proposing from the trials it saw first.
+    study._thread_local.cached_all_trials = None
     trial_id = storage.create_new_trial(study._study_id)
     number = storage.get_trial_number_from_id(trial_id)  # cached by Optuna's storage: no round trip
     started = datetime.now()
@@ -482,6 +485,7 @@ def tell_plan(study, trial, values: list[float]) -> None:
         study.sampler.after_trial(study, trial, TrialState.COMPLETE, values)
     finally:
         study._storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, values)
+        study._thread_local.cached_all_trials = None  # as Study.tell does: the next proposal sees this trial
 
 
 def write_trial(storage, trial_id: int, params: Mapping[str, int], space: Mapping, user_attrs: Mapping[str, Any]) -> None:
