@@ -47,7 +47,7 @@ def main() -> None:
     from mpsearch.search.driver import Search, default_study_name
     from mpsearch.spec import Spec
     from mpsearch.storage import Storage
-    from mpsearch.storage.studies import study_names
+    from mpsearch.storage.trials import study_names
     from mpsearch.workload import Workload
 
     torch.set_num_threads(args.threads)

@@ -29,11 +29,10 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="default: a fresh SQLite file")
     args = parser.parse_args()
 
-    from optuna.trial import TrialState
-
-    from mpsearch.search.driver import ATTR_SOURCE, SAMPLED, Search
+    from mpsearch.search.driver import Search
     from mpsearch.spec import Spec
-    from mpsearch.storage import Storage
+    from mpsearch.storage import Storage, TrialLog
+    from mpsearch.storage.trials import SAMPLED
     from mpsearch.workload import Workload
 
     url = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='mpsearch-quality-')}/quality.db"
@@ -44,22 +43,23 @@ def main() -> None:
         if args.sampler:
             spec = spec.with_overrides(search={**spec.search.model_dump(), "sampler": args.sampler})
         workload = Workload(spec, device="cpu")
-        search = Search(workload, storage, study=f"quality-{budget}-{spec.search.sampler}-{int(time.time())}", trials=args.trials, workers=args.workers)
+        name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"
+        search = Search(workload, storage, study=name, trials=args.trials, workers=args.workers)
         start = time.perf_counter()
         result = search.run()
         seconds = time.perf_counter() - start
-        trials = sorted((t for t in search.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+        trials = TrialLog.open(storage, name).complete()
         print(f"\nMiniLM at {budget} = {search.budget:,} bytes, sampler {spec.search.sampler}, {len(trials)} trials in {seconds:.0f} s")
         best_baseline = min(b["loss"] for b in result.baselines.values())
         for name, row in sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"]):
             print(f"  {name:18s} loss {row['loss']:.5f}  bytes {row['bytes']:>12,}  bpw {row['bpw']:.3f}")
         for k in checkpoints:
             first = trials[:k]
-            best = min(first, key=lambda t: t.values[0])
-            sampled = [t for t in first if t.user_attrs.get(ATTR_SOURCE) == SAMPLED]
+            best = min(first, key=lambda t: t.loss)
+            sampled = [t for t in first if t.source == SAMPLED]
             print(
-                f"  search best @{k:<4d} loss {best.values[0]:.5f}  ({best.user_attrs.get(ATTR_SOURCE)}, trial {best.number})"
-                f"  = {best.values[0] / best_baseline:.3f} x best baseline; best sampled {min((t.values[0] for t in sampled), default=math.nan):.5f}"
+                f"  search best @{k:<4d} loss {best.loss:.5f}  ({best.source}, trial {best.number})"
+                f"  = {best.loss / best_baseline:.3f} x best baseline; best sampled {min((t.loss for t in sampled), default=math.nan):.5f}"
             )
 
 

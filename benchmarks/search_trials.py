@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MPSEARCH_CACHE_DIR", tempfile.mkdtemp(prefix="mpsearch-bench-"))
 
+    from mpsearch.runtime import Scorer, ScorerPool
     from mpsearch.search.allocate import Costs, repair
-    from mpsearch.search.pool import Scorer, ScorerPool
     from mpsearch.spec import Spec
     from mpsearch.workload import Workload
 
@@ -49,7 +49,7 @@ def main() -> None:
     costs = Costs.of(table, None)
     budget = table.budget_bytes(spec.budget.to_budget())
     rng = np.random.default_rng(0)
-    plans = [costs.plan(repair(costs, rng.integers(0, len(table.menu), len(table.names)), budget)) for _ in range(args.plans)]
+    plans = [repair(costs, rng.integers(0, len(table.menu), len(table.names)), budget) for _ in range(args.plans)]
 
     # -- trial overhead, in this process ------------------------------------------------
     torch.set_num_threads(os.cpu_count() or 1)

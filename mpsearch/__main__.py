@@ -1,5 +1,5 @@
 import sys
 
-from mpsearch.service.cli import main
+from mpsearch.cli import main
 
 sys.exit(main())

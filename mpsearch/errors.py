@@ -8,6 +8,18 @@ needs a traceback to be understood.
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none.
+
+    >>> first_line(ValueError("bad value\\nmore detail"))
+    'bad value'
+    >>> first_line(KeyError())
+    'KeyError'
+    """
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class MPSearchError(Exception):
     """Base of every error mpsearch raises for a problem the user can fix."""
 

@@ -16,6 +16,7 @@ mpsearch.errors.SpecError: quant.bits: 5 is not a supported bit-width; choose fr
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from mpsearch.errors import MPSearchError, SpecError
+from mpsearch.hashing import json_digest
+from mpsearch.quant.apply import QUANTIZERS
 from mpsearch.quant.budget import Budget
 from mpsearch.quant.scheme import BIT_MENU, Scheme
 
@@ -41,8 +44,8 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    source: str = Field("stdlib-docs", description="`stdlib-docs`, or a .txt, .jsonl, .safetensors or .pt file")
-    format: Literal["auto", "text", "jsonl", "tensors", "stdlib-docs"] = "auto"
+    source: str = Field("stdlib-docs", description="`stdlib-docs` (sentences), `stdlib-paragraphs`, or a .txt, .jsonl, .safetensors or .pt file")
+    format: Literal["auto", "text", "jsonl", "tensors", "stdlib-docs", "stdlib-paragraphs"] = "auto"
     eval_source: str | None = Field(None, description="a separate file for evaluation; default: split `source`")
     text_field: str = "text"
     label_field: str = "label"
@@ -72,7 +75,7 @@ class QuantSection(_Section):
     bits: tuple[int, ...] = BIT_MENU
     group_size: int = 128
     symmetric: bool = True
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: str = Field("rtn", description="a quantization method: rtn or gptq")
     scale_dtype: Literal["float16", "bfloat16"] = "float16"
     ragged: Literal["pad", "per-channel"] = "pad"
     damp: float = Field(0.1, gt=0, lt=1, description="gptq: damping, a fraction of the mean diagonal of XᵀX")
@@ -89,6 +92,13 @@ class QuantSection(_Section):
         if len(set(value)) != len(value):
             raise ValueError("lists a bit-width twice")
         return tuple(sorted(value))
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str):
+        if value not in QUANTIZERS:
+            raise ValueError(f"must be one of the quantization methods {', '.join(QUANTIZERS.names())}, got {value!r}")
+        return value
 
     @field_validator("group_size")
     @classmethod
@@ -133,13 +143,23 @@ class BudgetSection(_Section):
 
 
 class SearchSection(_Section):
-    sampler: Literal["tpe", "nsga2", "random", "evo"] = "tpe"
+    sampler: str = Field("tpe", description="a sampler of mpsearch.search.sampler.SAMPLERS: tpe, nsga2, random or evo")
     trials: PositiveInt = 64
     workers: NonNegativeInt = 2  # 0: score in the driver's own process, no Ray
     seed: int = 0
     fill: bool = True  # every evaluated plan is maximal: no layer could go up a step and still fit
     synchronous: bool = True  # rounds of one trial per worker, told in order: reproducible
     trial_timeout_s: PositiveFloat = 600.0
+    device: str = Field("auto", description="where the workload runs: auto (cuda when available), cpu, cuda or cuda:N")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves (fractions share a GPU); > 0 puts the workers on cuda")
+    trial_writes: Literal["batched", "optuna"] = Field("batched", description="batched: a trial's plan in one transaction; optuna: Optuna's own ask/tell")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+        return value
 
 
 class StorageSection(_Section):
@@ -227,7 +247,7 @@ class Spec(_Section):
                 if not p.is_dir():
                     raise SpecError(field, f"model directory {str(p)!r} does not exist; point hf: at a saved Hugging Face model directory")
         for field, source in (("data.source", self.data.source), ("data.eval_source", self.data.eval_source)):
-            if source is None or source == "stdlib-docs":
+            if source is None or source in ("stdlib-docs", "stdlib-paragraphs"):
                 continue
             p = self.resolve(source)
             if not p.is_file():
@@ -238,6 +258,11 @@ class Spec(_Section):
     @property
     def scheme(self) -> Scheme:
         return self.quant.to_scheme()
+
+    def digest(self) -> str:
+        """A hash of what a study's losses depend on: the model, data, loss, scheme and layers."""
+        dumped = self.model_dump(mode="json")
+        return json_digest({k: dumped[k] for k in ("model", "data", "loss", "quant", "layers")})
 
 
 def _spec_error(e: ValidationError) -> SpecError:

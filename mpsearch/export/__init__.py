@@ -7,7 +7,7 @@ The file layout is documented in ``FORMAT.md``, beside the code and in every exp
 
 from mpsearch.export.evaluate import evaluate_export
 from mpsearch.export.loader import ExportError, load_quantized, read_plan
-from mpsearch.export.plan import PLAN_VERSION, PlanDocument
+from mpsearch.export.document import PLAN_VERSION, PlanDocument
 from mpsearch.export.writer import ExportResult, export_study
 
 __all__ = ["ExportError", "ExportResult", "PLAN_VERSION", "PlanDocument", "evaluate_export", "export_study", "load_quantized", "read_plan"]

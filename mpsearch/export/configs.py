@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 
-from mpsearch.export.plan import PlanDocument
+from mpsearch.export.document import PlanDocument
 
 GGUF_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
 
@@ -65,15 +65,15 @@ def llama_cpp_tensor_types(doc: PlanDocument) -> tuple[str, list[str]]:
     groups: dict[tuple[str, int], list[str]] = defaultdict(list)  # (role, bits) -> block numbers
     singles: list[tuple[str, int]] = []
     unnamed = []
-    for layer in doc.layers:
+    for layer, choice in doc.entries():
         tensor = gguf_tensor(layer.name)
         if tensor is None:
             unnamed.append(layer.name)
         elif tensor.startswith("blk."):
             _, block, role = tensor.split(".", 2)
-            groups[(role, layer.bits)].append(block)
+            groups[(role, choice.bits)].append(block)
         else:
-            singles.append((tensor, layer.bits))
+            singles.append((tensor, choice.bits))
     lines = []
     for (role, bits), blocks in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[1][0]))):
         numbers = sorted(set(blocks), key=int)
@@ -85,13 +85,15 @@ def llama_cpp_tensor_types(doc: PlanDocument) -> tuple[str, list[str]]:
 
 def quantization_config(doc: PlanDocument) -> dict:
     """A Hugging Face-style per-module quantization config of the plan."""
-    quantized = [layer for layer in doc.layers if layer.bits != 16]
+    plan = doc.plan
+    quantized = [name for name in plan if plan[name].bits != 16]
     scheme = doc.provenance.scheme
-    default_bits = Counter(layer.bits for layer in quantized).most_common(1)[0][0] if quantized else 16
+    default_bits = Counter(plan[name].bits for name in quantized).most_common(1)[0][0] if quantized else 16
     dynamic = {}
-    for layer in quantized:
-        if layer.bits != default_bits or layer.group_size != scheme.get("group_size"):
-            dynamic[f"+:^{re.escape(layer.name)}$"] = {"bits": layer.bits, "group_size": layer.group_size}
+    for name in quantized:
+        c = plan[name]
+        if c.bits != default_bits or c.group_size != scheme.get("group_size"):
+            dynamic[f"+:^{re.escape(name)}$"] = {"bits": c.bits, "group_size": c.group_size}
     return {
         "quant_method": "mpsearch",
         "format": "mpsearch-packed",
@@ -102,9 +104,9 @@ def quantization_config(doc: PlanDocument) -> dict:
         "desc_act": False,  # act_order only changes the order GPTQ visits columns; codes stay in column order
         "method": scheme.get("method"),
         "scale_dtype": scheme.get("scale_dtype"),
-        "modules_to_not_convert": [layer.name for layer in doc.layers if layer.bits == 16],
+        "modules_to_not_convert": [name for name in plan if plan[name].bits == 16],
         "dynamic": dynamic,
-        "modules": {layer.name: {"bits": layer.bits, "group_size": layer.group_size, "sym": layer.symmetric, "method": layer.method} for layer in doc.layers},
+        "modules": {name: {"bits": c.bits, "group_size": c.group_size, "sym": c.symmetric, "method": c.method} for name, c in plan.layers.items()},
     }
 
 
@@ -125,7 +127,7 @@ def readme(doc: PlanDocument, baselines: dict[str, dict], unnamed: list[str]) ->
     ]
     for name, row in sorted(baselines.items(), key=lambda kv: kv[1]["loss"]):
         lines.append(f"| {name} | {row['loss']:.6g} | {row['bytes']:,} | {row['bpw']:.4f} |")
-    counts = Counter(layer.bits for layer in doc.layers)
+    counts = Counter(c.bits for c in doc.plan.layers.values())
     lines += [
         "",
         "Layers per bit-width: " + ", ".join(f"{b} bits: {counts[b]}" for b in sorted(counts)) + ".",
@@ -143,5 +145,5 @@ def readme(doc: PlanDocument, baselines: dict[str, dict], unnamed: list[str]) ->
         "| layer | bits | group | method | bytes |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| `{layer.name}` | {layer.bits} | {layer.group_size or '-'} | {layer.method} | {layer.bytes:,} |" for layer in doc.layers]
+    lines += [f"| `{layer.name}` | {c.bits} | {c.group_size or '-'} | {c.method} | {layer.bytes:,} |" for layer, c in doc.entries()]
     return "\n".join(lines) + "\n"

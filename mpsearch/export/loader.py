@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpsearch.errors import MPSearchError
-from mpsearch.export.plan import PlanDocument
+from mpsearch.errors import MPSearchError, first_line
+from mpsearch.export.document import PlanDocument
 from mpsearch.quant.layers import QuantLayer, tensor_key
 from mpsearch.quant.modules import QuantizedModule
 
 MODEL_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
 TENSOR_FORMAT = "mpsearch-packed"
+TENSOR_VERSION = "1"  # the layout of model.safetensors (FORMAT.md); plan.json has its own version
 
 
 class ExportError(MPSearchError):
@@ -91,7 +92,8 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None, *, device
 
 def _replace_layers(model: nn.Module, doc: PlanDocument) -> None:
     modules = dict(model.named_modules(remove_duplicate=False))
-    for entry in doc.layers:
+    scale_dtype = doc.provenance.scheme.get("scale_dtype", "float16")
+    for entry, choice in doc.entries():
         module = modules.get(entry.name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise ExportError(f"the model has no layer {entry.name!r} with a weight: the export holds a plan for another model")
@@ -100,9 +102,8 @@ def _replace_layers(model: nn.Module, doc: PlanDocument) -> None:
                 f"layer {entry.name!r} is {tuple(module.weight.shape)} in the model but {tuple(entry.shape)} in the plan: "
                 "the export holds a plan for another model"
             )
-        layer = QuantLayer(entry.name, entry.kind, tuple(entry.shape), entry.rows, entry.cols, entry.group_size or entry.cols, aliases=tuple(entry.aliases))
-        scale_dtype = doc.provenance.scheme.get("scale_dtype", "float16")
-        replacement = QuantizedModule.replacing(module, layer, entry.bits, bool(entry.symmetric), scale_dtype)
+        layer = QuantLayer(entry.name, entry.kind, tuple(entry.shape), entry.rows, entry.cols, choice.group_size or entry.cols, aliases=tuple(entry.aliases))
+        replacement = QuantizedModule.replacing(module, layer, choice.bits, bool(choice.symmetric), scale_dtype)
         for name in (entry.name, *entry.aliases):
             _set_module(model, name, replacement)
 
@@ -146,11 +147,7 @@ def _fill(model: nn.Module, path: Path, folder: Path) -> None:
                         )
                     target.copy_(t)
     except SafetensorError as e:
-        raise ExportError(f"{str(path)!r} cannot be read as safetensors ({_first_line(e)}); export the study again") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{str(path)!r} cannot be read as safetensors ({first_line(e)}); export the study again") from None
 
 
 def file_layout(path: Path) -> dict:

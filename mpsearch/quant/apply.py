@@ -21,6 +21,7 @@ from mpsearch.quant.scheme import Scheme
 from mpsearch.registry import Registry
 
 if TYPE_CHECKING:
+    from mpsearch.plan import Plan
     from mpsearch.quant.bank import CandidateBank
 
 
@@ -62,7 +63,7 @@ def module_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(w.shape).to(w.dtype).contiguous()
 
 
-def packed_tensors(model: nn.Module, bank: "CandidateBank", plan: Mapping[str, int]) -> dict[str, torch.Tensor]:
+def packed_tensors(model: nn.Module, bank: "CandidateBank", plan: "Plan | Mapping[str, int]") -> dict[str, torch.Tensor]:
     """Every tensor an export of ``plan`` stores, by name, for the FP ``model``.
 
     A layer at b < 16 bits becomes ``NAME.qweight`` (packed uint8 codes, see

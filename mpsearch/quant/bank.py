@@ -41,6 +41,7 @@ from torch import nn
 
 from mpsearch.errors import MPSearchError
 from mpsearch.hashing import batches_digest, json_digest, model_digest
+from mpsearch.plan import Plan
 from mpsearch.quant.apply import module_layout, quantizer
 from mpsearch.quant.calibration import input_moments, unsupported_reason
 from mpsearch.quant.gptq import Curvature
@@ -118,67 +119,30 @@ class CandidateBank:
         calibration pass of methods that need one (``gptq``). With ``cache_dir``, each
         bit-width's candidates are read from, or written to, that folder.
         """
-        from tqdm.auto import tqdm
-
-        method_name = table.scheme.method
-        method = quantizer(method_name)
+        method = quantizer(table.scheme.method)
         bits = tuple(sorted(set(bits if bits is not None else table.menu)))
         unknown = [b for b in bits if b not in table.menu]
         if unknown:
             raise MPSearchError(f"bits {unknown} are not in the bit menu {list(table.menu)}")
         batches = list(batches) if batches is not None else None
         if method.needs_calibration and (batches is None or forward is None):
-            raise MPSearchError(f"quant.method {method_name!r} needs calibration batches; build the bank from a Workload")
+            raise MPSearchError(f"quant.method {table.scheme.method!r} needs calibration batches; build the bank from a Workload")
 
         modules = dict(model.named_modules())
         device = next(iter(modules[table.layers[0].name].parameters())).device
         key = _cache_key(model, table, batches if method.needs_calibration else None)
         folder = Path(cache_dir) if cache_dir is not None else None
-
-        packed_forms: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
-        for b in bits:
-            found = _read_cache(folder, key, b, table, device) if folder is not None else None
-            if found is not None:
-                packed_forms[b] = found
-        missing = [b for b in bits if b not in packed_forms]
-
-        notes: dict[str, str] = {}
-        if method.needs_calibration:
-            for layer in table.layers:
-                reason = unsupported_reason(modules[layer.name])
-                if reason:
-                    notes[layer.name] = f"{method_name} cannot collect this layer's inputs ({reason}); it is quantized with rtn"
+        forms = {b: found for b in bits if folder is not None and (found := _read_cache(folder, key, b, table, device)) is not None}
+        notes = _fallback_notes(table, modules, method)
+        missing = [b for b in bits if b not in forms]
         if missing:
             moments = input_moments(model, table, batches, forward, progress=progress) if method.needs_calibration else {}
-            fresh: dict[int, dict[str, dict[str, torch.Tensor]]] = {b: {} for b in missing}
-            desc = f"quantizing ({method_name}, {'/'.join(map(str, missing))} bits)"
-            for layer in tqdm(table.layers, desc=desc, unit="layer", disable=not progress, leave=False):
-                w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
-                curvature = None
-                if layer.name in moments:
-                    curvature = Curvature.from_moment(moments[layer.name].xtx, table.scheme.damp, table.scheme.act_order)
-                elif method.needs_calibration and layer.name not in notes:
-                    notes[layer.name] = f"{method_name} saw no input to this layer in the calibration pass; it is quantized with rtn"
-                for b in missing:
-                    fresh[b][layer.name] = _packed_form(method.quantize, w, b, layer, table, curvature)
+            fresh = _quantize_all(table, modules, missing, method, moments, notes, progress)
             for b in missing:
-                packed_forms[b] = fresh[b]
                 if folder is not None:
                     _write_cache(folder, key, b, fresh[b])
-
-        candidates = {}
-        for layer in table.layers:
-            w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
-            module = modules[layer.name]
-            for b in bits:
-                form = packed_forms[b][layer.name]
-                cand = Candidate(bits=b, packed=form, nbytes=layer.bytes(b, table.scheme), mse=math.nan, sqnr=math.nan)
-                w_hat = cand.dequantized(layer)
-                cand.mse, cand.sqnr = _errors(w, w_hat)
-                if not packed:
-                    cand.ready = module_layout(module, w_hat)
-                candidates[(layer.name, b)] = cand
-        return cls(table, candidates, key, notes, device)
+            forms.update(fresh)
+        return cls(table, _candidates(table, modules, forms, bits, packed), key, notes, device)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -202,25 +166,25 @@ class CandidateBank:
         packed = sum(t.numel() * t.element_size() for c in self.candidates.values() for t in c.packed.values())
         return {"ready": ready, "packed": packed, "total": ready + packed}
 
-    def tensors(self, plan: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    def tensors(self, plan: Plan | Mapping[str, int]) -> dict[str, torch.Tensor]:
         """The quantized layers' tensors an export of ``plan`` writes, named ``LAYER.SUFFIX``."""
-        self._check(plan)
-        return {f"{layer.name}.{suffix}": t for layer in self.table.layers for suffix, t in self.candidate(layer.name, plan[layer.name]).packed.items()}
+        bits = self._check(plan)
+        return {f"{layer.name}.{suffix}": t for layer in self.table.layers for suffix, t in self.candidate(layer.name, bits[layer.name]).packed.items()}
 
     # -- applying --------------------------------------------------------------------
 
-    def apply(self, model: nn.Module, plan: Mapping[str, int], partial: bool = False) -> nn.Module:
+    def apply(self, model: nn.Module, plan: Plan | Mapping[str, int], partial: bool = False) -> nn.Module:
         """Point each layer's weight of ``model`` at its candidate for ``plan``; see :meth:`restore`.
 
         With ``partial=True`` the plan may name only some layers; the others keep their FP
         weights (not fp16: the model's own), as a perturbation scan needs.
         """
-        self._check(plan, partial)
+        bits = self._check(plan, partial)
         for layer, module, fp in self._bound(model):
-            if layer.name not in plan:
+            if layer.name not in bits:
                 module.weight.data = fp
                 continue
-            cand = self.candidates[(layer.name, plan[layer.name])]
+            cand = self.candidates[(layer.name, bits[layer.name])]
             module.weight.data = cand.ready if cand.ready is not None else module_layout(module, cand.dequantized(layer))
         return model
 
@@ -231,7 +195,7 @@ class CandidateBank:
         return model
 
     @contextlib.contextmanager
-    def applied(self, model: nn.Module, plan: Mapping[str, int], partial: bool = False) -> Iterator[nn.Module]:
+    def applied(self, model: nn.Module, plan: Plan | Mapping[str, int], partial: bool = False) -> Iterator[nn.Module]:
         """``with bank.applied(model, plan): loss(model)``, restored afterwards, even on error."""
         self.apply(model, plan, partial)
         try:
@@ -239,15 +203,18 @@ class CandidateBank:
         finally:
             self.restore(model)
 
-    def _check(self, plan: Mapping[str, int], partial: bool = False) -> None:
+    def _check(self, plan: Plan | Mapping[str, int], partial: bool = False) -> dict[str, int]:
+        """The plan's ``{layer: bits}``, once its layers are the table's (some of them, if ``partial``)."""
         if partial:
-            for name in plan:
+            bits = Plan.coerce(plan).bits()
+            for name in bits:
                 self.table.layer(name)
         else:
-            self.table.check_plan(plan)
-        missing = {b for b in plan.values() if b not in self.bits}
+            bits = self.table.check_plan(plan)
+        missing = {b for b in bits.values() if b not in self.bits}
         if missing:
             raise MPSearchError(f"the plan uses bits {sorted(missing)} but the bank holds {list(self.bits)}")
+        return bits
 
     def _bound(self, model: nn.Module) -> list[tuple[QuantLayer, nn.Module, torch.Tensor]]:
         """Each layer's module in ``model`` and its FP weight tensor, found once per model."""
@@ -267,6 +234,51 @@ class CandidateBank:
                 bound.append((layer, module, param.data))
             self._models[model] = bound
         return bound
+
+
+def _fallback_notes(table: LayerTable, modules: dict[str, nn.Module], method) -> dict[str, str]:
+    """The layers a calibrating method cannot take, and why (they are quantized with rtn)."""
+    notes = {}
+    if method.needs_calibration:
+        for layer in table.layers:
+            reason = unsupported_reason(modules[layer.name])
+            if reason:
+                notes[layer.name] = f"{table.scheme.method} cannot collect this layer's inputs ({reason}); it is quantized with rtn"
+    return notes
+
+
+def _quantize_all(table: LayerTable, modules, bits: Sequence[int], method, moments, notes: dict[str, str], progress: bool) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """Every layer's packed form at each of ``bits``: ``{bits: {layer: form}}``."""
+    from tqdm.auto import tqdm
+
+    fresh: dict[int, dict[str, dict[str, torch.Tensor]]] = {b: {} for b in bits}
+    desc = f"quantizing ({table.scheme.method}, {'/'.join(map(str, bits))} bits)"
+    for layer in tqdm(table.layers, desc=desc, unit="layer", disable=not progress, leave=False):
+        w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
+        curvature = None
+        if layer.name in moments:
+            curvature = Curvature.from_moment(moments[layer.name].xtx, table.scheme.damp, table.scheme.act_order)
+        elif method.needs_calibration and layer.name not in notes:
+            notes[layer.name] = f"{table.scheme.method} saw no input to this layer in the calibration pass; it is quantized with rtn"
+        for b in bits:
+            fresh[b][layer.name] = _packed_form(method.quantize, w, b, layer, table, curvature)
+    return fresh
+
+
+def _candidates(table: LayerTable, modules, forms, bits: Sequence[int], packed: bool) -> dict[tuple[str, int], Candidate]:
+    """Each (layer, bits) with its exact bytes and its error against the FP weight."""
+    candidates = {}
+    for layer in table.layers:
+        module = modules[layer.name]
+        w = weight_matrix(module).detach().to(torch.float32)
+        for b in bits:
+            cand = Candidate(bits=b, packed=forms[b][layer.name], nbytes=layer.bytes(b, table.scheme), mse=math.nan, sqnr=math.nan)
+            w_hat = cand.dequantized(layer)
+            cand.mse, cand.sqnr = _errors(w, w_hat)
+            if not packed:
+                cand.ready = module_layout(module, w_hat)
+            candidates[(layer.name, b)] = cand
+    return candidates
 
 
 def _packed_form(quantize, w: torch.Tensor, bits: int, layer: QuantLayer, table: LayerTable, curvature) -> dict[str, torch.Tensor]:

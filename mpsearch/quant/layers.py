@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import BudgetError, MPSearchError, SpecError
+from mpsearch.plan import Plan
 from mpsearch.quant.budget import MIB, Budget
 from mpsearch.quant.scheme import BIT_MENU, FLOAT_BITS, Scheme
 
@@ -154,69 +155,21 @@ class LayerTable:
         Raises :class:`SpecError` when an include pattern matches no layer.
         """
         types = MATMUL_TYPES + ((nn.Embedding,) if embeddings else ())
-        groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
-        for name, module in model.named_modules(remove_duplicate=False):
-            if isinstance(module, types) and isinstance(getattr(module, "weight", None), torch.Tensor):
-                groups.setdefault(tensor_key(module.weight), []).append((name, module))
-
-        # Every owner of each weight, quantizable or not, to catch ties to e.g. embeddings.
-        owners: dict[tuple, list[tuple[str, nn.Module]]] = {}
-        for mod_name, module in model.named_modules(remove_duplicate=False):
-            for p in module.parameters(recurse=False):
-                owners.setdefault(tensor_key(p), []).append((mod_name, module))
-
-        include_hits = {p: 0 for p in include}
+        owners = _owners(model)
+        selection = _Selection(include, exclude)
         layers, excluded, quantized_keys = [], [], set()
-        for key, members in groups.items():
-            name, module = members[0]
-            names = [n for n, _ in members]
-            others = [(n, m) for n, m in owners.get(key, []) if not isinstance(m, types)]
-            hits = [p for p in include if any(_matches(n, p) for n in names)]
-            for p in hits:
-                include_hits[p] += 1
-            blocked = [p for p in exclude if any(_matches(n, p) for n in names)]
-            if others:
-                other_name, other = others[0]
-                hint = "set layers.embeddings = true to quantize it" if isinstance(other, nn.Embedding) else "it stays at its dtype"
-                excluded.append({"name": name, "reason": f"weight tied to {_kind(other)} '{other_name}'; {hint}"})
+        for key, members in _weights(model, types).items():
+            reason = selection.left_out([n for n, _ in members], [(n, m) for n, m in owners.get(key, []) if not isinstance(m, types)])
+            if reason:
+                excluded.append({"name": members[0][0], "reason": reason})
                 continue
-            if not hits:
-                excluded.append({"name": name, "reason": "matches no layers.include pattern"})
-                continue
-            if blocked:
-                excluded.append({"name": name, "reason": f"matches layers.exclude pattern {blocked[0]!r}"})
-                continue
-            w = weight_matrix(module)
-            rows, cols = w.shape
-            group, rule = _group_rule(cols, scheme)
-            kinds = sorted({_kind(m) for _, m in members})
-            layers.append(
-                QuantLayer(
-                    name=name,
-                    kind="+".join(kinds),
-                    shape=tuple(module.weight.shape),
-                    rows=rows,
-                    cols=cols,
-                    group_size=group,
-                    rule=rule,
-                    aliases=tuple(names[1:]),
-                )
-            )
+            layers.append(_quant_layer(members, scheme))
             quantized_keys.add(key)
-
-        for pattern, count in include_hits.items():
-            if count == 0:
-                raise SpecError(
-                    "layers.include",
-                    f"pattern {pattern!r} matches no quantizable layer; run `mpsearch layers` with include = [\"*\"] to list their names",
-                )
+        selection.check_used()
         if not layers:
             raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
-
         other_bytes = sum(t.numel() * t.element_size() for t in other_tensors(model, quantized_keys).values())
-
-        menu = tuple(sorted(set(menu)))
-        return cls(layers=layers, scheme=scheme, menu=menu, other_bytes=other_bytes, excluded=excluded)
+        return cls(layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded)
 
     # -- the ledger ------------------------------------------------------------------
 
@@ -237,32 +190,36 @@ class LayerTable:
     def layer_bytes(self, name: str, bits: int) -> int:
         return self.layer(name).bytes(bits, self.scheme)
 
-    def check_plan(self, plan: Mapping[str, int]) -> None:
-        missing = [n for n in self.names if n not in plan]
-        extra = [n for n in plan if n not in self._by_name]
+    def check_plan(self, plan: Plan | Mapping[str, int]) -> dict[str, int]:
+        """The plan's ``{layer: bits}``, once it names exactly this table's layers with bits of its menu."""
+        bits = Plan.coerce(plan).bits()
+        missing = [n for n in self.names if n not in bits]
+        extra = [n for n in bits if n not in self._by_name]
         if missing or extra:
             what = f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
             raise MPSearchError(f"plan does not match the model's layers ({what}); plans come from `mpsearch layers` names")
-        bad = {n: b for n, b in plan.items() if b not in self.menu}
+        bad = {n: b for n, b in bits.items() if b not in self.menu}
         if bad:
-            name, bits = next(iter(bad.items()))
-            raise MPSearchError(f"plan gives {name!r} {bits} bits, which is not in the bit menu {list(self.menu)}")
+            name, b = next(iter(bad.items()))
+            raise MPSearchError(f"plan gives {name!r} {b} bits, which is not in the bit menu {list(self.menu)}")
+        return bits
 
-    def quantized_bytes(self, plan: Mapping[str, int]) -> int:
+    def quantized_bytes(self, plan: Plan | Mapping[str, int]) -> int:
         """Bytes of the quantizable layers alone: codes, scales and zero points."""
-        self.check_plan(plan)
-        return sum(layer.bytes(plan[layer.name], self.scheme) for layer in self.layers)
+        bits = self.check_plan(plan)
+        return sum(layer.bytes(bits[layer.name], self.scheme) for layer in self.layers)
 
-    def bytes(self, plan: Mapping[str, int]) -> int:
+    def bytes(self, plan: Plan | Mapping[str, int]) -> int:
         """bytes(plan): the exported model's exact tensor bytes."""
         return self.quantized_bytes(plan) + self.other_bytes
 
-    def bpw(self, plan: Mapping[str, int]) -> float:
+    def bpw(self, plan: Plan | Mapping[str, int]) -> float:
         """Effective bits per quantizable weight, scales and zero points included."""
         return self.quantized_bytes(plan) * 8 / self.n_weights
 
-    def uniform(self, bits: int) -> dict[str, int]:
-        return {name: bits for name in self.names}
+    def uniform(self, bits: int) -> Plan:
+        """Every layer at ``bits``."""
+        return Plan.of_bits({name: bits for name in self.names})
 
     def budget_bytes(self, budget: Budget) -> int:
         """The byte limit ``budget`` stands for, checked against the smallest and largest plan."""
@@ -315,6 +272,72 @@ class LayerTable:
             "total_bytes": {str(b): self.bytes(self.uniform(b)) for b in self.menu},
             "excluded": self.excluded,
         }
+
+
+def _weights(model: nn.Module, types: tuple[type, ...]) -> dict[tuple, list[tuple[str, nn.Module]]]:
+    """The modules of ``types`` grouped by the weight tensor they hold (tied weights: one group)."""
+    groups: dict[tuple, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, types) and isinstance(getattr(module, "weight", None), torch.Tensor):
+            groups.setdefault(tensor_key(module.weight), []).append((name, module))
+    return groups
+
+
+def _owners(model: nn.Module) -> dict[tuple, list[tuple[str, nn.Module]]]:
+    """Every module holding each parameter, quantizable or not (to catch ties to embeddings)."""
+    owners: dict[tuple, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(tensor_key(p), []).append((name, module))
+    return owners
+
+
+class _Selection:
+    """The include/exclude patterns, and which include patterns matched anything."""
+
+    def __init__(self, include: Sequence[str], exclude: Sequence[str]):
+        self.include, self.exclude = include, exclude
+        self.hits = {p: 0 for p in include}
+
+    def left_out(self, names: list[str], other_owners: list[tuple[str, nn.Module]]) -> str | None:
+        """Why the weight used by modules ``names`` is not a layer, or None when it is."""
+        hits = [p for p in self.include if any(_matches(n, p) for n in names)]
+        for p in hits:
+            self.hits[p] += 1
+        if other_owners:
+            other_name, other = other_owners[0]
+            hint = "set layers.embeddings = true to quantize it" if isinstance(other, nn.Embedding) else "it stays at its dtype"
+            return f"weight tied to {_kind(other)} '{other_name}'; {hint}"
+        if not hits:
+            return "matches no layers.include pattern"
+        blocked = [p for p in self.exclude if any(_matches(n, p) for n in names)]
+        if blocked:
+            return f"matches layers.exclude pattern {blocked[0]!r}"
+        return None
+
+    def check_used(self) -> None:
+        for pattern, count in self.hits.items():
+            if count == 0:
+                raise SpecError(
+                    "layers.include",
+                    f"pattern {pattern!r} matches no quantizable layer; run `mpsearch layers` with include = [\"*\"] to list their names",
+                )
+
+
+def _quant_layer(members: list[tuple[str, nn.Module]], scheme: Scheme) -> QuantLayer:
+    name, module = members[0]
+    rows, cols = weight_matrix(module).shape
+    group, rule = _group_rule(cols, scheme)
+    return QuantLayer(
+        name=name,
+        kind="+".join(sorted({_kind(m) for _, m in members})),
+        shape=tuple(module.weight.shape),
+        rows=rows,
+        cols=cols,
+        group_size=group,
+        rule=rule,
+        aliases=tuple(n for n, _ in members[1:]),
+    )
 
 
 def _group_rule(cols: int, scheme: Scheme) -> tuple[int, str | None]:

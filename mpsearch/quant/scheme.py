@@ -12,11 +12,7 @@ from typing import Literal
 import torch
 
 from mpsearch.errors import MPSearchError
-
-BIT_MENU = (2, 3, 4, 8, 16)
-"""Every bit-width mpsearch knows: integer codes at 2, 3, 4 and 8 bits, fp16 at 16."""
-
-FLOAT_BITS = 16
+from mpsearch.plan import BIT_MENU, FLOAT_BITS  # noqa: F401 - the menu is the plan's; re-exported for quant users
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -17,6 +17,10 @@ looks harmful and "no room to raise anything" is a well-defined end state.
   deterministic.
 * :func:`greedy` is the repair of the all-lowest plan: the classic "most benefit per
   byte" allocation.
+
+Each allocator returns a :class:`~mpsearch.plan.Plan`. Inside, plans are index arrays into the
+menu (``index[l] = j`` gives layer ``l`` the bits ``menu[j]``), which is what the samplers and
+the vectorised loops work on; :meth:`Costs.plan` and :meth:`Costs.index` convert.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import Mapping
 import numpy as np
 
 from mpsearch.errors import BudgetError
+from mpsearch.plan import Plan
+
+PlanLike = Plan | Mapping[str, int] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -57,18 +64,22 @@ class Costs:
             cost = np.maximum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
         return cls(names, menu, nbytes, cost, int(table.other_bytes))
 
-    def index(self, plan: Mapping[str, int]) -> np.ndarray:
+    def index(self, plan: PlanLike) -> np.ndarray:
+        """The menu index of each layer's bits (an index array is returned as a copy)."""
+        if isinstance(plan, np.ndarray):
+            return plan.astype(np.int64, copy=True)
+        bits = Plan.coerce(plan).bits()
         position = {b: j for j, b in enumerate(self.menu)}
-        return np.array([position[int(plan[n])] for n in self.names], dtype=np.int64)
+        return np.array([position[int(bits[n])] for n in self.names], dtype=np.int64)
 
-    def plan(self, index: np.ndarray) -> dict[str, int]:
-        return {n: self.menu[int(j)] for n, j in zip(self.names, index)}
+    def plan(self, index: np.ndarray) -> Plan:
+        return Plan.of_bits({n: self.menu[int(j)] for n, j in zip(self.names, index)})
 
-    def bytes_of(self, index: np.ndarray) -> int:
-        return int(self.nbytes[np.arange(len(self.names)), index].sum()) + self.other_bytes
+    def bytes_of(self, plan: PlanLike) -> int:
+        return int(self.nbytes[np.arange(len(self.names)), self.index(plan)].sum()) + self.other_bytes
 
-    def cost_of(self, index: np.ndarray) -> float:
-        return float(self.cost[np.arange(len(self.names)), index].sum())
+    def cost_of(self, plan: PlanLike) -> float:
+        return float(self.cost[np.arange(len(self.names)), self.index(plan)].sum())
 
     def check_budget(self, budget: int) -> None:
         lowest = self.bytes_of(np.zeros(len(self.names), dtype=np.int64))
@@ -76,8 +87,9 @@ class Costs:
             raise BudgetError("budget", f"{budget} bytes is below the smallest plan ({lowest} bytes, every layer at {self.menu[0]} bits); raise it")
 
 
-def is_maximal(costs: Costs, index: np.ndarray, budget: int) -> bool:
+def is_maximal(costs: Costs, plan: PlanLike, budget: int) -> bool:
     """No single layer can go up one step of the menu and still fit."""
+    index = costs.index(plan)
     return not _raises(costs, index, budget - costs.bytes_of(index)).any()
 
 
@@ -88,10 +100,15 @@ def _raises(costs: Costs, index: np.ndarray, slack: int) -> np.ndarray:
     return (index < len(costs.menu) - 1) & (extra <= slack)
 
 
-def repair(costs: Costs, plan: Mapping[str, int] | np.ndarray, budget: int, fill: bool = True) -> np.ndarray:
+def repair(costs: Costs, plan: PlanLike, budget: int, fill: bool = True) -> Plan:
     """The plan made to fit ``budget`` (and, with ``fill``, maximal); see the module docstring."""
+    return costs.plan(repair_index(costs, costs.index(plan), budget, fill))
+
+
+def repair_index(costs: Costs, index: np.ndarray, budget: int, fill: bool = True) -> np.ndarray:
+    """:func:`repair` on a menu-index array (a new array; the samplers' form)."""
     costs.check_budget(budget)
-    index = costs.index(plan) if isinstance(plan, Mapping) else np.array(plan, dtype=np.int64).copy()
+    index = np.array(index, dtype=np.int64)
     rows = np.arange(len(costs.names))
     used = costs.bytes_of(index)
     while used > budget:
@@ -117,12 +134,12 @@ def repair(costs: Costs, plan: Mapping[str, int] | np.ndarray, budget: int, fill
     return index
 
 
-def greedy(costs: Costs, budget: int) -> np.ndarray:
+def greedy(costs: Costs, budget: int) -> Plan:
     """Every layer at the lowest width, then raised by most loss gained per byte while it fits."""
     return repair(costs, np.zeros(len(costs.names), dtype=np.int64), budget)
 
 
-def ilp(costs: Costs, budget: int, fill: bool = True) -> np.ndarray:
+def ilp(costs: Costs, budget: int, fill: bool = True) -> Plan:
     """The plan of least total cost with ``bytes ≤ budget``, exactly (HiGHS via scipy).
 
     Optimal plans can leave slack that an equal-cost raise would use; ``fill`` raises

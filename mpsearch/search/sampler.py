@@ -1,93 +1,123 @@
-"""The search space and the sampler that only ever proposes plans that fit.
+"""The samplers: Optuna's, and mpsearch's own, each proposing only plans that fit.
 
-Each layer is one Optuna parameter, named after the layer, whose value is an *index* into
-the bit-width menu (0 = the lowest). An index is ordinal, so TPE's kernels treat 3 and 4
-bits as neighbours, which a categorical over {2, 3, 4, 8, 16} would not; the plan itself,
-in bits, is stored with every trial.
+Samplers are picked by name from :data:`SAMPLERS` (``search.sampler`` in a spec). Each entry
+builds an Optuna sampler from the seed, the :class:`~mpsearch.search.allocate.Costs` and the
+byte budget.
 
-How the sampler learns from the plan actually evaluated: :class:`RepairingSampler` wraps
-Optuna's sampler and asks it for the *whole* plan at once (``sample_relative`` over the full
-space; parameters it leaves out are drawn by its ``sample_independent``), repairs that
-proposal to fit the budget (and to be maximal), and hands the repaired plan back as the
-trial's parameters. So the parameters stored with a trial, which are what TPE, NSGA-II and
-random read as history, are exactly the plan that was evaluated; the raw proposal is kept
-only as a user attribute for diagnosis. Enqueued trials (warm starts, re-runs) carry fixed
-parameters that the driver writes as they are, so they skip the sampler.
+How a sampler learns from the plan actually evaluated: :class:`RepairingSampler` wraps the
+chosen sampler and asks it for the *whole* plan at once (the trial log hands it the study as a
+window of the best and latest trials; see :mod:`mpsearch.storage.trials`), repairs that proposal
+to fit the budget (and to be maximal), and hands the repaired plan back as the trial's
+parameters. So the parameters stored with a trial, which are what TPE, NSGA-II and random read as
+history, are exactly the plan that was evaluated; the raw proposal is kept as a user attribute
+(``proposal``) for diagnosis. Warm starts and re-runs carry fixed plans and skip the sampler.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import optuna
-from optuna.distributions import IntDistribution
 from optuna.samplers import BaseSampler
 
-from mpsearch.search.allocate import Costs, repair
-
-ATTR_PROPOSAL = "proposal"
-
-
-def search_space(costs: Costs) -> dict[str, IntDistribution]:
-    return {name: IntDistribution(0, len(costs.menu) - 1) for name in costs.names}
+from mpsearch.errors import SpecError
+from mpsearch.registry import Registry
+from mpsearch.search.allocate import Costs, repair_index
+from mpsearch.storage.trials import PROPOSAL
 
 
-def make_sampler(kind: str, seed: int, costs: Costs | None = None, budget: int | None = None) -> BaseSampler:
-    """Optuna's TPE (multivariate, constant liar for trials in flight), NSGA-II or random, or
-    :class:`LevelSwitchSampler` (``evo``, which needs the costs and the budget)."""
-    if kind == "evo":
-        if costs is None or budget is None:
-            raise ValueError("the evo sampler needs the costs and the budget")
-        return LevelSwitchSampler(costs, budget, seed=seed)
+@dataclass(frozen=True)
+class SamplerContext:
+    """What a sampler may use: the seed, the costs (bytes and additive loss estimates), the budget,
+    and the space (how plans are Optuna parameters: ``index`` and ``params_of`` convert)."""
+
+    seed: int
+    costs: Costs
+    budget: int
+    space: Any
+    fill: bool = True
+
+
+SAMPLERS: Registry[Callable[[SamplerContext], BaseSampler]] = Registry("sampler")
+
+
+def _quiet(make: Callable[[], BaseSampler]) -> BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if kind == "tpe":
-            return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
-        if kind == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed)
-        if kind == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"unknown sampler {kind!r}")
+        return make()
+
+
+@SAMPLERS.register("tpe")
+def _tpe(ctx: SamplerContext) -> BaseSampler:
+    """Optuna's TPE, multivariate, with a constant liar for the trials in flight."""
+    return _quiet(lambda: optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=ctx.seed))
+
+
+@SAMPLERS.register("nsga2")
+def _nsga2(ctx: SamplerContext) -> BaseSampler:
+    return _quiet(lambda: optuna.samplers.NSGAIISampler(seed=ctx.seed))
+
+
+@SAMPLERS.register("random")
+def _random(ctx: SamplerContext) -> BaseSampler:
+    return optuna.samplers.RandomSampler(seed=ctx.seed)
+
+
+@SAMPLERS.register("evo")
+def _evo(ctx: SamplerContext) -> BaseSampler:
+    return LevelSwitchSampler(ctx.costs, ctx.budget, ctx.space, seed=ctx.seed, fill=ctx.fill)
+
+
+def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:
+    """The sampler named ``kind``, repaired to fit (see the module docstring)."""
+    return RepairingSampler(sampler_factory(kind)(ctx), ctx.costs, ctx.budget, ctx.space, fill=ctx.fill)
+
+
+def sampler_factory(kind: str) -> Callable[[SamplerContext], BaseSampler]:
+    """The registry entry for ``search.sampler``; an unknown name lists the known ones."""
+    if kind not in SAMPLERS:
+        raise SpecError("search.sampler", f"unknown sampler {kind!r}; choose one of: {', '.join(SAMPLERS.names())}")
+    return SAMPLERS.get(kind)
 
 
 class LevelSwitchSampler(BaseSampler):
     """An evolutionary local search around the best plans found so far (``sampler = "evo"``).
 
     Each proposal takes a parent among the ``parents`` best complete trials (the better, the
-    likelier), applies one or more *level switches* — one layer up a step of the menu,
-    another down a step, so bytes move between layers rather than appear — and repairs the
-    result to fit and be maximal. A child already evaluated is drawn again (up to
-    ``tries`` times). With nothing complete yet it proposes uniformly random indices, which the
-    repair makes into plans. The idea is EvoPress's (Sieberling et al., 2024): the true loss
-    of a plan is not the sum of per-layer losses, and a search on real evaluations around the
-    best plan corrects what an additive model (the ILP warm start) gets wrong.
+    likelier), applies one or more *level switches* — one layer up a step of the menu, another
+    down a step, so bytes move between layers rather than appear — and repairs the result to fit
+    and be maximal. A child already evaluated is drawn again (up to ``tries`` times). With
+    nothing complete yet it proposes uniformly random indices, which the repair makes into plans.
+    The idea is EvoPress's (Sieberling et al., 2024): the true loss of a plan is not the sum of
+    per-layer losses, and a search on real evaluations around the best plan corrects what an
+    additive model (the ILP warm start) gets wrong.
     """
 
-    def __init__(self, costs: Costs, budget: int, seed: int = 0, parents: int = 4, tries: int = 32, fill: bool = True):
-        self.costs, self.budget, self.fill = costs, budget, fill
+    def __init__(self, costs: Costs, budget: int, space, seed: int = 0, parents: int = 4, tries: int = 32, fill: bool = True):
+        self.costs, self.budget, self.space, self.fill = costs, budget, space, fill
         self.parents, self.tries = parents, tries
         self.rng = np.random.default_rng(seed)
 
     def infer_relative_search_space(self, study, trial):
-        return search_space(self.costs)
+        return {}
 
     def sample_relative(self, study, trial, search_space):
-        from optuna.trial import TrialState
-
-        complete = [t for t in study._get_trials(deepcopy=False, states=(TrialState.COMPLETE,), use_cache=True) if t.values]
+        trials = [t for t in study.get_trials(deepcopy=False) if len(t.params) == len(self.costs.names)]
+        complete = [t for t in trials if t.state.name == "COMPLETE" and t.values]
         if not complete:
             return {}
         names = self.costs.names
         top = sorted(complete, key=lambda t: tuple(t.values))[: self.parents]
         weights = 1.0 / np.arange(1, len(top) + 1)
-        seen = {tuple(int(t.params[n]) for n in names) for t in study._get_trials(deepcopy=False, use_cache=True) if len(t.params) == len(names)}
+        seen = {tuple(self.space.index(t.params)) for t in trials}
         top_width = len(self.costs.menu) - 1
         child = None
         for _ in range(self.tries):
             parent = top[self.rng.choice(len(top), p=weights / weights.sum())]
-            index = np.array([int(parent.params[n]) for n in names], dtype=np.int64)
+            index = self.space.index(parent.params)
             for _ in range(int(self.rng.geometric(0.5))):
                 up = np.flatnonzero(index < top_width)
                 down = np.flatnonzero(index > 0)
@@ -98,78 +128,44 @@ class LevelSwitchSampler(BaseSampler):
                 index[i] += 1
                 if j != i:
                     index[j] -= 1
-            child = repair(self.costs, index, self.budget, fill=self.fill)
+            child = repair_index(self.costs, index, self.budget, fill=self.fill)
             if tuple(int(x) for x in child) not in seen:
                 break
-        return {n: int(j) for n, j in zip(names, child)}
+        return self.space.params_of(child)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        return int(self.rng.integers(param_distribution.low, param_distribution.high + 1))
-
-
-class _Window:
-    """The study as the base sampler sees it: the ``best`` lowest-loss and the ``recent`` latest
-    finished trials, plus every trial in flight.
-
-    TPE's cost grows with every trial it models (about 300 ms per proposal at 5,000 trials of
-    37 layers); the best and the latest carry what it learns from, so its cost stays flat as
-    a study grows. Everything but the trial lists is the study's own.
-    """
-
-    def __init__(self, study, best: int, recent: int):
-        self._study = study
-        trials = study._get_trials(deepcopy=False, states=None, use_cache=True)
-        finished = [t for t in trials if t.state.is_finished()]
-        if len(finished) > best + recent:
-            scored = [t for t in finished if t.values]
-            keep = {t.number for t in sorted(scored, key=lambda t: tuple(t.values))[:best]}
-            keep |= {t.number for t in finished[-recent:]}
-            trials = [t for t in trials if not t.state.is_finished() or t.number in keep]
-        self._trials = trials  # one pass over the study per proposal, however often it is asked
-
-    def __getattr__(self, name):
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
-        trials = self._trials if states is None else [t for t in self._trials if t.state in states]
-        return copy.deepcopy(trials) if deepcopy else list(trials)
-
-    def get_trials(self, deepcopy: bool = True, states=None):
-        return self._get_trials(deepcopy=deepcopy, states=states)
+        return self.space.params_of(self.rng.integers(0, len(self.costs.menu), len(self.costs.names)))[param_name]
 
 
 class RepairingSampler(BaseSampler):
     """``base``'s proposals, repaired to fit ``budget`` (see the module docstring).
 
-    The base sampler sees a window of the study (:class:`_Window`): the ``window_best`` best
-    and ``window_recent`` latest finished trials (50 and 100: TPE's proposals then cost
-    about the same at 5,000 trials as at 150).
+    After each proposal, ``last_notes`` holds the attributes the trial log records with it:
+    the unrepaired proposal.
     """
 
-    def __init__(self, base: BaseSampler, costs: Costs, budget: int, fill: bool = True, window_best: int = 50, window_recent: int = 100):
-        self.window = (window_best, window_recent)
+    def __init__(self, base: BaseSampler, costs: Costs, budget: int, space, fill: bool = True):
         self.base = base
         self.costs = costs
         self.budget = budget
+        self.space = space
         self.fill = fill
-        self.space = search_space(costs)
-        self.last_proposal: list[int] | None = None  # the unrepaired proposal, for the trial's record
+        self.last_notes: dict = {}
 
     def infer_relative_search_space(self, study, trial):
-        return dict(self.space)
+        return {}
 
     def sample_relative(self, study, trial, search_space):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            view = _Window(study, *self.window)
-            proposal = dict(self.base.sample_relative(view, trial, self.space) or {})
-            for name, distribution in self.space.items():
+            proposal = dict(self.base.sample_relative(study, trial, search_space) or {})
+            for name, distribution in search_space.items():
                 if name not in proposal:
-                    proposal[name] = self.base.sample_independent(view, trial, name, distribution)
-        raw = np.array([int(proposal[n]) for n in self.costs.names], dtype=np.int64)
-        fixed = repair(self.costs, raw, self.budget, fill=self.fill)
-        self.last_proposal = [int(x) for x in raw]
-        return {name: int(j) for name, j in zip(self.costs.names, fixed)}
+                    proposal[name] = self.base.sample_independent(study, trial, name, distribution)
+        raw = self.space.index(proposal)
+        fixed = repair_index(self.costs, raw, self.budget, fill=self.fill)
+        self.last_notes = {PROPOSAL: [self.costs.menu[int(x)] for x in raw]}  # in bits
+        return self.space.params_of(fixed)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.base.sample_independent(study, trial, param_name, param_distribution)

@@ -18,8 +18,8 @@ exactly (``J`` the Jacobian of the model's output, ``H_out`` the loss's Hessian 
 output), so there is a second estimator with no cross-layer terms at all:
 
 * **gn** (the default for those losses): ``Tr(H_ll) = Tr(S J_l J_lᵀ S)`` with ``SSᵀ = H_out``
-  is Hutchinson's estimator in the *output* space: draw ``u`` with covariance ``H_out`` (see
-  :func:`mpsearch.sensitivity.fisher.output_direction`), backpropagate ``⟨u, output⟩`` once,
+  is Hutchinson's estimator in the *output* space: draw ``u`` with covariance ``H_out`` (the
+  loss's :attr:`~mpsearch.workload.losses.Loss.direction`), backpropagate ``⟨u, output⟩`` once,
   and ``‖J_lᵀ u‖²`` is every layer's estimate at once, each a sum of squares (never
   negative) that involves only its own block. One plain backward per probe, no second
   derivative.
@@ -56,12 +56,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mpsearch.errors import WorkloadError
 from mpsearch.quant.layers import LayerTable
+from mpsearch.sensitivity.profile import SENSITIVITY, Method, Options
+from mpsearch.workload.losses import is_zero_residual, rademacher
 
 Mode = Literal["all", "per-layer"]
 Estimator = Literal["auto", "gn", "hvp"]
-
-# Loss kinds whose reference is the FP model's own output: zero residual at the FP weights.
-ZERO_RESIDUAL = frozenset({"distill", "kl", "cosine", "mse"})
 
 DEFAULT_TOL = 0.05
 DEFAULT_MIN_PROBES = 8
@@ -170,9 +169,6 @@ class Probe:
 
     def _gauss_newton(self, generator: torch.Generator) -> list[float]:
         """``‖J_lᵀ u‖²`` per layer, ``u`` drawn per chunk with covariance ``H_out``."""
-        from mpsearch.sensitivity.fisher import output_direction
-
-        kind = self.workload.spec.loss.kind
         sums = [0.0] * len(self.params)
         total_count = 0.0
         with torch.enable_grad():
@@ -180,7 +176,7 @@ class Probe:
                 out = self.workload.forward(self.model, batch)
                 _total, count = self.workload.loss_fn(out, ref, batch)  # for its count: the loss is Σ total / Σ count
                 total_count += float(count)
-                grads = torch.autograd.grad(output_direction(kind, out, batch, generator), self.params, allow_unused=True)
+                grads = torch.autograd.grad(self.workload.loss_fn.direction(out, batch, generator), self.params, allow_unused=True)
                 for i, g in enumerate(grads):
                     if g is not None:
                         sums[i] += float(g.double().pow(2).sum())
@@ -190,7 +186,7 @@ class Probe:
 def resolve_estimator(workload, estimator: str = "auto") -> str:
     """``auto``: ``gn`` where the loss has zero residual at the FP weights, else ``hvp``."""
     if estimator == "auto":
-        return "gn" if workload.spec.loss.kind in ZERO_RESIDUAL else "hvp"
+        return "gn" if is_zero_residual(workload.spec.loss.kind) else "hvp"
     if estimator not in ("gn", "hvp"):
         raise ValueError(f"estimator must be 'auto', 'gn' or 'hvp', got {estimator!r}")
     return estimator
@@ -206,11 +202,6 @@ def _chunks(workload, size: int | None):
         for start in range(0, n, step):
             part = {k: v[start : start + step] for k, v in batch.items()}
             yield part, None if ref is None else Outputs(ref.value[start : start + step], ref.kind)
-
-
-def rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    bits = torch.randint(0, 2, like.shape, generator=generator, device="cpu")
-    return (bits * 2 - 1).to(like.dtype).to(like.device)
 
 
 def _prepared(workload, estimator: str = "hvp") -> tuple[Probe, LayerTable]:
@@ -313,3 +304,35 @@ def hawq_scores(traces: Traces, bank) -> dict[str, dict[int, float]]:
         name: {bits: traces.trace[name] * e["mse"] for bits, e in per_bits.items()}
         for name, per_bits in errors.items()
     }
+
+
+def _params(workload, options: Options) -> dict:
+    return {
+        "mode": options.mode,
+        "estimator": resolve_estimator(workload, options.estimator) if options.mode == "all" else "hvp",
+        "tol": options.tol if options.tol is not None else DEFAULT_TOL,
+        "min_probes": DEFAULT_MIN_PROBES,
+        "max_probes": options.max_probes if options.max_probes is not None else DEFAULT_MAX_PROBES,
+        "seed": options.seed,
+    }
+
+
+def _rows(workload, params: dict, options: Options, pool, progress: bool) -> list[dict]:
+    traces = hessian_traces(
+        workload, mode=params["mode"], estimator=params["estimator"], tol=params["tol"], max_probes=params["max_probes"], seed=params["seed"], progress=progress
+    )
+    scores = hawq_scores(traces, workload.candidate_bank(progress=progress))
+    return [
+        {
+            "name": layer.name,
+            "n": layer.n,
+            "trace": traces.trace[layer.name],
+            "trace_stderr": traces.stderr[layer.name] if math.isfinite(traces.stderr[layer.name]) else None,
+            "probes": traces.probes[layer.name],
+            "score": {str(b): v for b, v in scores[layer.name].items()},
+        }
+        for layer in workload.layer_table().layers
+    ]
+
+
+SENSITIVITY.register("hessian")(Method(label="Ω = Tr(H)/n · ‖Q(W) − W‖²", params=_params, compute=_rows))

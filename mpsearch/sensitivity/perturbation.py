@@ -2,12 +2,14 @@
 
 ``Δloss(l, b) = loss(W with layer l at b bits, every other layer FP) − loss(W)`` on the
 calibration set. The (layer, bits) jobs are independent; they are spread over Ray actors
-that each load the workload and the bank once (see :mod:`mpsearch.search.pool`).
+that each load the workload and the bank once (see :mod:`mpsearch.runtime`).
 """
 
 from __future__ import annotations
 
-from mpsearch.search.pool import ScorerPool
+from mpsearch.plan import Plan
+from mpsearch.runtime import ScorerPool
+from mpsearch.sensitivity.profile import SENSITIVITY, Method, Options
 
 
 def perturbation_scores(workload, workers: int = 2, address: str | None = None, progress: bool = False, pool: ScorerPool | None = None) -> dict[str, dict[int, float]]:
@@ -20,10 +22,13 @@ def perturbation_scores(workload, workers: int = 2, address: str | None = None, 
     jobs = [(name, bits) for name in table.names for bits in table.menu]
     own = pool is None
     if own:
-        pool = ScorerPool(workload.spec, workers=workers, address=address, device=str(workload.device), snapshot=workload.snapshot())
+        pool = ScorerPool(
+            workload.spec, workers=workers, address=address, device=str(workload.device), snapshot=workload.snapshot(),
+            gpus_per_worker=workload.spec.search.gpus_per_worker if workers else 0.0,
+        )
     try:
         base = workload.loss(workload.fp_model(), "calibration")
-        losses = pool.map(({name: bits} for name, bits in jobs), split="calibration", partial=True, progress=progress, desc="perturbation scan")
+        losses = pool.map((Plan.of_bits({name: bits}) for name, bits in jobs), split="calibration", partial=True, progress=progress, desc="perturbation scan")
     finally:
         if own:
             pool.close()
@@ -31,3 +36,11 @@ def perturbation_scores(workload, workers: int = 2, address: str | None = None, 
     for (name, bits), loss in zip(jobs, losses):
         scores[name][bits] = loss - base
     return scores
+
+
+def _rows(workload, params: dict, options: Options, pool, progress: bool) -> list[dict]:
+    scores = perturbation_scores(workload, workers=options.workers, address=options.address, progress=progress, pool=pool)
+    return [{"name": layer.name, "n": layer.n, "score": {str(b): v for b, v in scores[layer.name].items()}} for layer in workload.layer_table().layers]
+
+
+SENSITIVITY.register("perturbation")(Method(label="Δloss", params=lambda workload, options: {}, compute=_rows))

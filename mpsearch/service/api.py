@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -110,6 +110,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Detail}, 400: {"model"
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
+    """The app: error handlers, the body limit, ``/health``, and the routes, all behind the token but ``/health``."""
     from mpsearch.storage import Storage
 
     app = FastAPI(
@@ -118,14 +119,30 @@ def create_app(settings: ApiSettings) -> FastAPI:
         description="Sensitivity-driven mixed-precision quantization search: jobs, studies and exports.",
     )
     storage = Storage(settings.storage_url)
+    _error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    @app.get("/health", tags=["service"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    auth = [Depends(_authorized(settings.token))]
+    for routes in (_job_routes(storage, settings), _study_routes(storage), _export_routes(storage, settings)):
+        app.include_router(routes, dependencies=auth, responses=ERRORS)
+    return app
+
+
+def _authorized(token: str):
     bearer = HTTPBearer(auto_error=False, description=f"The token the server was started with (${TOKEN_ENV} or --token-file)")
 
     def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), settings.token.encode()):
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    auth = [Depends(authorized)]
+    return authorized
 
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def not_found(request: Request, e: NotFoundError):
         return JSONResponse({"detail": str(e)}, status_code=404)
@@ -138,13 +155,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
     async def bad_input(request: Request, e: MPSearchError):
         return JSONResponse({"detail": str(e)}, status_code=400)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
-    @app.get("/health", tags=["service"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+def _job_routes(storage, settings: ApiSettings) -> APIRouter:
+    router = APIRouter(tags=["jobs"])
 
-    @app.post("/jobs", status_code=201, dependencies=auth, responses={**ERRORS, 403: {"model": Detail}}, tags=["jobs"])
+    @router.post("/jobs", status_code=201, responses={403: {"model": Detail}})
     def submit_job(body: JobRequest) -> Job:
         """Submit a whole search (sensitivity, search, optional export) for the spec."""
         from mpsearch.service.jobs import JobArgs, submit
@@ -155,60 +170,72 @@ def create_app(settings: ApiSettings) -> FastAPI:
         job_id = submit(storage, spec, body.spec, args, address=settings.ray_address, log_dir=settings.export_root.parent / "jobs")
         return Job(**storage.job(job_id).to_json())
 
-    @app.get("/jobs", dependencies=auth, responses=ERRORS, tags=["jobs"])
+    @router.get("/jobs")
     def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Job]:
         from mpsearch.service.jobs import sync
 
         return [Job(**sync(storage, job.id).to_json()) for job in storage.jobs(limit=limit)]
 
-    @app.get("/jobs/{job_id}", dependencies=auth, responses=ERRORS, tags=["jobs"])
+    @router.get("/jobs/{job_id}")
     def get_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import sync
 
         return Job(**sync(storage, job_id).to_json())
 
-    @app.get("/jobs/{job_id}/logs", dependencies=auth, responses=ERRORS, response_class=PlainTextResponse, tags=["jobs"])
+    @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
     def job_logs(job_id: Annotated[str, PathParam(max_length=64)]) -> str:
         """The job's output so far (its driver's stdout and stderr)."""
         from mpsearch.service.jobs import logs
 
         return logs(storage, job_id)
 
-    @app.post("/jobs/{job_id}/cancel", status_code=202, dependencies=auth, responses=ERRORS, tags=["jobs"])
+    @router.post("/jobs/{job_id}/cancel", status_code=202)
     def cancel_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import cancel
 
         return Job(**cancel(storage, job_id).to_json())
 
-    @app.get("/studies", dependencies=auth, responses=ERRORS, tags=["studies"])
+    return router
+
+
+def _study_routes(storage) -> APIRouter:
+    router = APIRouter(tags=["studies"])
+
+    @router.get("/studies")
     def studies() -> list[dict[str, Any]]:
-        from mpsearch.storage.studies import study_rows
+        from mpsearch.storage.trials import study_rows
 
         return study_rows(storage)
 
-    @app.get("/studies/{name}/trials", dependencies=auth, responses=ERRORS, tags=["studies"])
+    @router.get("/studies/{name}/trials")
     def trials(name: str) -> list[dict[str, Any]]:
-        from mpsearch.storage.studies import trial_rows
+        from mpsearch.storage.trials import trial_rows
 
         return trial_rows(storage, name)
 
-    @app.get("/studies/{name}/best", dependencies=auth, responses=ERRORS, tags=["studies"])
+    @router.get("/studies/{name}/best")
     def best(name: str) -> dict[str, Any]:
-        from mpsearch.search.driver import outcome
-        from mpsearch.storage.studies import load_study
+        """The best plan within the study's budget next to its baselines (the plan as a versioned Plan document)."""
+        from mpsearch.storage.trials import TrialLog
 
-        result = outcome(load_study(storage, name))
+        result = TrialLog.open(storage, name).outcome()
         if result.best is None:
             raise NotFoundError(f"study {name!r} has no completed trial within its budget yet")
         return result.to_json()
 
-    @app.get("/studies/{name}/pareto", dependencies=auth, responses=ERRORS, tags=["studies"])
+    @router.get("/studies/{name}/pareto")
     def pareto(name: str) -> list[dict[str, Any]]:
-        from mpsearch.storage.studies import pareto_rows
+        from mpsearch.storage.trials import pareto_rows
 
         return pareto_rows(storage, name)
 
-    @app.post("/studies/{name}/export", status_code=201, dependencies=auth, responses=ERRORS, tags=["exports"])
+    return router
+
+
+def _export_routes(storage, settings: ApiSettings) -> APIRouter:
+    router = APIRouter(tags=["exports"])
+
+    @router.post("/studies/{name}/export", status_code=201)
     def export(name: str, body: ExportRequest) -> dict[str, Any]:
         """Export a trial of the study (the best by default) under the server's export root."""
         from mpsearch.export import export_study
@@ -220,11 +247,11 @@ def create_app(settings: ApiSettings) -> FastAPI:
         doc.pop("out")
         return doc
 
-    @app.get("/exports/{export_id}/files/{file:path}", dependencies=auth, responses=ERRORS, response_class=FileResponse, tags=["exports"])
+    @router.get("/exports/{export_id}/files/{file:path}", response_class=FileResponse)
     def download(export_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], file: str):  # ids are 32-bit in the database
         return FileResponse(export_file(storage, settings, export_id, file), filename=file)
 
-    return app
+    return router
 
 
 def export_file(storage, settings: ApiSettings, export_id: int, name: str) -> Path:

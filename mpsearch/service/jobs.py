@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mpsearch.errors import MPSearchError
+from mpsearch.errors import MPSearchError, first_line
 
 SUBMISSION_PREFIX = "mpsearch-"
 LOCAL_PREFIX = "local:"
@@ -61,7 +61,7 @@ def jobs_client(address: str):
 
     Kept per address: listing many jobs asks one client, not one each (a failure is not kept).
     """
-    from mpsearch.search.pool import ray_client_env
+    from mpsearch.runtime import ray_client_env
 
     if not address.startswith(("http://", "https://")):
         raise MPSearchError(f"--address {address!r} is not the head's dashboard URL; give http://HEAD:8265")
@@ -72,7 +72,7 @@ def jobs_client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise MPSearchError(f"cannot use the Ray Jobs API at {address} ({_first_line(e)}); check the address and the cluster's token") from None
+        raise MPSearchError(f"cannot use the Ray Jobs API at {address} ({first_line(e)}); check the address and the cluster's token") from None
 
 
 def submit(storage, spec, spec_toml: str, args: JobArgs, *, address: str | None = None, spec_file: Path | None = None, log_dir: Path | None = None) -> str:
@@ -113,8 +113,8 @@ def submit(storage, spec, spec_toml: str, args: JobArgs, *, address: str | None 
         storage.set_job_state(job_id, "failed", str(e))
         raise
     except Exception as e:  # the Jobs API refused it: the record says why
-        storage.set_job_state(job_id, "failed", f"submission failed: {_first_line(e)}")
-        raise MPSearchError(f"the cluster at {address} refused the job ({_first_line(e)})") from None
+        storage.set_job_state(job_id, "failed", f"submission failed: {first_line(e)}")
+        raise MPSearchError(f"the cluster at {address} refused the job ({first_line(e)})") from None
     return job_id
 
 
@@ -183,17 +183,11 @@ def _alive(pid: int) -> bool:
 
 
 def _check_http(address: str, timeout_s: float = 5.0) -> None:
-    import socket
     from urllib.parse import urlparse
 
+    from mpsearch.runtime import probe
+
     url = urlparse(address)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise MPSearchError(f"nothing answers at {address} ({e.strerror or e}); start the cluster (`ray start --head`) or check --address") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    problem = probe(url.hostname or "", url.port or (443 if url.scheme == "https" else 80), timeout_s)
+    if problem:
+        raise MPSearchError(f"nothing answers at {address} ({problem}); start the cluster (`ray start --head`) or check --address")

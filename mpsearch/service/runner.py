@@ -17,35 +17,42 @@ import os
 import signal
 from pathlib import Path
 
-from mpsearch.errors import MPSearchError
+from mpsearch.errors import MPSearchError, first_line
 
 
 class Cancelled(BaseException):
     """SIGTERM arrived: stop where we are (BaseException, so no ``except Exception`` swallows it)."""
 
 
-def run_job(storage, job_id: str, spec_file: str | None = None) -> int:
-    """Run job ``job_id`` to its end; the process exit code (0, 2 for bad input, 1 otherwise, 143 cancelled)."""
-    from mpsearch.export import export_study
+def job_search(storage, job, spec_file: str | None = None):
+    """The search a job runs: its spec (the submitted file, or the text in the job's row) with the
+    job's overrides, on the spec's device, with the spec's GPUs per worker and trial timeout."""
     from mpsearch.search.driver import Search
     from mpsearch.spec import Spec
     from mpsearch.workload import Workload
+
+    args = job.spec.get("args", {})
+    spec = Spec.load(spec_file) if spec_file else Spec.from_toml(job.spec_toml, base_dir=Path(job.spec["base_dir"]), origin=f"job {job.id}'s spec")
+    if args.get("budget"):
+        spec = spec.with_overrides(budget=args["budget"])
+    address = "auto" if os.environ.get("RAY_ADDRESS") else None  # inside a Ray job: the job's own cluster
+    return Search(Workload(spec), storage, study=job.study, trials=args.get("trials"), workers=args.get("workers"), address=address, resume=True)
+
+
+def run_job(storage, job_id: str, spec_file: str | None = None) -> int:
+    """Run job ``job_id`` to its end; the process exit code (0, 2 for bad input, 1 otherwise, 143 cancelled)."""
+    from mpsearch.export import export_study
 
     job = storage.job(job_id)
     args = job.spec.get("args", {})
     previous = signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         storage.set_job_state(job_id, "running", f"on {os.uname().nodename}, pid {os.getpid()}")
-        spec = Spec.load(spec_file) if spec_file else Spec.from_toml(job.spec_toml, base_dir=Path(job.spec["base_dir"]), origin=f"job {job_id}'s spec")
-        if args.get("budget"):
-            spec = spec.with_overrides(budget=args["budget"])
-        address = "auto" if os.environ.get("RAY_ADDRESS") else None
-        workload = Workload(spec, device="cpu")
-        search = Search(workload, storage, study=job.study, trials=args.get("trials"), workers=args.get("workers"), address=address, resume=True)
+        search = job_search(storage, job, spec_file)
         outcome = search.run()
         summary = {"n_complete": outcome.n_complete, "best": {k: v for k, v in (outcome.best or {}).items() if k != "plan"}}
         if args.get("export_dir"):
-            exported = export_study(storage, job.study, Path(args["export_dir"]), force=True)
+            exported = export_study(storage, job.study, Path(args["export_dir"]), force=True, device=search.workload.device)
             summary["export"] = {"id": exported.export_id, "out": str(exported.out)}
         storage.set_job_state(job_id, "succeeded", json.dumps(summary))
         print(json.dumps(summary), flush=True)
@@ -58,7 +65,7 @@ def run_job(storage, job_id: str, spec_file: str | None = None) -> int:
         print(f"mpsearch: error: {e}", flush=True)
         return 2
     except Exception as e:
-        storage.set_job_state(job_id, "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        storage.set_job_state(job_id, "failed", f"{type(e).__name__}: {first_line(e)}")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -22,7 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from mpsearch.errors import StorageError
+from mpsearch.errors import StorageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ def is_transient(error: BaseException) -> bool:
 
 def explain(error: BaseException, url: URL) -> StorageError:
     """A one-line :class:`StorageError` for a database error a user can fix."""
-    raw = str(getattr(error, "orig", None) or error).strip()
-    text = raw.splitlines()[0] if raw else type(error).__name__
+    text = first_line(getattr(error, "orig", None) or error)
     where = f"{url.host or 'localhost'}:{url.port or 5432}" if url.get_backend_name() == "postgresql" else url.database
     if _AUTH.search(text):
         return StorageError(f"cannot log in to PostgreSQL at {where} as {url.username!r} ({text}); check the user and password in the storage URL")
@@ -163,6 +162,6 @@ def with_retries(fn: Callable[[], T], url: URL, what: str = "the database", atte
             if not is_transient(e) or attempt == attempts:
                 raise explain(e, url) from None
             delay = RETRY_DELAY_S * 2 ** (attempt - 1)
-            log.info("%s at %s: %s; retrying in %.1f s (%d/%d)", what, shown(url), str(e.orig).strip().splitlines()[0], delay, attempt, attempts)
+            log.info("%s at %s: %s; retrying in %.1f s (%d/%d)", what, shown(url), first_line(e.orig or e), delay, attempt, attempts)
             time.sleep(delay)
     raise AssertionError("unreachable")

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from mpsearch.errors import MPSearchError, NotFoundError, StorageError
+from mpsearch.errors import MPSearchError, NotFoundError, StorageError, first_line
 from mpsearch.storage import schema
 from mpsearch.storage.database import (
     DEFAULT_URL,
@@ -27,12 +27,6 @@ from mpsearch.storage.database import (
     with_retries,
 )
 from mpsearch.storage.models import FINAL_STATES, JOB_STATES, Export, ExportFile, Job, JobEvent, SensitivityProfile, utcnow
-
-# What the search records on each Optuna trial, beside its value (the loss).
-ATTR_BYTES = "bytes"
-ATTR_BPW = "bpw"
-ATTR_PLAN = "plan"
-ATTR_ERROR = "error"
 
 # Which state a job may go to from which.
 _NEXT = {
@@ -139,7 +133,7 @@ class Storage:
             try:
                 self._optuna = self._retry(make, "opening Optuna's tables in")
             except RuntimeError as e:  # Optuna's own schema check
-                raise StorageError(f"Optuna's tables at {shown(self.url)} need an upgrade ({str(e).splitlines()[0]}); run `mpsearch db upgrade`") from None
+                raise StorageError(f"Optuna's tables at {shown(self.url)} need an upgrade ({first_line(e)}); run `mpsearch db upgrade`") from None
         return self._optuna
 
     @contextlib.contextmanager

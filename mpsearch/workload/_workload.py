@@ -40,9 +40,9 @@ class Workload:
     Nothing is loaded until it is first needed, and then it is loaded once.
     """
 
-    def __init__(self, spec: Spec, device: str | torch.device = "cpu"):
+    def __init__(self, spec: Spec, device: str | torch.device | None = None):
         self.spec = spec
-        self.device = torch.device(device)
+        self.device = resolve_device(device if device is not None else spec.search.device)
         self._loaded: LoadedModel | None = None
         self._fp_model: nn.Module | None = None
         self._table: LayerTable | None = None
@@ -205,6 +205,32 @@ class Workload:
         if not math.isfinite(value):
             raise WorkloadError(f"the loss on the {which} set is {value}; check the data and loss.kind")
         return value
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when this torch sees a GPU, else the CPU; a device that is not there is
+    refused in one line.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise WorkloadError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise WorkloadError(f"device {name!r} is not available ({why}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise WorkloadError(f"device {name!r} is not available: {torch.cuda.device_count()} GPU(s) visible; use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+    elif device.type not in ("cpu", "mps"):
+        raise WorkloadError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _accepted_inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

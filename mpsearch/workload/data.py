@@ -19,7 +19,7 @@ import torch
 
 from mpsearch.errors import WorkloadError
 from mpsearch.registry import Registry
-from mpsearch.workload.stdlib_docs import stdlib_sentences
+from mpsearch.workload.stdlib_docs import stdlib_paragraphs, stdlib_sentences
 
 Batch = dict[str, torch.Tensor]
 
@@ -56,8 +56,8 @@ def data_format(source: str, fmt: str) -> str:
     """The registry entry for ``source``: explicit ``fmt``, else by name or file suffix."""
     if fmt != "auto":
         return fmt
-    if source == "stdlib-docs":
-        return "stdlib-docs"
+    if source in BUILT_IN:
+        return source
     try:
         return _SUFFIXES[Path(source).suffix.lower()]
     except KeyError:
@@ -68,7 +68,7 @@ def data_format(source: str, fmt: str) -> str:
 
 def load_examples(source: str, data, resolve: Callable[[str], Path], field: str = "data.source") -> Examples:
     fmt = data_format(source, data.format)
-    path = None if fmt == "stdlib-docs" else resolve(source)
+    path = None if fmt in BUILT_IN else resolve(source)
     if path is not None and not path.is_file():
         raise WorkloadError(f"{field}: data file {str(path)!r} does not exist")
     try:
@@ -129,6 +129,14 @@ def make_batches(examples: Examples, tokenizer: Any, max_length: int, batch_size
 @DATA_SOURCES.register("stdlib-docs")
 def _stdlib_docs(path: Path | None, data) -> Examples:
     return Examples(texts=list(stdlib_sentences()))
+
+
+@DATA_SOURCES.register("stdlib-paragraphs")
+def _stdlib_paragraphs(path: Path | None, data) -> Examples:
+    return Examples(texts=list(stdlib_paragraphs()))
+
+
+BUILT_IN = ("stdlib-docs", "stdlib-paragraphs")  # corpora built offline, no file
 
 
 @DATA_SOURCES.register("text")

@@ -13,12 +13,32 @@ same batch, computed once by the workload.
 * ``causal-lm`` — next-token cross-entropy on the batch's own tokens;
 * ``error-rate`` — classification error against labels (not differentiable);
 * ``callable`` — ``fn(output, reference, batch) -> (total, count)`` from ``loss.callable``.
+
+Each loss also knows its curvature in the model's output: :attr:`Loss.direction` draws a random
+output direction ``u = A ε`` with ``AAᵀ = H_out`` (the loss's Hessian with respect to the output)
+and ``ε`` Rademacher, and returns ``⟨u, output⟩``. Backpropagating that scalar gives ``Jᵀu``, whose
+covariance is the Gauss–Newton matrix ``Jᵀ H_out J``: the Fisher diagonal and the Gauss–Newton
+Hessian traces of :mod:`mpsearch.sensitivity` are built on it. Per loss:
+
+* KL / cross-entropy over logits (``kl``, ``causal-lm``, ``error-rate``): ``H_out = diag(p) − ppᵀ``
+  with ``p = softmax(logits)``, and ``u = √p ⊙ ε − p ⟨√p, ε⟩`` (for ``causal-lm`` this is the true
+  Fisher);
+* ``cosine`` (1 − cos of mean-pooled embeddings ``e``): ``u = (I − êêᵀ) ε / ‖e‖``, whose covariance
+  is the Hessian of 1 − cos at ``e = e_ref``;
+* ``mse`` (mean over ``d`` features): ``u = √(2/d) ε``;
+* a user ``callable``: ``u = ε`` (its curvature is unknown; treated as isotropic).
+
+``zero_residual`` says the loss is a self-distillation loss: at the FP weights it is at its
+minimum with zero residual, so its Hessian *is* the Gauss–Newton matrix; for a label loss
+(``causal-lm``) the Gauss–Newton matrix is the Fisher, a positive semi-definite stand-in.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +77,74 @@ class Outputs:
         raise WorkloadError(f"the model returned {type(raw).__name__}; a loss needs a tensor, a tuple or a ModelOutput")
 
 
+Direction = Callable[[Outputs, Batch, torch.Generator], torch.Tensor]
+
+
+def rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """±1 entries shaped like ``like``, on its device and dtype, drawn from the CPU ``generator``
+    (so a seed gives the same draws on every device)."""
+    bits = torch.randint(0, 2, like.shape, generator=generator, device="cpu")
+    return (bits * 2 - 1).to(like.dtype).to(like.device)
+
+
+def logits_direction(logits: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    p = torch.softmax(logits.detach().float(), dim=-1)
+    root = p.sqrt()
+    eps = rademacher(p, generator)
+    u = root * eps - p * (root * eps).sum(-1, keepdim=True)
+    if mask is not None:
+        u = u * mask.to(u.device, u.dtype)[..., None]
+    return (u * logits.float()).sum()
+
+
+def kl_direction(out: Outputs, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    return logits_direction(out.value, _token_mask(out.value, batch) if out.value.dim() == 3 else None, generator)
+
+
+def causal_lm_direction(out: Outputs, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    return logits_direction(out.value[:, :-1], None if mask is None else mask[:, 1:], generator)
+
+
+def cosine_direction(out: Outputs, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    e = mean_pool(out.value, batch).flatten(1).float()
+    norm = e.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = e.detach() / norm
+    eps = rademacher(e, generator)
+    u = (eps - unit * (unit * eps).sum(-1, keepdim=True)) / norm
+    return (u * e).sum()
+
+
+def mse_direction(out: Outputs, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    v = out.value.float()
+    d = v.shape[-1] if v.dim() > 1 else 1
+    u = rademacher(v, generator) * math.sqrt(2 / d)
+    mask = _token_mask(v, batch) if v.dim() == 3 else None
+    if mask is not None:
+        u = u * mask.to(u.device, u.dtype)[..., None]
+    return (u * v).sum()
+
+
+def isotropic_direction(out: Outputs, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    v = out.value.float()
+    return (rademacher(v, generator) * v).sum()
+
+
+def distill_direction(out: Outputs, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    pick = {"logits": kl_direction, "hidden": cosine_direction, "tensor": mse_direction}[out.kind]
+    return pick(out, batch, generator)
+
+
 @dataclass(frozen=True)
 class Loss:
+    """A loss: ``fn`` gives a batch's ``(total, count)``; ``direction`` its output curvature (see the module docstring)."""
+
     name: str
     fn: Callable[[Outputs, Outputs | None, Batch], Terms]
     needs_reference: bool = True
     differentiable: bool = True
+    direction: Direction = isotropic_direction
+    zero_residual: bool = False
 
     def __call__(self, out: Outputs, ref: Outputs | None, batch: Batch) -> Terms:
         return self.fn(out, ref, batch)
@@ -141,16 +223,16 @@ def distill_terms(out: Outputs, ref: Outputs, batch: Batch) -> Terms:
     return pick(out, ref, batch)
 
 
-def _builtin(name: str, fn, needs_reference: bool = True, differentiable: bool = True):
-    LOSSES.register(name)(lambda user=None: Loss(name, fn, needs_reference, differentiable))
+def _builtin(name: str, fn, direction: Direction, *, needs_reference: bool = True, differentiable: bool = True, zero_residual: bool = True):
+    LOSSES.register(name)(lambda user=None: Loss(name, fn, needs_reference, differentiable, direction, zero_residual))
 
 
-_builtin("distill", distill_terms)
-_builtin("kl", kl_terms)
-_builtin("cosine", cosine_terms)
-_builtin("mse", mse_terms)
-_builtin("causal-lm", causal_lm_terms, needs_reference=False)
-_builtin("error-rate", error_rate_terms, needs_reference=False, differentiable=False)
+_builtin("distill", distill_terms, distill_direction)
+_builtin("kl", kl_terms, kl_direction)
+_builtin("cosine", cosine_terms, cosine_direction)
+_builtin("mse", mse_terms, mse_direction)
+_builtin("causal-lm", causal_lm_terms, causal_lm_direction, needs_reference=False, zero_residual=False)
+_builtin("error-rate", error_rate_terms, kl_direction, needs_reference=False, differentiable=False, zero_residual=False)
 
 
 @LOSSES.register("callable")
@@ -158,6 +240,15 @@ def _user(user: Callable | None = None) -> Loss:
     if user is None:
         raise WorkloadError('loss.callable: kind = "callable" needs loss.callable = "module:function"')
     return Loss("callable", user)
+
+
+def is_zero_residual(kind: str) -> bool:
+    """Whether loss ``kind`` is a self-distillation loss (its Hessian at the FP weights is Gauss–Newton).
+
+    >>> is_zero_residual("distill"), is_zero_residual("causal-lm"), is_zero_residual("callable")
+    (True, False, False)
+    """
+    return kind != "callable" and make_loss(kind).zero_residual
 
 
 def make_loss(kind: str, user_callable: Callable | None = None) -> Loss:

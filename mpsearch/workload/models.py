@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mpsearch.errors import MPSearchError, WorkloadError
+from mpsearch.errors import MPSearchError, WorkloadError, first_line
 from mpsearch.registry import Registry
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -109,7 +109,7 @@ def _hf(arg: str, base_dir: Path) -> LoadedModel:
         cls = getattr(transformers, arch, None) if arch else None
         model = (cls or AutoModel).from_pretrained(path, config=config, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise WorkloadError(f"model.source: cannot load {str(path)!r} with transformers ({_first_line(e)})") from e
+        raise WorkloadError(f"model.source: cannot load {str(path)!r} with transformers ({first_line(e)})") from e
     tokenizer = _hf_tokenizer(path) if _has_tokenizer(path) else None
     return LoadedModel(model=model, tokenizer=tokenizer, source=f"hf:{arg}")
 
@@ -134,7 +134,7 @@ def import_callable(module_name: str, fn_name: str, base_dir: Path, field: str) 
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise WorkloadError(f"{field}: cannot import {module_name!r} ({_first_line(e)}); put it next to the spec or on PYTHONPATH") from e
+        raise WorkloadError(f"{field}: cannot import {module_name!r} ({first_line(e)}); put it next to the spec or on PYTHONPATH") from e
     finally:
         if added:
             sys.path.remove(str(base_dir))
@@ -162,9 +162,5 @@ def _hf_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise WorkloadError(f"model.tokenizer: cannot load a tokenizer from {str(path)!r} ({_first_line(e)})") from e
+        raise WorkloadError(f"model.tokenizer: cannot load a tokenizer from {str(path)!r} ({first_line(e)})") from e
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

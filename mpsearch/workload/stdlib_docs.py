@@ -38,11 +38,34 @@ def stdlib_sentences() -> tuple[str, ...]:
     >>> len(sentences) > 2000 and all(s[0].isupper() and s[-1] in ".!?" for s in sentences)
     True
     """
-    found: set[str] = set()
+    return tuple(sorted({s for paragraph in _prose_paragraphs() for s in paragraph}))
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_paragraphs() -> tuple[str, ...]:
+    """Every distinct docstring paragraph of two or more prose sentences, sorted: longer texts,
+    for causal language models.
+
+    >>> paragraphs = stdlib_paragraphs()
+    >>> len(paragraphs) > 500 and all(p.count(". ") >= 1 for p in paragraphs)
+    True
+    """
+    return tuple(sorted({" ".join(p) for p in _prose_paragraphs() if len(p) >= 2 and len(p) == p.total}))
+
+
+class _Paragraph(list):
+    """A paragraph's prose sentences; ``total`` counts all its sentences, prose or not."""
+
+    total: int = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _prose_paragraphs() -> tuple[_Paragraph, ...]:
+    found = []
     for path in _source_files(stdlib_root()):
         for doc in _docstrings(path):
-            found.update(_sentences(doc))
-    return tuple(sorted(found))
+            found.extend(_paragraphs(doc))
+    return tuple(found)
 
 
 def _source_files(root: Path) -> list[Path]:
@@ -62,7 +85,7 @@ def _docstrings(path: Path) -> list[str]:
     return [d for node in ast.walk(tree) if isinstance(node, nodes) and (d := ast.get_docstring(node))]
 
 
-def _sentences(doc: str) -> list[str]:
+def _paragraphs(doc: str) -> list[_Paragraph]:
     out = []
     for paragraph in re.split(r"\n\s*\n", doc):
         lines = paragraph.splitlines()
@@ -70,8 +93,8 @@ def _sentences(doc: str) -> list[str]:
         if any(l.startswith((" ", "\t")) or ">>>" in l or "::" in l for l in lines):
             continue
         text = " ".join(l.strip() for l in lines)
-        for sentence in _SENTENCE_END.split(text):
-            sentence = sentence.strip()
-            if 40 <= len(sentence) <= 300 and len(sentence.split()) >= 6 and _PROSE.match(sentence):
-                out.append(sentence)
+        sentences = [s.strip() for s in _SENTENCE_END.split(text)]
+        prose = _Paragraph(s for s in sentences if 40 <= len(s) <= 300 and len(s.split()) >= 6 and _PROSE.match(s))
+        prose.total = len(sentences)
+        out.append(prose)
     return out

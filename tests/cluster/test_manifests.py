@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from mpsearch.service.cli import cli
+from mpsearch.cli import cli
 
 from conftest import REPO
 

@@ -20,10 +20,12 @@ from mpsearch.export import ExportError, export_study, load_quantized, read_plan
 from mpsearch.export.evaluate import resident_bytes
 from mpsearch.export.loader import MODEL_FILE, file_layout, sha256_of
 from mpsearch.quant.modules import QuantizedModule
+from mpsearch.plan import Plan
 from mpsearch.search.allocate import Costs
-from mpsearch.search.driver import Search, ask_plan, tell_plan
+from mpsearch.search.driver import Search
+from mpsearch.search.space import space_for
 from mpsearch.spec import Spec
-from mpsearch.storage import Storage
+from mpsearch.storage import Storage, TrialLog
 from mpsearch.workload import Workload
 
 from conftest import REPO, tiny_study, write_spec
@@ -36,25 +38,25 @@ def mpsearch(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mpsearch", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def mixed_plan(table) -> dict[str, int]:
+def mixed_plan(table) -> Plan:
     """Every bit-width of the menu on the first layers, 4 bits elsewhere."""
-    plan = table.uniform(4)
+    plan = table.uniform(4).bits()
     for name, bits in zip(table.names, MENU):
         plan[name] = bits
-    return plan
+    return Plan.of_bits(plan)
 
 
-def add_trial(workload: Workload, storage: Storage, study_name: str, plan: dict[str, int]) -> int:
+def add_trial(workload: Workload, storage: Storage, study_name: str, plan: Plan) -> int:
     """Evaluate ``plan`` and record it as a complete trial, the way the driver records an enqueued plan."""
-    study = optuna.load_study(study_name=study_name, storage=storage.optuna())
     table = workload.layer_table()
-    costs = Costs.of(table, None)
+    meta = TrialLog.open(storage, study_name).meta
+    log = TrialLog.open(storage, study_name, space=space_for(meta, Costs.of(table, None), table))
     bank = workload.candidate_bank()
     model = workload.fp_model()
     with bank.applied(model, plan):
         loss = workload.loss(model)
-    trial, _ = ask_plan(study, costs, table, params=dict(zip(costs.names, costs.index(plan).tolist())), attrs={"source": "test-mixed"})
-    tell_plan(study, trial, [loss])
+    trial = log.ask(plan, {"source": "test-mixed"})
+    log.tell(trial, [loss])
     return trial.number
 
 
@@ -103,7 +105,7 @@ def gpt2(tmp_path_factory, tiny_gpt2_dir) -> Study:
     return run_study(folder, Spec.load(path), "gpt2-mixed")
 
 
-def fake_quantized(study: Study, plan: dict[str, int]):
+def fake_quantized(study: Study, plan: Plan):
     model = study.workload.build_model()
     return study.workload.candidate_bank().apply(model, plan)
 
@@ -119,9 +121,9 @@ def test_an_export_loads_runs_and_is_exactly_the_size_of_its_plan(which, request
     out = tmp_path / "export"
     result = export_study(study.storage, study.name, out, trial=study.mixed)
     doc = read_plan(out)
-    plan = doc.plan
+    plan = doc.plan.bits()
     table = study.workload.layer_table()
-    assert set(plan.values()) == set(MENU) and plan == mixed_plan(table)
+    assert set(plan.values()) == set(MENU) and plan == mixed_plan(table).bits()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["FORMAT.md", "README.md", "llama_cpp_tensor_types.txt", "model.safetensors", "plan.json", "quantization_config.json"]
     )
@@ -133,8 +135,7 @@ def test_an_export_loads_runs_and_is_exactly_the_size_of_its_plan(which, request
     assert tensor_bytes == table.bytes(plan) == doc.totals.bytes == result.bytes == doc.files[MODEL_FILE].tensor_bytes
     assert meta["format"] == "mpsearch-packed" and meta["format_version"] == "1"
     assert doc.totals.bpw == pytest.approx(table.bpw(plan))
-    by_name = {e.name: e for e in doc.layers}
-    assert by_name[table.names[4]].method == "fp16" and by_name[table.names[0]].method == table.scheme.method
+    assert doc.plan[table.names[4]].method == "fp16" and doc.plan[table.names[0]].method == table.scheme.method
 
     # Loaded: every planned layer runs from packed codes, and the outputs are the fake-quantized ones.
     loaded = load_quantized(out, study.workload.build_model())
@@ -173,7 +174,7 @@ def test_the_best_trial_is_the_default_fits_the_budget_and_sits_next_to_its_base
     doc = read_plan(out)
     types = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
     rules = [line.rsplit("=", 1) for line in lines]
-    for entry in doc.layers:
+    for entry, choice in doc.entries():
         block, _, rest = entry.name.removeprefix("encoder.layer.").partition(".")
         role = {"attention.self.query": "attn_q", "attention.self.key": "attn_k", "attention.self.value": "attn_v",
                 "attention.output.dense": "attn_output", "intermediate.dense": "ffn_up", "output.dense": "ffn_down"}.get(rest)
@@ -181,10 +182,10 @@ def test_the_best_trial_is_the_default_fits_the_budget_and_sits_next_to_its_base
             assert entry.name == "pooler.dense" and "`pooler.dense`" in readme
             continue
         hits = [kind for pattern, kind in rules if re.search(pattern, f"blk.{block}.{role}.weight")]
-        assert hits == [types[entry.bits]], entry.name
+        assert hits == [types[choice.bits]], entry.name
     config = json.loads((out / "quantization_config.json").read_text())
-    assert {name: m["bits"] for name, m in config["modules"].items()} == doc.plan
-    for name, bits in doc.plan.items():
+    assert {name: m["bits"] for name, m in config["modules"].items()} == doc.plan.bits()
+    for name, bits in doc.plan.bits().items():
         override = config["dynamic"].get(f"+:^{re.escape(name)}$")
         if bits == 16:
             assert name in config["modules_to_not_convert"] and override is None
@@ -358,18 +359,21 @@ def test_a_failed_check_leaves_nothing_and_force_replaces_only_when_done(minilm,
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous export")
-    study = optuna.load_study(study_name=minilm.name, storage=minilm.storage.optuna())
-    trial = study.trials[minilm.mixed]
+    # The recorded loss edited in the database, found by study name and trial number (plain SQL on Optuna's tables).
+    trial_id = sa.text(
+        "SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :s AND t.number = :n"
+    )
     engine = sa.create_engine(minilm.storage.url)
     with engine.begin() as c:
-        c.execute(sa.text("UPDATE trial_values SET value = value * 2 WHERE trial_id = :t"), {"t": trial._trial_id})
+        tid = c.execute(trial_id, {"s": minilm.name, "n": minilm.mixed}).scalar_one()
+        c.execute(sa.text("UPDATE trial_values SET value = value * 2 WHERE trial_id = :t"), {"t": tid})
     try:
         with pytest.raises(ExportError, match="differs from trial"):
             export_study(minilm.storage, minilm.name, out, trial=minilm.mixed, force=True)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["old.txt"]
     finally:
         with engine.begin() as c:
-            c.execute(sa.text("UPDATE trial_values SET value = value / 2 WHERE trial_id = :t"), {"t": trial._trial_id})
+            c.execute(sa.text("UPDATE trial_values SET value = value / 2 WHERE trial_id = :t"), {"t": tid})
     n = len(minilm.storage.exports(minilm.name))
     result = export_study(minilm.storage, minilm.name, out, trial=minilm.mixed, force=True)
     assert not (out / "old.txt").exists() and (out / MODEL_FILE).is_file() and result.verified_loss is not None

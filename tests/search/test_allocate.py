@@ -58,10 +58,10 @@ def test_repair_lowers_the_cheapest_loss_per_byte_first_and_is_deterministic():
     cost = np.array([[100.0, 10.0, 1.0, 0.1, 0.0], [1.0, 0.1, 0.01, 0.001, 0.0]])
     costs = Costs(("a", "b"), MENU, nbytes, cost, other_bytes=0)
     fixed = repair(costs, {"a": 16, "b": 16}, budget=1000)
-    assert costs.plan(fixed) == {"a": 16, "b": 4}
-    assert (repair(costs, {"a": 16, "b": 16}, budget=1000) == fixed).all()
+    assert fixed.bits() == {"a": 16, "b": 4}
+    assert repair(costs, {"a": 16, "b": 16}, budget=1000) == fixed
     # With room left, the raise that gains the most per byte goes first, until nothing fits.
-    assert costs.plan(repair(costs, {"a": 2, "b": 2}, budget=650)) == {"a": 8, "b": 4}
+    assert repair(costs, {"a": 2, "b": 2}, budget=650).bits() == {"a": 8, "b": 4}
 
 
 def test_an_impossible_budget_names_the_smallest_plan():

@@ -9,11 +9,17 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mpsearch.runtime import ScorerPool
 from mpsearch.search.allocate import Costs, is_maximal
-from mpsearch.search.driver import ATTR_RERUN_OF, ATTR_SOURCE, SAMPLED, Search
+from mpsearch.search.driver import Search
 from mpsearch.spec import Spec
-from mpsearch.storage import Storage
-from mpsearch.storage.store import ATTR_BYTES, ATTR_ERROR, ATTR_PLAN
+from mpsearch.storage import Storage, TrialLog
+from mpsearch.storage.trials import BYTES as ATTR_BYTES
+from mpsearch.storage.trials import ERROR as ATTR_ERROR
+from mpsearch.storage.trials import RERUN_OF as ATTR_RERUN_OF
+from mpsearch.storage.trials import SAMPLED
+from mpsearch.storage.trials import SOURCE as ATTR_SOURCE
+from mpsearch.storage.trials import plan_of
 from mpsearch.workload import Workload
 
 from conftest import tiny_study
@@ -44,9 +50,9 @@ def check_plans(study, workload, budget):
     evaluated = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
     assert evaluated
     for t in evaluated:
-        plan = t.user_attrs[ATTR_PLAN]
+        plan = plan_of(t.user_attrs).bits()
         assert table.bytes(plan) == t.user_attrs[ATTR_BYTES] <= budget, t.number
-        assert {k: MENU[v] for k, v in t.params.items()} == plan, t.number  # the stored params are the plan
+        assert {k: int(v) for k, v in t.params.items()} == plan, t.number  # the stored params are the plan, in bits
         if not t.user_attrs[ATTR_SOURCE].startswith("uniform-"):
             assert is_maximal(costs, costs.index(plan), budget), (t.number, t.user_attrs[ATTR_SOURCE])
 
@@ -73,34 +79,25 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_plan_rerun(workload):
     import ray
 
     storage = Storage(workload.spec.storage.url)
-    search = Search(workload, storage, study="kill")
-    submitted = []
+    with ScorerPool(workload.spec, 2, snapshot=workload.snapshot()) as pool:
+        submitted = []
+        pool_submit = pool.submit
 
-    def run_and_kill():
-        pool_submit = type(search.pool).submit
-
-        def submit(pool, slot, plan, split="evaluation"):
-            ref = pool_submit(pool, slot, plan, split)
+        def submit(slot, plan, split="evaluation"):
+            ref = pool_submit(slot, plan, split)
             submitted.append(slot)
             if len(submitted) == 7:
                 ray.kill(pool.actors[slot], no_restart=True)  # the real fault: the actor dies mid-trial
             return ref
 
-        search.pool.submit = submit.__get__(search.pool)
-
-    original = search._profiles
-
-    def profiles_then_arm():
-        original()
-        run_and_kill()
-
-    search._profiles = profiles_then_arm
-    result = search.run()
+        pool.submit = submit  # trials go through submit; the perturbation scan does not
+        search = Search(workload, storage, study="kill", pool=pool)
+        result = search.run()
     study = optuna.load_study(study_name="kill", storage=storage.optuna())
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
     assert len(failed) == 1 and failed[0].user_attrs[ATTR_ERROR].startswith("worker died")
     reruns = [t for t in complete(study) if t.user_attrs.get(ATTR_RERUN_OF) == failed[0].number]
-    assert len(reruns) == 1 and reruns[0].user_attrs[ATTR_PLAN] == failed[0].user_attrs[ATTR_PLAN]
+    assert len(reruns) == 1 and plan_of(reruns[0].user_attrs) == plan_of(failed[0].user_attrs)
     assert result.n_complete == len(complete(study)) == 12
     check_plans(study, workload, search.budget)
 
@@ -111,14 +108,14 @@ def test_a_seeded_search_is_reproducible(workload):
     for name in ("seeded-a", "seeded-b"):
         Search(workload, storage, study=name, workers=0).run()
         study = optuna.load_study(study_name=name, storage=storage.optuna())
-        runs.append([(t.user_attrs[ATTR_PLAN], t.values[0]) for t in sorted(complete(study), key=lambda t: t.number)])
+        runs.append([(plan_of(t.user_attrs), t.values[0]) for t in sorted(complete(study), key=lambda t: t.number)])
     assert [p for p, _ in runs[0]] == [p for p, _ in runs[1]]
     assert np.allclose([v for _, v in runs[0]], [v for _, v in runs[1]], rtol=1e-6)
     # A different seed samples different plans after the same warm starts.
     other = workload.spec.with_overrides(search={"trials": 12, "workers": 0, "seed": 1})
     Search(Workload(other), storage, study="seeded-c").run()
     study = optuna.load_study(study_name="seeded-c", storage=storage.optuna())
-    plans_c = [t.user_attrs[ATTR_PLAN] for t in sorted(complete(study), key=lambda t: t.number)]
+    plans_c = [plan_of(t.user_attrs) for t in sorted(complete(study), key=lambda t: t.number)]
     assert plans_c != [p for p, _ in runs[0]]
 
 
@@ -143,7 +140,7 @@ def test_losses_are_finite_and_match_a_direct_evaluation(workload):
     trial = min(complete(study), key=lambda t: t.values[0])
     bank = workload.candidate_bank()
     model = workload.build_model()
-    with bank.applied(model, trial.user_attrs[ATTR_PLAN]):
+    with bank.applied(model, plan_of(trial.user_attrs)):
         direct = workload.loss(model, "evaluation")
     assert math.isfinite(direct) and direct == pytest.approx(trial.values[0], rel=1e-5)
 
@@ -162,29 +159,40 @@ def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(wor
     ordered = sorted(complete(study), key=lambda t: t.number)
     for k, t in enumerate(ordered):
         if t.user_attrs[ATTR_SOURCE] == SAMPLED:
-            assert t.user_attrs[ATTR_PLAN] not in [u.user_attrs[ATTR_PLAN] for u in ordered[:k]], t.number
+            assert plan_of(t.user_attrs) not in [plan_of(u.user_attrs) for u in ordered[:k]], t.number
     assert not any(t.user_attrs.get("cached") for t in sampled)
 
 
 def test_the_sampler_sees_a_window_of_the_best_and_the_latest_trials(workload):
-    from mpsearch.search.sampler import _Window
+    """The sampler models the 2 best and the 3 latest trials (a window of 2 + 3): a sampler that
+    records what it was shown sees exactly those."""
+    from optuna.samplers import RandomSampler
+
+    class Recording(RandomSampler):
+        seen: list[set[int]] = []
+
+        def sample_relative(self, study, trial, search_space):
+            Recording.seen.append({t.number for t in study.get_trials(deepcopy=False)})
+            return {}
 
     storage = Storage(workload.spec.storage.url)
     Search(workload, storage, study="window", workers=0, trials=10).run()
-    study = optuna.load_study(study_name="window", storage=storage.optuna())
-    view = _Window(study, best=2, recent=3)
-    seen = view._get_trials(deepcopy=False, use_cache=True)
-    trials = sorted(complete(study), key=lambda t: t.number)
+    table = workload.layer_table()
+    from mpsearch.search.space import LogBitsSpace
+
+    log = TrialLog.open(storage, "window", space=LogBitsSpace(Costs.of(table, None), table), sampler=Recording(seed=0), window=(2, 3))
+    log.ask()
+    trials = sorted(complete(log.study), key=lambda t: t.number)
     best_two = {t.number for t in sorted(trials, key=lambda t: t.values[0])[:2]}
     latest = {t.number for t in trials[-3:]}
-    assert {t.number for t in seen} == best_two | latest
-    assert view.study_name == study.study_name  # everything else is the study's own
+    running = {t.number for t in log.study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
+    assert Recording.seen == [best_two | latest | running]
 
 
 def test_a_nan_loss_or_an_exception_fails_the_trial_and_the_study_goes_on(workload, monkeypatch):
     """A fake, said so: a real plan and model give finite losses, so the two faults are
     injected into the scorer's ``score`` for the 7th and 8th trials."""
-    from mpsearch.search.pool import Scorer
+    from mpsearch.runtime import Scorer
 
     calls = []
     real = Scorer.score
@@ -210,20 +218,28 @@ def test_a_nan_loss_or_an_exception_fails_the_trial_and_the_study_goes_on(worklo
 
 
 def test_the_sampler_sees_every_trial_told_so_far(workload, tmp_path):
-    """ask_plan / tell_plan bypass Study.ask / tell, and must drop the study's trial cache as they do.
+    """The batched path bypasses Study.ask / tell, and must drop the study's trial cache as they do.
 
     Without that, TPE (which reads the study through that cache) kept proposing from the trials
     it first saw: the README's search ended at its best warm start instead of 0.94x of it.
     """
-    from mpsearch.search.driver import ask_plan, tell_plan
+    from optuna.samplers import RandomSampler
+
+    from mpsearch.search.space import LogBitsSpace
+
+    class Recording(RandomSampler):
+        seen: list = []
+
+        def sample_relative(self, study, trial, search_space):
+            # The study it is shown is the trial log's window, read through the study's trial
+            # cache, as TPE reads it.
+            Recording.seen.append([(t.number, t.state, t.values) for t in study.get_trials(deepcopy=False)])
+            return {}
 
     storage = Storage(f"sqlite:///{tmp_path / 'cache.db'}")
-    study = optuna.create_study(storage=storage.optuna(), study_name="cache")
     table = workload.layer_table()
-    costs = Costs.of(table, None)
-    for value, bits in enumerate((3, 4, 8)):
-        study._get_trials(deepcopy=False, use_cache=True)  # what a sampler does inside a proposal
-        trial, _ = ask_plan(study, costs, table, params=dict(zip(costs.names, costs.index(table.uniform(bits)).tolist())))
-        tell_plan(study, trial, [float(value)])
-    seen = study._get_trials(deepcopy=False, use_cache=True)
-    assert [(t.number, t.state, t.values) for t in seen] == [(n, TrialState.COMPLETE, [float(n)]) for n in range(3)]
+    log = TrialLog.create(storage, "cache", meta={}, space=LogBitsSpace(Costs.of(table, None), table), sampler=Recording(seed=0))
+    for value in range(4):
+        log.tell(log.ask(), [float(value)])  # each ask is a proposal: the sampler reads the study
+    for k, seen in enumerate(Recording.seen):
+        assert seen == [(n, TrialState.COMPLETE, [float(n)]) for n in range(k)] + [(k, TrialState.RUNNING, None)], k

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mpsearch.search.pool import ray_client_env
+from mpsearch.runtime import ray_client_env
 
 from conftest import RAY, tiny_study
 

@@ -98,7 +98,6 @@ def test_the_default_estimator_follows_the_loss(mlp_workload):
 @pytest.mark.parametrize("kind", ["kl", "cosine", "mse"])
 def test_output_directions_have_the_loss_hessian_as_covariance(kind):
     """E[uuᵀ] = H_out, checked by autograd's Hessian of the loss in the output at out = ref."""
-    from mpsearch.sensitivity.fisher import output_direction
     from mpsearch.workload.losses import Outputs, make_loss
 
     torch.manual_seed(0)
@@ -117,7 +116,7 @@ def test_output_directions_have_the_loss_hessian_as_covariance(kind):
     cov = torch.zeros_like(h)
     for _ in range(draws):
         x = value.clone().requires_grad_(True)
-        (u,) = torch.autograd.grad(output_direction(kind, Outputs(x, out_kind), batch, generator), x)
+        (u,) = torch.autograd.grad(loss.direction(Outputs(x, out_kind), batch, generator), x)
         u = u.reshape(-1).double()
         cov += torch.outer(u, u)
     cov /= draws

@@ -30,10 +30,34 @@ def test_version():
     assert out.stdout.strip() == f"mpsearch, version {mpsearch.__version__}"
 
 
+def command_paths(group=None, prefix=()) -> list[tuple[str, ...]]:
+    """Every command and subcommand of the CLI, hidden ones too."""
+    import click
+
+    from mpsearch.cli import cli
+
+    group = group or cli
+    paths = []
+    for name, command in group.commands.items():
+        paths.append((*prefix, name))
+        if isinstance(command, click.Group):
+            paths += command_paths(command, (*prefix, name))
+    return paths
+
+
 def test_every_command_has_help():
-    for args in (["--help"], ["layers", "--help"], ["quantize", "--help"]):
-        out = run(*args)
-        assert out.returncode == 0 and "Usage: mpsearch" in out.stdout
+    paths = command_paths()
+    assert {("layers",), ("search",), ("jobs", "logs"), ("db", "upgrade"), ("job-run",)} <= set(paths)
+    for args in [()] + paths:
+        out = run(*args, "--help")
+        assert out.returncode == 0 and "Usage: mpsearch" in out.stdout, args
+
+
+def test_help_starts_without_loading_torch_ray_or_optuna():
+    """`mpsearch --help` stays fast: the CLI imports the library inside its commands."""
+    code = "import sys; from mpsearch.cli import main; main(['--help']); print(sorted(m for m in ('torch', 'ray', 'optuna') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-500:] + out.stderr[-500:]
 
 
 def test_layers_json_on_the_default_study():
@@ -86,7 +110,10 @@ CASES = {
 def test_bad_input_is_one_line_exit_2_and_no_traceback(tmp_path, case):
     text, pattern = CASES[case]
     path = tmp_path / "nope.toml" if text is None else _bad(tmp_path, text, {"empty.txt": ""})
-    out = run("layers", str(path), "--json")
+    if case.startswith("budget"):  # `layers` lists the layers whatever the budget; a search needs one it can meet
+        out = run("search", str(path), "--workers", "0", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--json")
+    else:
+        out = run("layers", str(path), "--json")
     assert out.returncode == 2
     assert out.stdout == ""
     lines = [line for line in out.stderr.splitlines() if line.strip()]
@@ -169,3 +196,35 @@ def test_layers_errors_reports_sqnr_at_every_bit_width(tmp_path):
     assert lowest == pytest.approx({"2": 5.04, "3": 11.94, "4": 18.48, "8": 42.82}, abs=0.01)
     table = run("layers", str(small), "--errors")
     assert table.returncode == 0 and "2-bit dB" in table.stdout and "signal-to-quantization-noise" in table.stdout
+
+
+def test_layers_lists_the_layers_and_names_a_budget_out_of_range(tmp_path):
+    spec = write_spec(tmp_path, 'budget = "20bpw"\n')
+    out = run("layers", str(spec), "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert len(doc["layers"]) == 37 and doc["budget"]["bytes"] is None
+    assert "above the largest plan" in doc["budget"]["error"]
+    table = run("layers", str(spec))
+    assert table.returncode == 0 and "budget 20bpw: budget.bpw: 20bpw" in table.stdout and "above the largest plan" in table.stdout
+
+
+def test_a_relative_sqlite_url_is_read_from_the_working_directory_and_the_environment_overrides_it(tmp_path):
+    """storage.url is a database URL, read as --storage reads one: a relative SQLite path starts in
+    the working directory (where `mpsearch export` and `studies` look by default), not beside the spec."""
+    import sqlite3
+
+    from conftest import tiny_spec_text
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    spec = write_spec(folder, tiny_spec_text() + '[storage]\nurl = "sqlite:///rel.db"\n')
+    out = run("analyze", str(spec), "--method", "fisher", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "rel.db").is_file() and not (folder / "rel.db").exists()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPSEARCH_STORAGE": f"sqlite:///{tmp_path / 'env.db'}"}
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "analyze", str(spec), "--method", "fisher", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with sqlite3.connect(tmp_path / "env.db") as db:
+        assert db.execute("SELECT count(*) FROM mpsearch_sensitivity_profiles").fetchone() == (1,)

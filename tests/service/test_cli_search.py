@@ -13,9 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mpsearch.search.driver import ATTR_RERUN_OF
 from mpsearch.storage import Storage
-from mpsearch.storage.store import ATTR_PLAN
+from mpsearch.storage.trials import RERUN_OF as ATTR_RERUN_OF
+from mpsearch.storage.trials import plan_of
 
 from conftest import tiny_study
 
@@ -105,12 +105,12 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_tr
         done = _complete(storage) if attempt else 0
         assert _kill_mid_trial(args + (["--resume"] if attempt else []), storage, at_least=done + 3) == -signal.SIGKILL
         trials = optuna.load_study(study_name="killed", storage=storage.optuna()).get_trials(deepcopy=False)
-        # The plan is the trial's parameters (menu indices); killed right after the ask, the
+        # The plan is the trial's parameters (its bits); killed right after the ask, the
         # trial may not have its plan attribute yet.
-        running = {t.number: {k: MENU[v] for k, v in t.params.items()} for t in trials if t.state == TrialState.RUNNING}
+        running = {t.number: {k: int(v) for k, v in t.params.items()} for t in trials if t.state == TrialState.RUNNING}
         if running:
             break
-    before = {t.number: (t.values[0], t.user_attrs[ATTR_PLAN]) for t in trials if t.state == TrialState.COMPLETE}
+    before = {t.number: (t.values[0], plan_of(t.user_attrs).bits()) for t in trials if t.state == TrialState.COMPLETE}
     layers = len(next(iter(before.values()))[1])
     half_made = {n for n, plan in running.items() if len(plan) < layers}  # killed inside Optuna's ask
     assert 3 <= len(before) < 24 and running
@@ -122,7 +122,7 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_tr
     after = {t.number: t for t in trials if t.state == TrialState.COMPLETE}
     assert len(after) == 24
     for number, (loss, plan) in before.items():  # nothing finished was lost or changed
-        assert after[number].values[0] == loss and after[number].user_attrs[ATTR_PLAN] == plan
+        assert after[number].values[0] == loss and plan_of(after[number].user_attrs).bits() == plan
     # A trial the dead driver left running failed and its plan ran again, once; nothing else re-ran.
     for number, plan in running.items():
         failed = next(t for t in trials if t.number == number)
@@ -131,5 +131,5 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_tr
         if number in half_made:  # never a whole plan, never evaluated: nothing to re-run
             assert not reruns
         else:
-            assert len(reruns) == 1 and reruns[0].user_attrs[ATTR_PLAN] == plan
+            assert len(reruns) == 1 and plan_of(reruns[0].user_attrs).bits() == plan
     assert all(t.user_attrs.get(ATTR_RERUN_OF) in running for t in after.values() if t.user_attrs.get(ATTR_RERUN_OF) is not None)

@@ -10,7 +10,10 @@ import sys
 import optuna
 import pytest
 
-from mpsearch.storage import ATTR_BPW, ATTR_BYTES, ATTR_ERROR, Storage
+from mpsearch.storage import Storage
+from mpsearch.storage.trials import BPW as ATTR_BPW
+from mpsearch.storage.trials import BYTES as ATTR_BYTES
+from mpsearch.storage.trials import ERROR as ATTR_ERROR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -1,19 +1,20 @@
 """``plan.json``: the versioned document that says what an export holds and where it came from.
 
-It is DESIGN.md's plan (an ordered mapping from layer name to bits, with each layer's
-scheme) plus the totals and the provenance a deployment needs to trust the file:
+It carries the study's :class:`~mpsearch.plan.Plan` — the one plan format — with every layer's
+choice written out in full (``bits``, ``group_size``, ``symmetric``, ``method``: ``rtn``, ``gptq``,
+or ``fp16`` at 16 bits), plus what a reader needs beside it:
 
-* ``layers``: per layer, in the model's order, its ``name``, ``bits``, ``group_size``,
-  ``symmetric``, ``method`` (``rtn``, ``gptq`` or ``fp16``), its weight ``shape``, the
-  matrix ``rows``×``cols`` it is quantized as, its exact ``bytes`` and any ``aliases``
-  (other module names that share the weight);
+* ``layers``: per layer, in the model's order, its ``name``, ``kind``, weight ``shape``, the matrix
+  ``rows``×``cols`` it is quantized as, its exact ``bytes``, any ``aliases`` (other module names
+  that share the weight) and the ``rule`` a ragged layer took;
 * ``totals``: ``bytes`` (= bytes(plan), the tensor bytes of ``model.safetensors``),
   ``quantized_bytes``, ``other_bytes``, ``bpw`` and ``n_weights``;
-* ``provenance``: the model source and digest, the calibration and evaluation data
-  digests, the study, trial number and its loss, the budget, and the mpsearch version;
+* ``provenance``: the model source and digest, the calibration and evaluation data digests, the
+  study, trial number and its loss, the budget, and the mpsearch version;
 * ``files``: the size and sha256 of ``model.safetensors``, checked on load.
 
-Readers accept the ``format_version`` they know and refuse others with a clear error.
+Readers accept the ``format_version`` they know (2; version 1, written by mpsearch 0.1.0, is
+read too) and refuse others with a clear error.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mpsearch.errors import MPSearchError
+from mpsearch.plan import LayerChoice, Plan
 
 PLAN_FORMAT = "mpsearch-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 class _Doc(BaseModel):
@@ -36,10 +38,6 @@ class _Doc(BaseModel):
 
 class LayerEntry(_Doc):
     name: str
-    bits: Literal[2, 3, 4, 8, 16]
-    group_size: int | None = Field(description="weights per scale along the input dimension; null at 16 bits")
-    symmetric: bool | None = Field(description="null at 16 bits")
-    method: Literal["rtn", "gptq", "fp16"]
     kind: str
     shape: list[int]
     rows: int
@@ -93,18 +91,23 @@ class FileInfo(_Doc):
 
 class PlanDocument(_Doc):
     format: Literal["mpsearch-plan"] = PLAN_FORMAT
-    format_version: int = PLAN_VERSION
+    format_version: Literal[2] = PLAN_VERSION
+    plan: Plan
     layers: list[LayerEntry]
     totals: Totals
     provenance: Provenance
     files: dict[str, FileInfo]
 
-    @property
-    def plan(self) -> dict[str, int]:
-        return {layer.name: layer.bits for layer in self.layers}
+    def entries(self) -> list[tuple[LayerEntry, LayerChoice]]:
+        """Each layer's geometry with its choice, in the model's order."""
+        return [(entry, self.plan[entry.name]) for entry in self.layers]
+
+    def to_json(self) -> dict:
+        rest = self.model_dump(mode="json", exclude={"format", "format_version", "plan"})
+        return {"format": self.format, "format_version": self.format_version, "plan": self.plan.to_json(), **rest}
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def read(cls, path: Path) -> "PlanDocument":
@@ -116,14 +119,34 @@ class PlanDocument(_Doc):
             raise MPSearchError(f"{str(path)!r} is not readable JSON ({e}); export the study again") from None
         if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
             raise MPSearchError(f"{str(path)!r} is not an mpsearch plan (format {raw.get('format') if isinstance(raw, dict) else None!r}); export the study again")
+        if raw.get("format_version") == 1:
+            raw = _from_version_1(raw)
         if raw.get("format_version") != PLAN_VERSION:
             raise MPSearchError(
                 f"{str(path)!r} has plan format_version {raw.get('format_version')!r}; this mpsearch reads {PLAN_VERSION}: "
                 "use the mpsearch that wrote it, or export again"
             )
         try:
-            return cls.model_validate(raw)
+            plan = Plan.from_json(raw.get("plan"), where=f"{str(path)!r}'s plan")
+            doc = cls.model_validate({**raw, "plan": plan})
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
             raise MPSearchError(f"{str(path)!r}: {where}: {first['msg']}; export the study again") from None
+        missing = [entry.name for entry in doc.layers if entry.name not in doc.plan]
+        if missing or len(doc.plan) != len(doc.layers):
+            raise MPSearchError(f"{str(path)!r}: its plan and its layers name different layers; export the study again")
+        return doc
+
+
+_CHOICE = ("bits", "group_size", "symmetric", "method")
+
+
+def _from_version_1(raw: dict) -> dict:
+    """mpsearch 0.1.0's plan.json (each layer's choice inside its entry) as version 2."""
+    layers = raw.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(e, dict) and "name" in e for e in layers):
+        return raw  # left for validation to name what is wrong
+    choices = {e["name"]: {k: e[k] for k in _CHOICE if e.get(k) is not None} for e in layers}
+    geometry = [{k: v for k, v in e.items() if k not in _CHOICE} for e in layers]
+    return {**raw, "format_version": PLAN_VERSION, "plan": {"format_version": 1, "layers": choices}, "layers": geometry}

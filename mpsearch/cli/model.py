@@ -1,0 +1,202 @@
+"""Commands on a spec's model: `layers`, `quantize`, `analyze`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mpsearch.cli import cli
+from mpsearch.cli._common import RegistryChoice, cell, device_option, emit_json, finite, load_spec, spec_storage_option, wide_console
+from mpsearch.errors import MPSearchError
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--errors", is_flag=True, help="Quantize every layer at every bit-width and add its SQNR (dB) and weight MSE.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def layers(spec: str, errors: bool, device: str, as_json: bool) -> None:
+    """List the quantizable layers of SPEC's model, with their bytes at each bit-width.
+
+    Bytes follow DESIGN.md: packed codes plus scales (and zero points), fp16 at 16 bits;
+    `other_bytes` is everything else in the model, so bytes(plan) = Σ bytes[l][b] + other_bytes.
+    With --errors, each layer's quantization error at each bit-width under the spec's
+    method (the candidate bank, cached on disk) is added.
+    """
+    from mpsearch.errors import BudgetError
+    from mpsearch.workload import Workload
+
+    s = load_spec(spec)
+    workload = Workload(s, device=device)
+    table = workload.layer_table()
+    budget = s.budget.to_budget()
+    document = table.to_json()
+    try:
+        limit = table.budget_bytes(budget)
+        document["budget"] = {"spec": str(budget), "bytes": limit, "bpw": (limit - table.other_bytes) * 8 / table.n_weights}
+    except BudgetError as e:  # the layers are still worth listing; the budget's problem is named with them
+        document["budget"] = {"spec": str(budget), "bytes": None, "bpw": None, "error": str(e)}
+    if errors:
+        bank = workload.candidate_bank(progress=not as_json)
+        stats = bank.errors()
+        for row in document["layers"]:
+            per_bits = stats[row["name"]]
+            row["sqnr"] = {str(b): finite(e["sqnr"]) for b, e in per_bits.items()}
+            row["mse"] = {str(b): e["mse"] for b, e in per_bits.items()}
+            if row["name"] in bank.notes:
+                row["note"] = bank.notes[row["name"]]
+        document["method"] = s.quant.method
+    if as_json:
+        emit_json(document)
+        return
+    _print_layers(document)
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--bits", type=int, required=True, help="The bit-width every layer gets (one of the spec's quant.bits).")
+@click.option("--method", type=RegistryChoice("mpsearch.quant.apply:QUANTIZERS"), default=None, help="Override the spec's quant.method.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a line.")
+def quantize(spec: str, bits: int, method: str | None, device: str, as_json: bool) -> None:
+    """Quantize every layer of SPEC's model at BITS and score it: the uniform baseline.
+
+    Prints the loss on the evaluation set, the exact bytes and the bpw of the uniform plan.
+    """
+    from mpsearch.workload import Workload
+
+    s = load_spec(spec)
+    if method is not None:
+        s = s.with_overrides(quant={**s.quant.model_dump(), "method": method})
+    if bits not in s.quant.bits:
+        raise MPSearchError(f"--bits {bits} is not in quant.bits {list(s.quant.bits)}; pick one of those or add it to the spec")
+    workload = Workload(s, device=device)
+    table = workload.layer_table()
+    plan = table.uniform(bits)
+    bank = workload.candidate_bank(bits=[bits], progress=not as_json)
+    model = workload.build_model()  # a copy: the FP model stays FP for the reference outputs
+    loss = workload.loss(bank.apply(model, plan))
+    size = table.bytes(plan)
+    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": loss}
+    if as_json:
+        emit_json(document)
+        return
+    click.echo(f"uniform {bits}-bit {document['method']}: loss {document['loss']:.6g}, {size:,} bytes, {document['bpw']:.4g} bpw")
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--method", type=RegistryChoice("mpsearch.sensitivity:SENSITIVITY"), default="hessian", show_default=True, help="The sensitivity method.")
+@click.option("--mode", type=click.Choice(["all", "per-layer"]), default="all", show_default=True, help="hessian: one Hessian-vector product per probe for all layers, or one per layer.")
+@click.option("--estimator", type=click.Choice(["auto", "gn", "hvp"]), default="auto", show_default=True, help="hessian, all-at-once: Gauss-Newton output-space probes (exact for distillation losses, no cross-layer noise) or parameter-space Hessian-vector products; auto picks gn for distillation losses.")
+@click.option("--tol", type=float, default=None, help="hessian: relative tolerance of the stopping rule (default 0.05).")
+@click.option("--max-probes", type=int, default=None, help="hessian: most probes per layer (default 48).")
+@click.option("--workers", type=int, default=2, show_default=True, help="perturbation: Ray actors (0: in this process).")
+@click.option("--address", default=None, help="perturbation: an existing Ray cluster (default: local Ray).")
+@spec_storage_option
+@click.option("--recompute", is_flag=True, help="Compute again even if the database holds this profile.")
+@device_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None, help="Write a bar chart of per-layer sensitivity (PNG).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def analyze(spec, method, mode, estimator, tol, max_probes, workers, address, storage, recompute, device, plot_path, as_json) -> None:
+    """Rank SPEC's layers by how much quantizing them hurts.
+
+    The profile is stored in the database, keyed by hashes of the model, the calibration
+    data, the scheme and the settings: run again with nothing changed, it is read back.
+    """
+    from mpsearch.sensitivity.analyze import analyze as run_analysis
+    from mpsearch.sensitivity.analyze import plot
+    from mpsearch.storage import Storage
+    from mpsearch.workload import Workload
+
+    s = load_spec(spec)
+    if plot_path is not None:
+        folder = Path(plot_path).resolve().parent
+        if not folder.is_dir():
+            raise MPSearchError(f"--plot: folder {str(folder)!r} does not exist; create it or pick another path")
+    store = Storage(storage or s.storage.url)
+    workload = Workload(s, device=device)
+    profile = run_analysis(
+        workload, method, store, mode=mode, estimator=estimator, tol=tol, max_probes=max_probes, workers=workers, address=address,
+        progress=not as_json, recompute=recompute,
+    )
+    if plot_path is not None:
+        plot(profile, plot_path, workload.layer_table().menu)
+        click.echo(f"plot written to {plot_path}", err=True)
+    if as_json:
+        emit_json(profile.to_json())
+        return
+    _print_profile(profile, workload.layer_table().menu)
+
+
+def _print_profile(profile, menu) -> None:
+    from rich.table import Table
+
+    bits = [str(b) for b in menu]
+    order = {name: i for i, name in enumerate(profile.ranking)}
+    rows = sorted(profile.layers, key=lambda r: order[r["name"]])
+    has_trace = "trace" in rows[0]
+    table = Table(title=f"{profile.method} sensitivity, most sensitive first" + (" (from the database)" if profile.reused else f" ({profile.seconds:.1f} s)"), title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("layer", no_wrap=True)
+    if has_trace:
+        table.add_column("trace", justify="right")
+        if "trace_stderr" in rows[0]:
+            table.add_column("± stderr", justify="right")
+    for b in bits:
+        table.add_column(f"{b}-bit", justify="right")
+    for i, row in enumerate(rows, 1):
+        cells = [str(i), row["name"]]
+        if has_trace:
+            cells.append(f"{row['trace']:.4g}")
+            if "trace_stderr" in row:
+                cells.append(cell(row["trace_stderr"], ".2g"))
+        cells += [f"{row['score'][b]:.3g}" for b in bits]
+        table.add_row(*cells)
+    wide_console(170).print(table)
+
+
+def _print_layers(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    menu = [str(b) for b in doc["menu"]]
+    table = Table(title=f"{len(doc['layers'])} quantizable layers, {doc['n_weights']:,} weights", title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("kind")
+    for header in ("shape", "weights", *[f"{b}-bit B" for b in menu]):
+        table.add_column(header, justify="right", no_wrap=True)
+    with_errors = "sqnr" in doc["layers"][0]
+    if with_errors:
+        for b in menu:
+            table.add_column(f"{b}-bit dB", justify="right", no_wrap=True)
+    for row in doc["layers"]:
+        name = row["name"] + (f"  ({row['rule']})" if row.get("rule") else "")
+        cells = [f"{row['bytes'][b]:,}" for b in menu]
+        if with_errors:
+            cells += [_db(row["sqnr"][b]) for b in menu]
+        table.add_row(name, row["kind"], "×".join(map(str, row["shape"])), f"{row['n']:,}", *cells)
+    console = Console()
+    console.width = max(console.width, 210 if with_errors else 150)  # a layer table is wide; let it be, even in a pipe
+    console.print(table)
+    for item in doc["excluded"]:
+        console.print(f"not quantized: {item['name']} — {item['reason']}")
+    for row in doc["layers"]:
+        if "note" in row:
+            console.print(f"{row['name']}: {row['note']}")
+    if with_errors:
+        console.print(f"dB: signal-to-quantization-noise ratio of each layer's weight under {doc['method']}")
+    console.print(f"other tensors: {doc['other_bytes']:,} bytes")
+    console.print("whole model, uniform: " + ", ".join(f"{b}-bit {doc['total_bytes'][b]:,} B" for b in menu))
+    b = doc["budget"]
+    if b.get("error"):
+        console.print(f"budget {b['spec']}: {b['error']}")
+    else:
+        console.print(f"budget {b['spec']}: {b['bytes']:,} bytes ({b['bpw']:.4g} bpw over the quantizable layers)")
+
+
+def _db(x: float | None) -> str:
+    return "exact" if x is None else f"{x:.1f}"
+
+

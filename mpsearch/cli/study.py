@@ -1,0 +1,173 @@
+"""Commands on studies: `search`, `studies`, `trials`, `export`, `eval`."""
+
+from __future__ import annotations
+
+import click
+
+from mpsearch.cli import cli
+from mpsearch.cli._common import cell, device_option, emit_json, load_spec, spec_storage_option, storage_option, wide_console
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Complete trials the study ends with, baselines included (default: the spec's search.trials).")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Ray actors scoring plans; 0 scores in this process (default: the spec's search.workers).")
+@click.option("--budget", default=None, help="Overrides the spec's budget: bytes (5000000), MiB (5.2MiB) or bpw (4.0bpw).")
+@spec_storage_option
+@click.option("--study", "study_name", default=None, help="Study name (default: SPEC's name and budget, e.g. minilm-4bpw).")
+@click.option("--address", default=None, help="An existing Ray cluster, HOST:PORT of its head (default: a local Ray).")
+@click.option("--resume", is_flag=True, help="Continue the study if it exists: keep its complete trials, re-run those a dead driver left running.")
+@click.option("--pareto", is_flag=True, help="Two objectives, (loss, bytes): the whole front up to the budget in one study.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def search(spec, trials, workers, budget, storage, study_name, address, resume, pareto, device, as_json) -> None:
+    """Search per-layer bit-widths for SPEC under its budget: an Optuna study scored on Ray.
+
+    Warm starts (ILP on the Hessian and perturbation scores, greedy, every uniform plan that
+    fits) run first and are reported as the baselines next to the best plan found.
+    """
+    from mpsearch.search.driver import Search
+    from mpsearch.storage import Storage
+    from mpsearch.workload import Workload
+
+    s = load_spec(spec)
+    if budget is not None:
+        s = s.with_overrides(budget=budget)
+    store = Storage(storage or s.storage.url)
+    workload = Workload(s, device=device)
+    run = Search(workload, store, study=study_name, trials=trials, workers=workers, address=address, resume=resume, pareto=pareto, progress=not as_json)
+    result = run.run()
+    if as_json:
+        emit_json(result.to_json())
+        return
+    _print_outcome(result)
+
+
+def _print_outcome(result) -> None:
+    from rich.table import Table
+
+    best_base = min((b["loss"] for b in result.baselines.values()), default=None)
+    table = Table(
+        title=f"study {result.study}: {result.n_complete} complete trials ({result.n_failed} failed), budget {result.budget_bytes:,} bytes",
+        title_justify="left",
+    )
+    for header in ("plan", "trial", "loss", "bytes", "bpw", "loss / best baseline"):
+        table.add_column(header, justify="left" if header == "plan" else "right", no_wrap=True)
+    rows = ([("best found", result.best)] if result.best else []) + sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"])
+    for name, row in rows:
+        ratio = row["loss"] / best_base if best_base else None
+        table.add_row(name, str(row["trial"]), f"{row['loss']:.6g}", f"{row['bytes']:,}", f"{row['bpw']:.4g}", cell(ratio, ".3f"))
+    wide_console().print(table)
+    if result.pareto:
+        front = Table(title=f"Pareto front: {len(result.pareto)} plans", title_justify="left")
+        for header in ("trial", "loss", "bytes", "bpw"):
+            front.add_column(header, justify="right")
+        for row in result.pareto:
+            front.add_row(str(row["trial"]), f"{row['loss']:.6g}", f"{row['bytes']:,}", f"{row['bpw']:.4g}")
+        wide_console().print(front)
+
+
+@cli.command()
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def studies(storage: str, as_json: bool) -> None:
+    """List the studies in the database: trial counts by state and the best trial."""
+    from mpsearch.storage import Storage
+    from mpsearch.storage.trials import study_rows
+
+    rows = study_rows(Storage(storage, create=False))
+    if as_json:
+        emit_json({"studies": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} studies", title_justify="left")
+    for header in ("study", "trials", "complete", "running", "failed", "pruned", "best trial", "loss", "bytes", "bpw"):
+        table.add_column(header, justify="left" if header == "study" else "right", no_wrap=True)
+    for row in rows:
+        best, st = row["best"] or {}, row["states"]
+        table.add_row(
+            row["name"], str(row["n_trials"]), str(st["complete"]), str(st["running"]), str(st["fail"]), str(st["pruned"]),
+            cell(best.get("number")), cell(best.get("loss"), ".6g"), cell(best.get("bytes"), ","), cell(best.get("bpw"), ".4g"),
+        )
+    wide_console().print(table)
+
+
+@cli.command()
+@click.argument("study")
+@storage_option
+@click.option("--pareto", is_flag=True, help="Only the Pareto front (loss, bytes) of a --pareto study, smallest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def trials(study: str, storage: str, pareto: bool, as_json: bool) -> None:
+    """List the trials of STUDY: number, state, loss, bytes, bpw, duration, source, failure reason."""
+    from mpsearch.storage import Storage
+    from mpsearch.storage.trials import pareto_rows, trial_rows
+
+    store = Storage(storage, create=False)
+    rows = pareto_rows(store, study) if pareto else trial_rows(store, study)
+    if as_json:
+        emit_json({"study": study, "trials": rows})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"study {study}: {len(rows)} trials", title_justify="left")
+    for header in ("trial", "state", "loss", "bytes", "bpw", "seconds", "source", "error"):
+        table.add_column(header, justify="left" if header in ("state", "source", "error") else "right")
+    for row in rows:
+        table.add_row(
+            str(row["number"]), row["state"], cell(row["loss"], ".6g"), cell(row["bytes"], ","), cell(row["bpw"], ".4g"),
+            cell(row["duration_s"], ".1f"), row["source"] or "", row["error"] or "",
+        )
+    wide_console().print(table)
+
+
+@cli.command()
+@click.argument("study")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The folder to write; it must not exist or be empty (or pass --force).")
+@click.option("--trial", type=click.IntRange(min=0), default=None, help="Export this trial number (default: the best within the budget).")
+@click.option("--pareto-index", type=click.IntRange(min=0), default=None, help="Export the K-th plan of a --pareto study's front, smallest first.")
+@storage_option
+@click.option("--spec", "spec_path", default=None, type=click.Path(dir_okay=False), help="The spec the study ran with (default: the one stored with the study).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option("--no-verify", is_flag=True, help="Skip loading the export back and checking its loss against the trial's.")
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a summary.")
+def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify, device, as_json) -> None:
+    """Write a trial of STUDY to --out: packed model.safetensors, plan.json, FORMAT.md and deployment configs.
+
+    The folder is built beside --out and renamed into place once the export has been loaded
+    back and its loss checked against the trial's, and it is recorded in the database.
+    """
+    from mpsearch.export import export_study
+    from mpsearch.storage import Storage
+
+    result = export_study(
+        Storage(storage, create=False), study, out, trial=trial, pareto_index=pareto_index,
+        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=not as_json,
+    )
+    if as_json:
+        emit_json(result.to_json())
+        return
+    checked = "" if result.verified_loss is None else f", loaded back at loss {result.verified_loss:.6g}"
+    click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
+    for name, size, _ in result.files:
+        click.echo(f"  {name:<30} {size:>12,} bytes")
+
+
+@cli.command(name="eval")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("spec", type=click.Path(dir_okay=False))
+@device_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a line.")
+def eval_(folder, spec, device, as_json) -> None:
+    """Score the export in FOLDER, loaded from its packed file, on SPEC's evaluation data."""
+    from mpsearch.export import evaluate_export
+    from mpsearch.workload import Workload
+
+    doc = evaluate_export(folder, Workload(load_spec(spec), device=device))
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"{folder}: loss {doc['loss']:.6g} (trial {doc['trial']} recorded {doc['recorded_loss']:.6g}), {doc['bytes']:,} bytes, {doc['bpw']:.4g} bpw")
+
+

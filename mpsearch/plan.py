@@ -1,0 +1,146 @@
+"""The plan: which bits (and which scheme) every quantizable layer gets.
+
+One versioned type, used everywhere a plan travels: the allocators return it, a trial stores
+it once (``plan`` user attribute), ``plan.json`` and the HTTP API carry it, and every ``--json``
+output prints it. Its JSON form is::
+
+    {"format_version": 1, "layers": {"encoder.layer.0.attention.self.query": {"bits": 4}, ...}}
+
+The layers are in the model's order. A choice holds the bits and, where a layer departs from
+the study's scheme, its own ``group_size``, ``symmetric`` and ``method``; a field left out
+means "the study's scheme". Exports write every field out (see ``resolved``).
+
+>>> plan = Plan.of_bits({"fc1": 4, "fc2": 16})
+>>> plan.bits()
+{'fc1': 4, 'fc2': 16}
+>>> Plan.from_json(plan.to_json()) == plan
+True
+>>> plan.to_json()
+{'format_version': 1, 'layers': {'fc1': {'bits': 4}, 'fc2': {'bits': 16}}}
+>>> Plan.of_bits({"fc1": 5})
+Traceback (most recent call last):
+...
+mpsearch.errors.MPSearchError: plan: layer 'fc1' has 5 bits; a plan's bits are 2, 3, 4, 8 or 16
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from mpsearch.errors import MPSearchError
+
+PLAN_VERSION = 1
+
+BIT_MENU = (2, 3, 4, 8, 16)
+"""Every bit-width mpsearch knows: integer codes at 2, 3, 4 and 8 bits, fp16 at 16."""
+
+FLOAT_BITS = 16
+
+
+class LayerChoice(BaseModel):
+    """One layer's choice: its bits, and any part of its scheme that differs from the study's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    bits: int
+    group_size: int | None = None
+    symmetric: bool | None = None
+    method: str | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, value: int) -> int:
+        if value not in BIT_MENU:
+            raise ValueError(f"{value} bits; a plan's bits are 2, 3, 4, 8 or 16")
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Plan(BaseModel):
+    """An ordered mapping from layer name to :class:`LayerChoice`; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    format_version: Literal[1] = PLAN_VERSION
+    layers: dict[str, LayerChoice]
+
+    # -- building --------------------------------------------------------------------
+
+    @classmethod
+    def of_bits(cls, bits: Mapping[str, int]) -> "Plan":
+        """A plan that gives each layer ``bits[layer]`` under the study's scheme."""
+        layers = {}
+        for name, b in bits.items():
+            try:
+                layers[name] = LayerChoice(bits=int(b) if not isinstance(b, bool) else b)
+            except ValidationError:
+                raise MPSearchError(f"plan: layer {name!r} has {b} bits; a plan's bits are 2, 3, 4, 8 or 16") from None
+        return cls(layers=layers)
+
+    @classmethod
+    def coerce(cls, value: "Plan | Mapping[str, int]") -> "Plan":
+        """``value`` as a plan: a plan as it is, a ``{layer: bits}`` mapping read with :meth:`of_bits`."""
+        return value if isinstance(value, Plan) else cls.of_bits(value)
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = "plan") -> "Plan":
+        """Read a plan's JSON document (a dict or its text); another ``format_version`` is refused."""
+        if isinstance(doc, (str, bytes)):
+            try:
+                doc = json.loads(doc)
+            except json.JSONDecodeError as e:
+                raise MPSearchError(f"{where} is not valid JSON ({e.msg}); write it as plan JSON") from None
+        if not isinstance(doc, dict) or "layers" not in doc:
+            raise MPSearchError(f"{where} is not a plan: expected {{\"format_version\": {PLAN_VERSION}, \"layers\": {{...}}}}")
+        if doc.get("format_version") != PLAN_VERSION:
+            raise MPSearchError(
+                f"{where} has plan format_version {doc.get('format_version')!r}; this mpsearch reads {PLAN_VERSION}: use the mpsearch that wrote it"
+            )
+        try:
+            return cls.model_validate(doc)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            loc = ".".join(str(part) for part in first["loc"])
+            problem = str((first.get("ctx") or {}).get("error", first["msg"]))
+            raise MPSearchError(f"{where}: {loc}: {problem}") from None
+
+    # -- reading ---------------------------------------------------------------------
+
+    def bits(self) -> dict[str, int]:
+        """``{layer: bits}``, in the plan's order."""
+        return {name: choice.bits for name, choice in self.layers.items()}
+
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    def __getitem__(self, name: str) -> LayerChoice:
+        return self.layers[name]
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]  # iterate names, as a mapping would
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.layers
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": self.format_version, "layers": {name: c.to_json() for name, c in self.layers.items()}}
+
+    def digest(self) -> str:
+        """A hash of the plan: equal plans (same layers, order and choices) have equal digests."""
+        return hashlib.blake2b(json.dumps(self.to_json()).encode(), digest_size=16).hexdigest()
+
+    def with_choices(self, **changes: LayerChoice) -> "Plan":
+        """A copy with some layers' choices replaced (by keyword: ``plan.with_choices(**{name: choice})``)."""
+        unknown = [n for n in changes if n not in self.layers]
+        if unknown:
+            raise MPSearchError(f"plan has no layer {unknown[0]!r}")
+        return Plan(layers={name: changes.get(name, choice) for name, choice in self.layers.items()})
