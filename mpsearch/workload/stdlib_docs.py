@@ -47,7 +47,7 @@ def stdlib_paragraphs() -> tuple[str, ...]:
     for causal language models.
 
     >>> paragraphs = stdlib_paragraphs()
-    >>> len(paragraphs) > 500 and all(p.count(". ") >= 1 for p in paragraphs)
+    >>> len(paragraphs) > 500 and all(len(_SENTENCE_END.split(p)) >= 2 for p in paragraphs)
     True
     """
     return tuple(sorted({" ".join(p) for p in _prose_paragraphs() if len(p) >= 2 and len(p) == p.total}))
