@@ -30,6 +30,7 @@ from mpsearch.quant.budget import Budget
 from mpsearch.quant.scheme import BIT_MENU, Scheme
 
 FORMAT_VERSION = 1
+MAX_TRIALS = 1_000_000  # a bound on search.trials and --trials: larger is a typo, not a study
 DEFAULT_STORAGE = "sqlite:///mpsearch.db"
 
 
@@ -59,6 +60,11 @@ class DataSection(_Section):
 class LossSection(_Section):
     kind: str = Field("distill", description="distill, kl, cosine, mse, causal-lm, error-rate or callable")
     callable: str | None = Field(None, description="`module:function` for kind = \"callable\"")
+    top_k: NonNegativeInt | None = Field(
+        None,
+        description="a logits reference keeps each position's top_k likeliest tokens, the rest's mass and top_k draws from the rest; 0: every logit; "
+        "default: every logit unless they would take over 256 MiB, then 256",
+    )
 
     @model_validator(mode="after")
     def _callable_given(self):
@@ -127,8 +133,8 @@ class LayersSection(_Section):
 
 class BudgetSection(_Section):
     bytes: PositiveInt | None = None
-    mib: PositiveFloat | None = None
-    bpw: PositiveFloat | None = None
+    mib: float | None = Field(None, gt=0, allow_inf_nan=False)
+    bpw: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -144,7 +150,7 @@ class BudgetSection(_Section):
 
 class SearchSection(_Section):
     sampler: str = Field("tpe", description="a sampler of mpsearch.search.sampler.SAMPLERS: tpe, nsga2, random or evo")
-    trials: PositiveInt = 64
+    trials: int = Field(64, ge=1, le=MAX_TRIALS, description=f"trials a study runs in all (at most {MAX_TRIALS:,})")
     workers: NonNegativeInt = 2  # 0: score in the driver's own process, no Ray
     seed: int = 0
     fill: bool = True  # every evaluated plan is maximal: no layer could go up a step and still fit
@@ -153,6 +159,7 @@ class SearchSection(_Section):
     device: str = Field("auto", description="where the workload runs: auto (cuda when available), cpu, cuda or cuda:N")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves (fractions share a GPU); > 0 puts the workers on cuda")
     trial_writes: Literal["batched", "optuna"] = Field("batched", description="batched: a trial's plan in one transaction; optuna: Optuna's own ask/tell")
+    flagged_warm_starts: bool = Field(False, description="warm-start from a sensitivity profile that flags layers (negative or unsettled traces)")
 
     @field_validator("device")
     @classmethod
@@ -160,6 +167,9 @@ class SearchSection(_Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
             raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
         return value
+
+
+_LATER_FIELDS = (("loss", "top_k"),)  # fields added since mpsearch 0.1.0, keyed only when set
 
 
 class StorageSection(_Section):
@@ -214,6 +224,8 @@ class Spec(_Section):
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise MPSearchError(f"{origin} is not valid TOML: {e}; fix the syntax at that line") from e
+        except RecursionError:
+            raise MPSearchError(f"{origin} nests arrays or tables too deeply to read; a study spec is a few flat tables") from None
         return cls.from_dict(raw, base_dir=base_dir)
 
     @classmethod
@@ -224,6 +236,8 @@ class Spec(_Section):
             raise _spec_error(e) from None
         except MPSearchError as e:  # raised by Budget.parse inside a validator
             raise SpecError("", str(e)) from None
+        except RecursionError:
+            raise MPSearchError("the spec nests arrays or tables too deeply to read; a study spec is a few flat tables") from None
         spec._check_paths()
         return spec
 
@@ -260,9 +274,22 @@ class Spec(_Section):
         return self.quant.to_scheme()
 
     def digest(self) -> str:
-        """A hash of what a study's losses depend on: the model, data, loss, scheme and layers."""
+        """A hash of what a study's losses depend on: the model, data, loss, scheme and layers.
+
+        Fields added since mpsearch 0.1.0 count only when set, so a study made then has the same
+        digest now and can be resumed.
+        """
+        return json_digest(self.keyed())
+
+    def keyed(self) -> dict:
+        """The sections a study's losses depend on, as the digest and stored profiles key them."""
         dumped = self.model_dump(mode="json")
-        return json_digest({k: dumped[k] for k in ("model", "data", "loss", "quant", "layers")})
+        keyed = {k: dumped[k] for k in ("model", "data", "loss", "quant", "layers")}
+        for section, field in _LATER_FIELDS:
+            if keyed[section].get(field) is None:
+                keyed[section].pop(field, None)
+        return keyed
+
 
 
 def _spec_error(e: ValidationError) -> SpecError:

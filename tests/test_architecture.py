@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mpsearch"
 
 LAYERS = [
     {"errors"},
-    {"hashing", "registry", "plan"},
+    {"hashing", "registry", "plan", "memory"},
     {"storage", "quant"},
     {"spec"},
     {"workload"},

@@ -78,3 +78,18 @@ def cell(value, fmt: str = "") -> str:
 
 def finite(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity: an exact candidate has no noise
+
+
+PROGRESS_ENV = "MPSEARCH_PROGRESS"
+
+
+def show_progress() -> bool:
+    """Whether to draw progress bars: on stderr, whatever stdout's format (``--json`` too), when
+    stderr is a terminal; ``$MPSEARCH_PROGRESS=1`` or ``0`` decides otherwise (a job's log, CI)."""
+    import os
+    import sys
+
+    forced = os.environ.get(PROGRESS_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return sys.stderr.isatty()

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mpsearch.cli import cli
-from mpsearch.cli._common import RegistryChoice, cell, device_option, emit_json, finite, load_spec, spec_storage_option, wide_console
+from mpsearch.cli._common import RegistryChoice, cell, device_option, emit_json, finite, load_spec, show_progress, spec_storage_option, wide_console
 from mpsearch.errors import MPSearchError
 
 
@@ -38,7 +38,7 @@ def layers(spec: str, errors: bool, device: str, as_json: bool) -> None:
     except BudgetError as e:  # the layers are still worth listing; the budget's problem is named with them
         document["budget"] = {"spec": str(budget), "bytes": None, "bpw": None, "error": str(e)}
     if errors:
-        bank = workload.candidate_bank(progress=not as_json)
+        bank = workload.candidate_bank(progress=show_progress())
         stats = bank.errors()
         for row in document["layers"]:
             per_bits = stats[row["name"]]
@@ -74,15 +74,16 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
     workload = Workload(s, device=device)
     table = workload.layer_table()
     plan = table.uniform(bits)
-    bank = workload.candidate_bank(bits=[bits], progress=not as_json)
-    model = workload.build_model()  # a copy: the FP model stays FP for the reference outputs
-    loss = workload.loss(bank.apply(model, plan))
+    bank = workload.candidate_bank(bits=[bits], progress=show_progress())
+    model = workload.lend_model()  # the reference outputs are computed first; no second copy of the model
+    result = workload.evaluate(bank.apply(model, plan, keep_fp=False))
     size = table.bytes(plan)
-    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": loss}
+    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": result.loss, **result.metrics()}
     if as_json:
         emit_json(document)
         return
-    click.echo(f"uniform {bits}-bit {document['method']}: loss {document['loss']:.6g}, {size:,} bytes, {document['bpw']:.4g} bpw")
+    ppl = f", perplexity {result.perplexity:.4g}" if result.perplexity is not None else ""
+    click.echo(f"uniform {bits}-bit {document['method']} on {workload.device}: loss {document['loss']:.6g}{ppl}, {size:,} bytes, {document['bpw']:.4g} bpw")
 
 
 @cli.command()
@@ -119,7 +120,7 @@ def analyze(spec, method, mode, estimator, tol, max_probes, workers, address, st
     workload = Workload(s, device=device)
     profile = run_analysis(
         workload, method, store, mode=mode, estimator=estimator, tol=tol, max_probes=max_probes, workers=workers, address=address,
-        progress=not as_json, recompute=recompute,
+        progress=show_progress(), recompute=recompute,
     )
     if plot_path is not None:
         plot(profile, plot_path, workload.layer_table().menu)
@@ -137,6 +138,7 @@ def _print_profile(profile, menu) -> None:
     order = {name: i for i, name in enumerate(profile.ranking)}
     rows = sorted(profile.layers, key=lambda r: order[r["name"]])
     has_trace = "trace" in rows[0]
+    flagged = any(row.get("flags") for row in rows)
     table = Table(title=f"{profile.method} sensitivity, most sensitive first" + (" (from the database)" if profile.reused else f" ({profile.seconds:.1f} s)"), title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("layer", no_wrap=True)
@@ -146,6 +148,8 @@ def _print_profile(profile, menu) -> None:
             table.add_column("± stderr", justify="right")
     for b in bits:
         table.add_column(f"{b}-bit", justify="right")
+    if flagged:
+        table.add_column("flags")
     for i, row in enumerate(rows, 1):
         cells = [str(i), row["name"]]
         if has_trace:
@@ -153,8 +157,14 @@ def _print_profile(profile, menu) -> None:
             if "trace_stderr" in row:
                 cells.append(cell(row["trace_stderr"], ".2g"))
         cells += [f"{row['score'][b]:.3g}" for b in bits]
+        if flagged:
+            cells.append(", ".join(row.get("flags", [])))
         table.add_row(*cells)
-    wide_console(170).print(table)
+    console = wide_console(170)
+    console.print(table)
+    if flagged:
+        console.print("flags: negative = the trace came out below zero; probe-limit = still moving at the last probe. "
+                      "A flagged profile is no warm start unless search.flagged_warm_starts = true.")
 
 
 def _print_layers(doc: dict) -> None:
@@ -171,8 +181,9 @@ def _print_layers(doc: dict) -> None:
     if with_errors:
         for b in menu:
             table.add_column(f"{b}-bit dB", justify="right", no_wrap=True)
+    rules: dict[str, int] = {}  # a layer's grouping rule (a ragged last group, ...) as a numbered footnote, not in its name
     for row in doc["layers"]:
-        name = row["name"] + (f"  ({row['rule']})" if row.get("rule") else "")
+        name = row["name"] + (f" [{rules.setdefault(row['rule'], len(rules) + 1)}]" if row.get("rule") else "")
         cells = [f"{row['bytes'][b]:,}" for b in menu]
         if with_errors:
             cells += [_db(row["sqnr"][b]) for b in menu]
@@ -180,6 +191,8 @@ def _print_layers(doc: dict) -> None:
     console = Console()
     console.width = max(console.width, 210 if with_errors else 150)  # a layer table is wide; let it be, even in a pipe
     console.print(table)
+    for rule, number in rules.items():
+        console.print(f"[{number}] {rule}", markup=False)
     for item in doc["excluded"]:
         console.print(f"not quantized: {item['name']} — {item['reason']}")
     for row in doc["layers"]:

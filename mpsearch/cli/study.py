@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mpsearch.cli import cli
-from mpsearch.cli._common import cell, device_option, emit_json, load_spec, spec_storage_option, storage_option, wide_console
+from mpsearch.cli._common import cell, device_option, emit_json, load_spec, show_progress, spec_storage_option, storage_option, wide_console
 
 
 @cli.command()
@@ -26,16 +26,18 @@ def search(spec, trials, workers, budget, storage, study_name, address, resume, 
     Warm starts (ILP on the Hessian and perturbation scores, greedy, every uniform plan that
     fits) run first and are reported as the baselines next to the best plan found.
     """
-    from mpsearch.search.driver import Search
+    from mpsearch.search.driver import Search, driver_device
     from mpsearch.storage import Storage
     from mpsearch.workload import Workload
 
     s = load_spec(spec)
     if budget is not None:
         s = s.with_overrides(budget=budget)
+    if trials is not None:  # validated as the spec's own search.trials is (its upper bound too)
+        s = s.with_overrides(search={**s.search.model_dump(), "trials": trials})
     store = Storage(storage or s.storage.url)
-    workload = Workload(s, device=device)
-    run = Search(workload, store, study=study_name, trials=trials, workers=workers, address=address, resume=resume, pareto=pareto, progress=not as_json)
+    workload = Workload(s, device=driver_device(s, workers, device))
+    run = Search(workload, store, study=study_name, trials=trials, workers=workers, address=address, resume=resume, pareto=pareto, progress=show_progress())
     result = run.run()
     if as_json:
         emit_json(result.to_json())
@@ -143,7 +145,7 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
 
     result = export_study(
         Storage(storage, create=False), study, out, trial=trial, pareto_index=pareto_index,
-        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=not as_json,
+        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=show_progress(),
     )
     if as_json:
         emit_json(result.to_json())

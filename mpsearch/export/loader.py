@@ -70,12 +70,15 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_quantized(folder: str | Path, model: nn.Module | None = None, *, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(
+    folder: str | Path, model: nn.Module | None = None, *, device: str | torch.device = "cpu", trust_code: bool = False
+) -> nn.Module:
     """The exported model, quantized layers packed in memory, on ``device``, in eval mode.
 
     ``model`` is an instance of the architecture the study ran on (its weights are not
     used and it is modified in place); without one, the model is rebuilt from the source
-    that ``plan.json`` records.
+    that ``plan.json`` records. A ``python:`` source would import (run) the module that
+    plan.json names, so that needs ``trust_code=True``, as transformers' ``trust_remote_code``.
     """
     folder = Path(folder)
     doc = read_plan(folder)
@@ -84,6 +87,11 @@ def load_quantized(folder: str | Path, model: nn.Module | None = None, *, device
         from mpsearch.workload.models import load_model
 
         info = doc.provenance.model
+        if info.source.startswith("python:") and not trust_code:
+            raise ExportError(
+                f"plan.json builds its model with {info.source!r}, which imports and runs that Python module; "
+                "pass the model yourself, or trust_code=True if you trust the module"
+            )
         model = load_model(info.source, Path(info.base_dir), info.dtype).model
     _replace_layers(model, doc)
     _fill(model, path, folder)

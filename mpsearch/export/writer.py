@@ -13,8 +13,12 @@ and a reader never sees half a folder:
    ``quantization_config.json`` and ``README.md``;
 5. load the folder back with :func:`load_quantized` and evaluate it: the loss must equal
    the trial's recorded loss to 1e-4 relative (``verify=False`` skips this);
-6. rename into place (``force`` replaces an existing folder, which is kept until the new
-   one is in) and record the export, with every file's sha256, in the database.
+6. rename into place (``force`` replaces an earlier export or an empty folder, never a folder
+   holding anything else; the old one is kept until the new one is in) and record the export,
+   with every file's sha256, in the database.
+
+The temporary folder is made before any work, so a folder that cannot be written is reported
+at once; it is removed on any failure, and one left by a killed export is removed by the next.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from glob import escape as glob_escape
 from pathlib import Path
 
 import torch
@@ -36,6 +41,7 @@ from mpsearch.export.document import DataInfo, FileInfo, LayerEntry, ModelInfo, 
 from mpsearch.export.loader import MODEL_FILE, PLAN_FILE, TENSOR_FORMAT, TENSOR_VERSION, ExportError, load_quantized, sha256_of
 from mpsearch.plan import FLOAT_BITS, LayerChoice, Plan
 from mpsearch.quant.apply import packed_tensors
+from mpsearch.storage.lease import pid_alive
 
 FORMAT_DOC = Path(__file__).with_name("FORMAT.md")
 VERIFY_RTOL = 1e-4
@@ -139,13 +145,10 @@ def export_study(
     chosen = choose_trial(log, trial, pareto_index)
     if chosen.plan is None:
         raise MPSearchError(f"trial {chosen.number} of study {study_name!r} records no plan; pick another with --trial N")
-    workload = Workload(study_spec(log, spec), device=device)
-    built = _build(workload, chosen, progress)
-
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.mkdir()
+    tmp = _staging(out)  # before any work: a folder that cannot be written is found at once
     try:
+        workload = Workload(study_spec(log, spec), device=device)
+        built = _build(workload, chosen, progress)
         doc = _write_folder(tmp, built, workload, log, chosen)
         verified = _verify(tmp, workload, chosen) if verify else None
         files = [(p.name, p.stat().st_size, doc.files[MODEL_FILE].sha256 if p.name == MODEL_FILE else sha256_of(p)) for p in sorted(tmp.iterdir())]
@@ -166,8 +169,8 @@ def _build(workload, chosen, progress: bool) -> _Built:
     nbytes = table.bytes(plan)
     if chosen.bytes not in (None, nbytes):
         raise ExportError(f"the plan costs {nbytes} bytes on this model but the trial recorded {chosen.bytes}: the model or scheme changed")
-    bank = workload.candidate_bank(sorted(set(plan.bits().values())), packed=True, progress=progress)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in packed_tensors(workload.fp_model(), bank, plan).items()}
+    bank = workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
+    tensors = packed_tensors(workload.fp_model(), bank, plan)  # written one at a time, to the host as they go
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert tensor_bytes == nbytes, (tensor_bytes, nbytes)  # DESIGN.md's contract; the ledger and the tensors agree
     resolved = _resolved(table, plan, bank)
@@ -185,11 +188,11 @@ def _build(workload, chosen, progress: bool) -> _Built:
 
 def _write_folder(tmp: Path, built: _Built, workload, log, chosen) -> PlanDocument:
     """``model.safetensors``, ``plan.json`` and the deployment configs, in ``tmp``."""
-    from safetensors.torch import save_file
+    from mpsearch.quant.tensorfile import save_tensors
 
     table = workload.layer_table()
     model_path = tmp / MODEL_FILE
-    save_file(built.tensors, str(model_path), metadata=built.header)
+    save_tensors(built.tensors, model_path, built.header)
     os.chmod(model_path, 0o666 & ~_umask())  # like the other files, not the 0600 of a temporary file
     doc = PlanDocument(
         plan=built.plan,
@@ -228,11 +231,59 @@ def _umask() -> int:
     return mask
 
 
+# What an export folder holds; --force replaces a folder with nothing else in it.
+EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md"})
+
+
 def _check_out(out: Path, force: bool) -> None:
+    """``out`` may be new, an empty folder, or (with ``force``) an earlier export: never anything else."""
     if out.exists() and not out.is_dir():
         raise MPSearchError(f"--out {str(out)!r} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise MPSearchError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it, or another folder")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    if foreign or not _is_export(out / PLAN_FILE):
+        what = f"holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}" if foreign else "has no mpsearch plan.json"
+        raise MPSearchError(
+            f"--out {str(out)!r} {what}, so it is not an earlier export; --force replaces only an empty folder or an export: "
+            "move those files or choose another folder"
+        )
+
+
+def _is_export(plan_file: Path) -> bool:
+    try:
+        PlanDocument.read(plan_file)
+    except MPSearchError:
+        return False
+    return True
+
+
+def _staging(out: Path) -> Path:
+    """A new, empty folder beside ``out`` that the export is written into, then renamed to ``out``.
+
+    Its name carries this process's id, so a later export can tell a folder left by a killed
+    process (removed here) from one that another export is still writing.
+    """
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        probe = tmp / ".probe"
+        probe.write_bytes(b"")  # a folder can be created yet its files not (a full or read-only disk)
+        probe.unlink()
+    except OSError as e:
+        raise MPSearchError(f"cannot write beside --out {str(out)!r} ({e.strerror or e}); choose a folder you can write to") from None
+    return tmp
+
+
+def _remove_stale(out: Path) -> None:
+    for folder in out.parent.glob(f".{glob_escape(out.name)}.tmp-*"):
+        pid = folder.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _publish(storage, tmp: Path, out: Path, study: str, trial: int, plan: Plan, nbytes: int, bpw: float, files) -> int:

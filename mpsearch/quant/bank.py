@@ -1,27 +1,27 @@
-"""The candidate bank: every (layer, bits) of the menu quantized once, then swapped in.
+"""The candidate bank: every (layer, bits) of the menu quantized once, kept packed, swapped in.
 
-A search evaluates thousands of plans on one model. Quantizing each layer for each plan
-would cost far more than the evaluation itself, so the bank quantizes every layer at
-every bit-width once, keeps the results, and applying a plan only points each layer's
-weight at a cached tensor (``param.data = candidate``): no copy, no arithmetic.
-:meth:`CandidateBank.restore` points them back at the model's own FP tensors, so the FP
-weights come back bit-exactly (they are the very same tensors).
+A search evaluates thousands of plans on one model. Quantizing each layer for each plan would
+cost far more than the evaluation itself, so the bank quantizes every layer at every bit-width
+once and keeps the results in the packed form an export writes: packed uint8 codes, scales and
+zero points, or the fp16 weight at 16 bits (see :meth:`CandidateBank.tensors`). That is all it
+holds (about 2.1 bytes per weight for the menu 2/3/4/8/16 at group 128), so its memory is bounded
+by the model's size, not five dequantized copies of it.
 
-What the bank holds per (layer, bits):
+Applying a plan is a *delta swap*: only the layers whose bits differ from what the model holds
+now are decoded, straight into the layer's own weight tensor (in its layout, dtype and device).
+A search's consecutive plans share most layers, so a trial decodes a few. The FP weights of the
+layers a plan displaced are kept aside and :meth:`CandidateBank.restore` puts them back, bit for
+bit (they are the very tensors), unless the caller gave them up (``keep_fp=False``: a scorer that
+owns its model and only ever applies whole plans needs no second copy of it).
 
-* the packed form an export writes: packed uint8 codes, scales and zero points, or the
-  fp16 weight at 16 bits (see :func:`CandidateBank.tensors`);
-* unless built with ``packed=True``, the dequantized weight in the module's own layout
-  and dtype, ready to swap in. With ``packed=True`` only the packed form is kept and
-  each apply dequantizes, trading time for memory (see :meth:`memory`);
-* its error statistics against the FP weight: MSE and SQNR (dB);
-* its exact bytes, by DESIGN.md's definition.
+Also per (layer, bits): its error statistics against the FP weight (MSE, SQNR in dB) and its
+exact bytes, by DESIGN.md's definition.
 
-The packed form is cached on disk, one safetensors file per bit-width, keyed by a hash
-of the model's tensors, the scheme, the layer table, and (for methods that calibrate)
-the calibration batches. A file that does not match its key or is damaged is rebuilt.
-Applied weights are shared with the bank: treat a model with a plan applied as
-read-only (evaluate it; do not train it).
+GPTQ's statistics (each layer's ``XᵀX``) are gathered for a group of layers at a time, within a
+memory bound, and freed as soon as the group is quantized, so only one group's matrices are
+alive at once. The packed form is cached on disk, one safetensors file per bit-width, keyed by a
+hash of the model's tensors, the scheme, the layer table, and (for methods that calibrate) the
+calibration batches. A file that does not match its key or is damaged is rebuilt.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -41,6 +40,7 @@ from torch import nn
 
 from mpsearch.errors import MPSearchError
 from mpsearch.hashing import batches_digest, json_digest, model_digest
+from mpsearch.memory import trim
 from mpsearch.plan import Plan
 from mpsearch.quant.apply import module_layout, quantizer
 from mpsearch.quant.calibration import input_moments, unsupported_reason
@@ -49,11 +49,13 @@ from mpsearch.quant.layers import LayerTable, QuantLayer, weight_matrix
 from mpsearch.quant.packing import pack, unpack
 from mpsearch.quant.rtn import QuantizedWeight
 from mpsearch.quant.scheme import FLOAT_BITS
+from mpsearch.quant.tensorfile import save_tensors
 
 log = logging.getLogger(__name__)
 
 BANK_FORMAT = 1
 CACHE_ENV = "MPSEARCH_CACHE_DIR"
+MOMENT_BYTES = 128 << 20  # GPTQ: the XᵀX matrices alive at once (one layer's at least)
 
 
 def default_cache_dir() -> Path | None:
@@ -66,24 +68,33 @@ def default_cache_dir() -> Path | None:
 
 @dataclass
 class Candidate:
-    """One layer at one bit-width."""
+    """One layer at one bit-width, packed."""
 
     bits: int
     packed: dict[str, torch.Tensor]  # suffix ("qweight", "scales", "zeros" or "weight") -> tensor
     nbytes: int
     mse: float
     sqnr: float
-    ready: torch.Tensor | None = None
 
     def quantized_weight(self, group_size: int, rows: int, cols: int) -> QuantizedWeight:
         codes = unpack(self.packed["qweight"], self.bits, rows * cols).reshape(rows, cols)
         return QuantizedWeight(codes, self.packed["scales"], self.packed.get("zeros"), self.bits, group_size)
 
     def dequantized(self, layer: QuantLayer) -> torch.Tensor:
-        """The (rows × cols) float32 matrix this candidate stands for."""
+        """The (rows × cols) float32 matrix this candidate stands for, on the bank's device."""
         if self.bits == FLOAT_BITS:
             return self.packed["weight"].to(torch.float32)
         return self.quantized_weight(layer.group_size, layer.rows, layer.cols).dequantize()
+
+
+@dataclass
+class _Held:
+    """What one model holds now: each layer's bits (None: its FP weight), and the FP weights put aside."""
+
+    layers: list[tuple[QuantLayer, nn.Module]]
+    bits: dict[str, int | None]
+    aside: dict[str, torch.Tensor] = field(default_factory=dict)
+    given_up: set[str] = field(default_factory=set)
 
 
 class CandidateBank:
@@ -96,7 +107,8 @@ class CandidateBank:
         self.notes = notes
         self.device = device
         self.bits = tuple(sorted({b for _, b in candidates}))
-        self._models: weakref.WeakKeyDictionary[nn.Module, list[tuple[QuantLayer, nn.Module, torch.Tensor]]] = weakref.WeakKeyDictionary()
+        self.decoded = 0  # layers decoded into a model so far (a delta swap decodes only what changed)
+        self._models: weakref.WeakKeyDictionary[nn.Module, _Held] = weakref.WeakKeyDictionary()
 
     # -- building --------------------------------------------------------------------
 
@@ -110,14 +122,18 @@ class CandidateBank:
         batches: Iterable[Mapping[str, torch.Tensor]] | None = None,
         forward: Callable[[nn.Module, Mapping[str, torch.Tensor]], object] | None = None,
         cache_dir: str | Path | None = None,
-        packed: bool = False,
+        model_key: str | None = None,
+        device: str | torch.device | None = None,
+        moment_bytes: int = MOMENT_BYTES,
         progress: bool = False,
     ) -> "CandidateBank":
         """Quantize every layer of ``table`` in the FP ``model`` at each of ``bits`` (the menu).
 
-        The bank lives on the model's device. ``batches`` and ``forward`` feed the
-        calibration pass of methods that need one (``gptq``). With ``cache_dir``, each
-        bit-width's candidates are read from, or written to, that folder.
+        The packed candidates live on ``device`` (by default the model's; on a GPU, the host when
+        they would take more than half of its free memory). ``batches`` and ``forward`` feed the
+        calibration pass of methods that need one (``gptq``). With ``cache_dir``, each bit-width's
+        candidates are read from, or written to, that folder. ``model_key``: the model's hash, when
+        the caller has it already.
         """
         method = quantizer(table.scheme.method)
         bits = tuple(sorted(set(bits if bits is not None else table.menu)))
@@ -129,20 +145,22 @@ class CandidateBank:
             raise MPSearchError(f"quant.method {table.scheme.method!r} needs calibration batches; build the bank from a Workload")
 
         modules = dict(model.named_modules())
-        device = next(iter(modules[table.layers[0].name].parameters())).device
-        key = _cache_key(model, table, batches if method.needs_calibration else None)
+        model_device = next(iter(modules[table.layers[0].name].parameters())).device
+        home = torch.device(device) if device is not None else _home(model_device, table, bits)
+        key = _cache_key(model, table, batches if method.needs_calibration else None, model_key)
         folder = Path(cache_dir) if cache_dir is not None else None
-        forms = {b: found for b in bits if folder is not None and (found := _read_cache(folder, key, b, table, device)) is not None}
+        forms = {b: found for b in bits if folder is not None and (found := _read_cache(folder, key, b, table, home)) is not None}
         notes = _fallback_notes(table, modules, method)
         missing = [b for b in bits if b not in forms]
         if missing:
-            moments = input_moments(model, table, batches, forward, progress=progress) if method.needs_calibration else {}
-            fresh = _quantize_all(table, modules, missing, method, moments, notes, progress)
+            fresh = _quantize_all(model, table, modules, missing, method, batches, forward, notes, moment_bytes, progress)
             for b in missing:
                 if folder is not None:
                     _write_cache(folder, key, b, fresh[b])
-            forms.update(fresh)
-        return cls(table, _candidates(table, modules, forms, bits, packed), key, notes, device)
+                forms[b] = {name: {k: t.to(home) for k, t in form.items()} for name, form in fresh[b].items()}
+        bank = cls(table, _candidates(table, modules, forms, bits), key, notes, home)
+        trim()  # the quantizer's temporaries go back before the next phase piles on them
+        return bank
 
     # -- reading ---------------------------------------------------------------------
 
@@ -161,10 +179,9 @@ class CandidateBank:
         }
 
     def memory(self) -> dict[str, int]:
-        """Bytes the bank holds: dequantized swap-ready tensors, and packed forms."""
-        ready = sum(c.ready.numel() * c.ready.element_size() for c in self.candidates.values() if c.ready is not None)
+        """Bytes the bank holds: its packed candidates, and nothing else."""
         packed = sum(t.numel() * t.element_size() for c in self.candidates.values() for t in c.packed.values())
-        return {"ready": ready, "packed": packed, "total": ready + packed}
+        return {"packed": packed, "total": packed}
 
     def tensors(self, plan: Plan | Mapping[str, int]) -> dict[str, torch.Tensor]:
         """The quantized layers' tensors an export of ``plan`` writes, named ``LAYER.SUFFIX``."""
@@ -173,25 +190,48 @@ class CandidateBank:
 
     # -- applying --------------------------------------------------------------------
 
-    def apply(self, model: nn.Module, plan: Plan | Mapping[str, int], partial: bool = False) -> nn.Module:
-        """Point each layer's weight of ``model`` at its candidate for ``plan``; see :meth:`restore`.
+    def apply(self, model: nn.Module, plan: Plan | Mapping[str, int], partial: bool = False, keep_fp: bool = True) -> nn.Module:
+        """Give ``model`` the weights of ``plan``: a delta swap (see the module docstring).
 
-        With ``partial=True`` the plan may name only some layers; the others keep their FP
-        weights (not fp16: the model's own), as a perturbation scan needs.
+        With ``partial=True`` the plan may name only some layers; the others get their FP
+        weights back (the model's own, not fp16), as a perturbation scan needs. With
+        ``keep_fp=False`` the FP weights of displaced layers are not kept: less memory, and no
+        :meth:`restore` for those layers afterwards.
         """
         bits = self._check(plan, partial)
-        for layer, module, fp in self._bound(model):
-            if layer.name not in bits:
-                module.weight.data = fp
+        held = self._held(model)
+        for layer, module in held.layers:
+            want = bits.get(layer.name)
+            if held.bits[layer.name] == want:
                 continue
-            cand = self.candidates[(layer.name, bits[layer.name])]
-            module.weight.data = cand.ready if cand.ready is not None else module_layout(module, cand.dequantized(layer))
+            if want is None:
+                self._put_back(held, layer, module)
+                continue
+            weight = module.weight
+            if held.bits[layer.name] is None:  # FP now: keep it aside (or give it up) and decode into a tensor of its own
+                if keep_fp:
+                    held.aside[layer.name] = weight.data
+                    weight.data = torch.empty_like(weight.data)
+                else:
+                    held.given_up.add(layer.name)
+            elif not keep_fp and held.aside.pop(layer.name, None) is not None:
+                held.given_up.add(layer.name)
+            decoded = module_layout(module, self.candidates[(layer.name, want)].dequantized(layer).to(weight.device))
+            weight.data.copy_(decoded)
+            held.bits[layer.name] = want
+            self.decoded += 1
         return model
+
+    def holds_fp(self, model: nn.Module) -> bool:
+        """Whether ``model`` has (or can get back with :meth:`restore`) every FP weight."""
+        return not self._held(model).given_up
 
     def restore(self, model: nn.Module) -> nn.Module:
         """Give ``model`` back the FP weights it had when a plan was first applied to it."""
-        for _layer, module, fp in self._bound(model):
-            module.weight.data = fp
+        held = self._held(model)
+        for layer, module in held.layers:
+            if held.bits[layer.name] is not None:
+                self._put_back(held, layer, module)
         return model
 
     @contextlib.contextmanager
@@ -202,6 +242,15 @@ class CandidateBank:
             yield model
         finally:
             self.restore(model)
+
+    def _put_back(self, held: _Held, layer: QuantLayer, module: nn.Module) -> None:
+        if layer.name in held.given_up:
+            raise MPSearchError(
+                f"layer {layer.name!r} no longer has its FP weights (a plan was applied with keep_fp=False); "
+                "load the model again to score a partial plan"
+            )
+        module.weight.data = held.aside.pop(layer.name)
+        held.bits[layer.name] = None
 
     def _check(self, plan: Plan | Mapping[str, int], partial: bool = False) -> dict[str, int]:
         """The plan's ``{layer: bits}``, once its layers are the table's (some of them, if ``partial``)."""
@@ -216,24 +265,32 @@ class CandidateBank:
             raise MPSearchError(f"the plan uses bits {sorted(missing)} but the bank holds {list(self.bits)}")
         return bits
 
-    def _bound(self, model: nn.Module) -> list[tuple[QuantLayer, nn.Module, torch.Tensor]]:
-        """Each layer's module in ``model`` and its FP weight tensor, found once per model."""
-        bound = self._models.get(model)
-        if bound is None:
+    def _held(self, model: nn.Module) -> _Held:
+        """What ``model`` holds, its layers found once per model (and checked against the table)."""
+        held = self._models.get(model)
+        if held is None:
             modules = dict(model.named_modules())
-            bound = []
+            layers = []
             for layer in self.table.layers:
                 module = modules.get(layer.name)
                 if module is None:
                     raise MPSearchError(f"the model has no layer {layer.name!r}; apply the bank to the model it was built for")
-                param = module.weight
-                if tuple(param.shape) != layer.shape or param.device != self.device:
+                if tuple(module.weight.shape) != layer.shape:
                     raise MPSearchError(
-                        f"layer {layer.name!r} is {tuple(param.shape)} on {param.device}, the bank's is {layer.shape} on {self.device}"
+                        f"layer {layer.name!r} is {tuple(module.weight.shape)} on {module.weight.device}, the bank's is {layer.shape} on {self.device}"
                     )
-                bound.append((layer, module, param.data))
-            self._models[model] = bound
-        return bound
+                layers.append((layer, module))
+            held = self._models[model] = _Held(layers, {layer.name: None for layer, _ in layers})
+        return held
+
+
+def _home(model_device: torch.device, table: LayerTable, bits: Sequence[int]) -> torch.device:
+    """Where the packed candidates live: with the model, or on the host when a GPU lacks room."""
+    if model_device.type != "cuda":
+        return model_device
+    need = sum(layer.bytes(b, table.scheme) for layer in table.layers for b in bits)
+    free, _total = torch.cuda.mem_get_info(model_device)
+    return model_device if need < free // 2 else torch.device("cpu")
 
 
 def _fallback_notes(table: LayerTable, modules: dict[str, nn.Module], method) -> dict[str, str]:
@@ -247,36 +304,57 @@ def _fallback_notes(table: LayerTable, modules: dict[str, nn.Module], method) ->
     return notes
 
 
-def _quantize_all(table: LayerTable, modules, bits: Sequence[int], method, moments, notes: dict[str, str], progress: bool) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    """Every layer's packed form at each of ``bits``: ``{bits: {layer: form}}``."""
+def _groups(table: LayerTable, budget: int) -> list[list[QuantLayer]]:
+    """Consecutive layers whose XᵀX matrices (cols² float32 each) fit ``budget`` together."""
+    groups, current, used = [], [], 0
+    for layer in table.layers:
+        size = layer.cols * layer.cols * 4
+        if current and used + size > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(layer)
+        used += size
+    return groups + ([current] if current else [])
+
+
+def _quantize_all(model, table: LayerTable, modules, bits: Sequence[int], method, batches, forward, notes: dict[str, str], moment_bytes: int, progress: bool) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """Every layer's packed form at each of ``bits``: ``{bits: {layer: form}}``, on the host.
+
+    A calibrating method gathers ``XᵀX`` for one group of layers per calibration pass (see
+    :func:`_groups`) and frees it once the group is quantized.
+    """
     from tqdm.auto import tqdm
 
     fresh: dict[int, dict[str, dict[str, torch.Tensor]]] = {b: {} for b in bits}
+    groups = _groups(table, moment_bytes) if method.needs_calibration else [table.layers]
     desc = f"quantizing ({table.scheme.method}, {'/'.join(map(str, bits))} bits)"
-    for layer in tqdm(table.layers, desc=desc, unit="layer", disable=not progress, leave=False):
-        w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
-        curvature = None
-        if layer.name in moments:
-            curvature = Curvature.from_moment(moments[layer.name].xtx, table.scheme.damp, table.scheme.act_order)
-        elif method.needs_calibration and layer.name not in notes:
-            notes[layer.name] = f"{table.scheme.method} saw no input to this layer in the calibration pass; it is quantized with rtn"
-        for b in bits:
-            fresh[b][layer.name] = _packed_form(method.quantize, w, b, layer, table, curvature)
+    bar = tqdm(total=len(table.layers), desc=desc, unit="layer", disable=not progress, leave=False)
+    for group in groups:
+        moments = input_moments(model, table, batches, forward, layers=group) if method.needs_calibration else {}
+        for layer in group:
+            w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
+            curvature = None
+            moment = moments.pop(layer.name, None)
+            if moment is not None:
+                curvature = Curvature.from_moment(moment.xtx, table.scheme.damp, table.scheme.act_order)
+                del moment
+            elif method.needs_calibration and layer.name not in notes:
+                notes[layer.name] = f"{table.scheme.method} saw no input to this layer in the calibration pass; it is quantized with rtn"
+            for b in bits:
+                fresh[b][layer.name] = {k: t.cpu() for k, t in _packed_form(method.quantize, w, b, layer, table, curvature).items()}
+            bar.update()
+    bar.close()
     return fresh
 
 
-def _candidates(table: LayerTable, modules, forms, bits: Sequence[int], packed: bool) -> dict[tuple[str, int], Candidate]:
+def _candidates(table: LayerTable, modules, forms, bits: Sequence[int]) -> dict[tuple[str, int], Candidate]:
     """Each (layer, bits) with its exact bytes and its error against the FP weight."""
     candidates = {}
     for layer in table.layers:
-        module = modules[layer.name]
-        w = weight_matrix(module).detach().to(torch.float32)
+        w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
         for b in bits:
             cand = Candidate(bits=b, packed=forms[b][layer.name], nbytes=layer.bytes(b, table.scheme), mse=math.nan, sqnr=math.nan)
-            w_hat = cand.dequantized(layer)
-            cand.mse, cand.sqnr = _errors(w, w_hat)
-            if not packed:
-                cand.ready = module_layout(module, w_hat)
+            cand.mse, cand.sqnr = _errors(w, cand.dequantized(layer).to(w.device))
             candidates[(layer.name, b)] = cand
     return candidates
 
@@ -301,13 +379,13 @@ def _errors(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[float, float]:
 # -- the disk cache ----------------------------------------------------------------------
 
 
-def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, torch.Tensor]] | None) -> str:
+def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, torch.Tensor]] | None, model_key: str | None = None) -> str:
     layers = [(layer.name, layer.rows, layer.cols, layer.group_size) for layer in table.layers]
     parts = {
         "bank": BANK_FORMAT,
         "scheme": table.scheme.to_dict(),
         "layers": layers,
-        "model": model_digest(model),
+        "model": model_key or model_digest(model),
         "data": batches_digest(batches) if batches is not None else None,
     }
     return json_digest(parts)
@@ -358,15 +436,7 @@ def _expected_shapes(layer: QuantLayer, bits: int, table: LayerTable) -> dict[st
 
 
 def _write_cache(folder: Path, key: str, bits: int, forms: dict[str, dict[str, torch.Tensor]]) -> None:
-    from safetensors.torch import save_file
-
+    """One bit-width's candidates, written whole or not at all (readers never see half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{suffix}": t.cpu().contiguous() for name, form in forms.items() for suffix, t in form.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bank-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": f"mpsearch-bank-{BANK_FORMAT}", "key": key, "bits": str(bits)})
-        os.replace(tmp, _cache_path(folder, key, bits))  # readers see the whole file or none
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {f"{name}.{suffix}": t for name, form in forms.items() for suffix, t in form.items()}
+    save_tensors(tensors, _cache_path(folder, key, bits), {"format": f"mpsearch-bank-{BANK_FORMAT}", "key": key, "bits": str(bits)})

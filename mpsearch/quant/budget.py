@@ -31,7 +31,9 @@ class Budget:
     value: float
 
     def __post_init__(self):
-        if not (math.isfinite(self.value) and self.value > 0):
+        if not math.isfinite(self.value):
+            raise MPSearchError(f"budget.{self.unit}: {self.value} is not a finite number; give a size such as 4.0bpw, 5.2MiB or 5000000")
+        if self.value <= 0:
             raise MPSearchError(f"budget.{self.unit}: must be > 0, got {self.value}")
 
     @classmethod

@@ -9,13 +9,13 @@ batch's ``attention_mask`` marks as padding are left out: they are not text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mpsearch.quant.layers import Conv1D, LayerTable
+from mpsearch.quant.layers import Conv1D, LayerTable, QuantLayer
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Moment:
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a layer's inputs cannot be laid out as rows of its weight matrix, if they cannot."""
+    if isinstance(module, nn.Embedding):
+        return "an embedding's inputs are token ids, not vectors"
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups})"
@@ -67,8 +69,10 @@ def input_moments(
     batches: Iterable[Mapping[str, torch.Tensor]],
     forward: Callable[[nn.Module, Mapping[str, torch.Tensor]], object],
     progress: bool = False,
+    layers: Sequence[QuantLayer] | None = None,
 ) -> dict[str, Moment]:
-    """Run ``forward(model, batch)`` over ``batches`` and return each layer's :class:`Moment`.
+    """Run ``forward(model, batch)`` over ``batches`` and return each layer's :class:`Moment`
+    (of ``layers``, by default every layer of the table).
 
     Tied layers (one weight, several modules) pool the inputs of every module that uses
     the weight. Layers :func:`unsupported_reason` rejects get no moment.
@@ -97,7 +101,7 @@ def input_moments(
 
     try:
         hooked: set[int] = set()
-        for layer in table.layers:
+        for layer in table.layers if layers is None else layers:
             for name in (layer.name, *layer.aliases):
                 module = modules[name]
                 # One module object reached by two names is hooked once: it runs once per call.

@@ -165,6 +165,12 @@ class LayerTable:
                 continue
             layers.append(_quant_layer(members, scheme))
             quantized_keys.add(key)
+        if not embeddings:  # left out by the embeddings rule: listed too, so that nothing is left out silently
+            tables = {}
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Embedding):
+                    tables.setdefault(id(module.weight), name)
+            excluded += [{"name": name, "reason": EMBEDDING_RULE} for name in tables.values()]
         selection.check_used()
         if not layers:
             raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
@@ -290,6 +296,9 @@ def _owners(model: nn.Module) -> dict[tuple, list[tuple[str, nn.Module]]]:
         for p in module.parameters(recurse=False):
             owners.setdefault(tensor_key(p), []).append((name, module))
     return owners
+
+
+EMBEDDING_RULE = "an embedding (a table lookup, not a matmul); set layers.embeddings = true to quantize it"
 
 
 class _Selection:

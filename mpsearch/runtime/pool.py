@@ -35,6 +35,7 @@ class ScorerPool:
         device: str = "cpu",
         snapshot: dict | None = None,
         gpus_per_worker: float = 0.0,
+        workload=None,
     ):
         from mpsearch.quant.bank import default_cache_dir
 
@@ -45,8 +46,8 @@ class ScorerPool:
         self._cache = str(cache) if cache else None
         self.actors: list = []
         self.device = device
-        if workers <= 0:
-            self._local = Scorer(spec, device=device, snapshot=snapshot)
+        if workers <= 0:  # in this process: on the caller's workload when it gives one (one copy of the model)
+            self._local = Scorer(spec, device=device, snapshot=None if workload is not None else snapshot, workload=workload)
             return
         self._local = None
         if gpus_per_worker < 0:
@@ -99,6 +100,30 @@ class ScorerPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.actors[slot] = self._spawn()
+
+    def call(self, fn, *args, timeout_s: float = 24 * 3600.0, **kwargs):
+        """``fn(workload, *args, **kwargs)`` on the first scorer's workload (see :meth:`Scorer.call`):
+        on its device, in its process; ``fn`` must be importable there (a module-level function)."""
+        if self._local is not None:
+            return self._local.call(fn, *args, **kwargs)
+        import ray
+
+        try:
+            return ray.get(self.actors[0].call.remote(fn, *args, **kwargs), timeout=timeout_s)
+        except ray.exceptions.RayActorError as e:
+            self.replace(0)
+            raise MPSearchError(f"the worker died while running {getattr(fn, '__name__', fn)} ({first_line(e)}); check its memory and logs") from None
+
+    def prepare(self, progress: bool = False, timeout_s: float = 24 * 3600.0) -> None:
+        """Build the candidate bank (into the disk cache the others read) and the reference
+        outputs on the first scorer, on its device, and hand the reference to the others: the
+        driver needs no GPU when the scorers have them."""
+        snapshot = self.call(_prepare, progress, timeout_s=timeout_s)
+        if self._local is None and len(self.actors) > 1:
+            import ray
+
+            shared = ray.put(snapshot)
+            ray.get([a.adopt.remote(shared) for a in self.actors[1:]], timeout=timeout_s)
 
     def placements(self, timeout_s: float = 60.0) -> list[dict]:
         """Where each actor runs and which GPUs Ray gave it (nothing is loaded on the way)."""
@@ -174,6 +199,8 @@ class ScorerPool:
                 send(slot)
 
     def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
         if self.actors:
             import ray
 
@@ -183,3 +210,9 @@ class ScorerPool:
                 except Exception:  # noqa: BLE001 - already gone
                     pass
             self.actors = []
+
+
+def _prepare(workload, progress: bool = False) -> dict | None:
+    """The bank and every split's reference outputs of ``workload``; the snapshot other scorers take."""
+    workload.candidate_bank(progress=progress)
+    return workload.snapshot()

@@ -22,33 +22,56 @@ class Scorer:
     """``plan -> loss`` on the workload of ``spec``, on ``device``.
 
     Nothing is loaded until the first plan: the workload (model, data, FP reference outputs,
-    unless a ``snapshot`` of them is given) and the bank (from the disk cache the driver fills
-    first, in ``cache_dir``).
+    unless a ``snapshot`` of them is given, or the ``workload`` itself in the driver's process)
+    and the bank (from the disk cache the driver fills first, in ``cache_dir``).
+
+    The scorer borrows the workload's model (:meth:`~mpsearch.workload.Workload.lend_model`): one
+    copy of the weights, into which each plan is delta-swapped from the packed bank. A partial
+    plan (a perturbation scan's one layer) keeps the other layers' FP weights; a whole plan gives
+    the FP weights up, since a search never needs them again.
     """
 
-    def __init__(self, spec, device: str = "cpu", threads: int | None = None, cache_dir: str | None = None, snapshot: dict | None = None):
+    def __init__(self, spec, device: str = "cpu", threads: int | None = None, cache_dir: str | None = None, snapshot: dict | None = None, workload=None):
         if threads:
             torch.set_num_threads(threads)
         if cache_dir is not None:
             os.environ["MPSEARCH_CACHE_DIR"] = cache_dir  # the driver's cache, also in a Ray worker
         self.spec, self.device, self.snapshot = spec, device, snapshot
+        self._workload = workload
         self._ready = None
 
     def _loaded(self):
         if self._ready is None:
             from mpsearch.workload import Workload
 
-            workload = Workload(self.spec, device=self.device)
+            workload = self._workload or Workload(self.spec, device=self.device)
             if self.snapshot is not None:
                 workload.adopt(self.snapshot)
                 self.snapshot = None
-            self._ready = (workload, workload.candidate_bank(), workload.build_model())
+            bank = workload.candidate_bank()
+            self._ready = (workload, bank, workload.lend_model())
         return self._ready
 
-    def score(self, plan: Plan | Mapping[str, int], split: Split = "evaluation", partial: bool = False) -> float:
+    def score(self, plan: Plan | Mapping[str, int], split: Split = "evaluation", partial: bool = False, metrics: bool = False):
+        """The loss of ``plan`` on ``split`` (with ``metrics``: the whole :class:`~mpsearch.workload.Evaluation`)."""
         workload, bank, model = self._loaded()
-        with bank.applied(model, plan, partial):
-            return workload.loss(model, split)
+        bank.apply(model, plan, partial=partial, keep_fp=partial)
+        result = workload.evaluate(model, split, perplexity=metrics)
+        return result if metrics else result.loss
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(workload, *args, **kwargs)`` on this scorer's workload, its model still FP: work
+        that needs the workload's device (the bank, reference outputs, Hessian traces)."""
+        from mpsearch.workload import Workload
+
+        if self._ready is not None:
+            raise RuntimeError("Scorer.call runs before the first plan: the model is lent out after it")
+        if self._workload is None:
+            self._workload = Workload(self.spec, device=self.device)
+            if self.snapshot is not None:
+                self._workload.adopt(self.snapshot)
+                self.snapshot = None
+        return fn(self._workload, *args, **kwargs)
 
     def score_batch(self, jobs: list[tuple[int, Plan]], split: Split, partial: bool) -> list[tuple[int, float]]:
         return [(i, self.score(plan, split, partial)) for i, plan in jobs]
@@ -59,12 +82,28 @@ class Scorer:
         start = time.perf_counter()
         worker = f"{socket.gethostname()}:{os.getpid()}"
         try:
-            loss = self.score(plan, split)
+            result = self.score(plan, split, metrics=True)
         except Exception as e:  # noqa: BLE001 - reported as the trial's failure reason
             from mpsearch.errors import first_line
 
             return {"loss": None, "seconds": time.perf_counter() - start, "worker": worker, "error": f"{type(e).__name__}: {first_line(e)}"}
-        return {"loss": loss, "seconds": time.perf_counter() - start, "worker": worker, "error": None}
+        return {"loss": result.loss, "metrics": result.metrics(), "seconds": time.perf_counter() - start, "worker": worker, "error": None}
+
+    def adopt(self, snapshot) -> None:
+        """Take the batches and reference outputs another scorer computed (before the first plan)."""
+        if self._ready is None:
+            if self._workload is not None:
+                self._workload.adopt(snapshot)
+            else:
+                self.snapshot = snapshot
+
+    def close(self) -> None:
+        """Give the borrowed model back to the workload when its FP weights can all be put back."""
+        if self._ready is not None:
+            workload, bank, model = self._ready
+            if bank.holds_fp(model):
+                workload.return_model(bank.restore(model))
+            self._ready = None
 
     def placement(self) -> dict:
         """Where this scorer runs: its process, device, and the GPUs Ray gave it (nothing is loaded)."""

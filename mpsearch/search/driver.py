@@ -27,6 +27,7 @@ actors' timings fall; without it a free actor gets the next trial at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,10 +38,38 @@ from mpsearch.plan import Plan
 from mpsearch.search.allocate import Costs, greedy, ilp
 from mpsearch.search.sampler import SamplerContext, make_sampler, sampler_factory
 from mpsearch.search.space import space_for
-from mpsearch.storage.trials import BYTES, CACHED, EVAL_S, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, study_meta
+from mpsearch.storage.lease import Lease
+from mpsearch.storage.trials import BYTES, CACHED, EVAL_S, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, check_study_name, study_meta, study_names
+
+log = logging.getLogger(__name__)
 
 # The study's record is checked on --resume: these must match the spec's.
 _RESUME_KEYS = (("spec_digest", "model, data, loss, quant or layers"), ("budget_bytes", "budget"), ("pareto", "--pareto"), ("layers", "layers"))
+
+
+def driver_device(spec, workers: int | None = None, device: str | None = None) -> str | None:
+    """Where the driver's own workload runs: ``device`` if given, else the spec's; but the CPU when
+    every plan is scored in Ray workers with GPUs (the driver then needs none)."""
+    workers = spec.search.workers if workers is None else workers
+    if device is None and workers > 0 and spec.search.gpus_per_worker > 0:
+        return "cpu"
+    return device
+
+
+def warm_start_scores(profiles: dict, use_flagged: bool = False) -> dict[str, dict]:
+    """Each profile's scores for the warm starts, by method. A profile with flagged layers (a
+    negative trace, one still moving at the probe limit) is left out unless ``use_flagged``."""
+    scores = {}
+    for method, profile in profiles.items():
+        flagged = [row for row in profile.layers if row.get("flags")]
+        if flagged and not use_flagged:
+            log.warning(
+                "the %s profile flags %d layers (%s: %s); its warm start is left out (search.flagged_warm_starts = true keeps it)",
+                method, len(flagged), flagged[0]["name"], ", ".join(flagged[0]["flags"]),
+            )
+            continue
+        scores[method] = profile.scores()
+    return scores
 
 
 def default_study_name(spec, pareto: bool = False) -> str:
@@ -84,7 +113,7 @@ class Search:
         self.storage = storage
         self.spec = spec
         self.pareto = pareto
-        self.study_name = study or default_study_name(spec, pareto)
+        self.study_name = check_study_name(study or default_study_name(spec, pareto))
         self.trials = trials if trials is not None else spec.search.trials
         self.workers = workers if workers is not None else spec.search.workers
         self.address = address
@@ -120,6 +149,14 @@ class Search:
             "base_dir": str(s.base_dir),
         }
 
+    def _already_done(self) -> TrialLog | None:
+        """A resumed study that already has its trials, checked against this spec: its log."""
+        if not self.resume or self.study_name not in study_names(self.storage):
+            return None
+        log = TrialLog.open(self.storage, self.study_name)
+        self._check_resumed(log, self.meta())
+        return log if len(log.complete()) >= self.trials else None
+
     def _check_resumed(self, log: TrialLog, meta: dict) -> None:
         found = log.meta
         for key, what in _RESUME_KEYS:
@@ -132,18 +169,14 @@ class Search:
     def _profiles(self, pool) -> dict[str, dict]:
         from mpsearch.sensitivity.analyze import analyze
 
-        scores = {}
-        for method in ("hessian", "perturbation"):
-            profile = analyze(self.workload, method, self.storage, pool=pool, progress=self.progress)
-            scores[method] = {row["name"]: {int(b): v for b, v in row["score"].items()} for row in profile.layers}
-        return scores
+        profiles = {method: analyze(self.workload, method, self.storage, pool=pool, progress=self.progress) for method in ("hessian", "perturbation")}
+        return warm_start_scores(profiles, self.spec.search.flagged_warm_starts)
 
     def baselines(self, scores: dict[str, dict] | None = None) -> list[tuple[str, Plan]]:
         """The warm-start plans, by name, in the order they run (from the run's profiles by default)."""
         scores = scores or self.scores
         table = self.workload.layer_table()
-        by_delta = Costs.of(table, scores["perturbation"])
-        by_omega = Costs.of(table, scores["hessian"])
+        by_delta = Costs.of(table, scores.get("perturbation"))
         plans: list[tuple[str, Plan]] = []
         budgets = [self.budget]
         if self.pareto:  # the front between the smallest plan and the budget: allocate at every uniform size too
@@ -151,9 +184,11 @@ class Search:
             budgets = [b for b in budgets if b <= self.budget]
         for limit in budgets:
             suffix = "" if limit == self.budget else f"@{limit}"
-            plans.append((f"ilp-perturbation{suffix}", ilp(by_delta, limit)))
-            plans.append((f"ilp-hessian{suffix}", ilp(by_omega, limit)))
-            plans.append((f"greedy{suffix}", greedy(by_delta, limit)))
+            for method in ("perturbation", "hessian"):
+                if method in scores:
+                    plans.append((f"ilp-{method}{suffix}", ilp(Costs.of(table, scores[method]), limit)))
+            if "perturbation" in scores:
+                plans.append((f"greedy{suffix}", greedy(by_delta, limit)))
         for bits in reversed(table.menu):
             uniform = table.uniform(bits)
             if table.bytes(uniform) <= self.budget:
@@ -168,21 +203,31 @@ class Search:
         from mpsearch.runtime import ScorerPool
 
         s = self.spec.search
+        if self.workers == 0:  # in this process, on the driver's own workload: one copy of the model
+            device = str(self.workload.device)
+        elif s.gpus_per_worker > 0:
+            device = "cuda"
+        else:  # workers without GPUs run on the CPU; asking for cuda there is refused by the pool
+            device = "cpu" if s.device == "auto" else s.device
         with ScorerPool(
-            self.spec, self.workers, self.address, device=str(self.workload.device), snapshot=self.workload.snapshot(), gpus_per_worker=s.gpus_per_worker
+            self.spec, self.workers, self.address, device=device, gpus_per_worker=s.gpus_per_worker, workload=self.workload if self.workers == 0 else None
         ) as pool:
             yield pool
 
     # -- the run ---------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        """The search, holding the study's lease (:mod:`mpsearch.storage.lease`) from before any
+        work to the end: a second driver on the study is refused at once."""
         start = time.perf_counter()
         table = self.workload.layer_table()
         Costs.of(table, None).check_budget(self.budget)
-        self.workload.candidate_bank(progress=self.progress)  # fills the disk cache the actors read
-        with self._scorers() as pool:
+        if (done := self._already_done()) is not None:  # nothing to run: no Ray, no bank, no profiles
+            return done.outcome(self.budget, time.perf_counter() - start)
+        with Lease(self.storage, self.study_name), self._scorers() as pool:
+            pool.prepare(progress=self.progress)  # the bank (the disk cache the others read) and the reference, on the first scorer
             self.scores = self._profiles(pool)
-            costs = Costs.of(table, self.scores["perturbation"])
+            costs = Costs.of(table, self.scores.get("perturbation") or self.scores.get("hessian"))
             s = self.spec.search
             meta = self.meta()
             space = space_for(study_meta(self.storage, self.study_name) or meta, costs, table)  # a resumed study keeps its own
@@ -244,6 +289,15 @@ class _Loop:
                 "fix the cause, then run the search again with --resume"
             )
 
+    def _abandon(self, trial: Running) -> None:
+        """The search is stopping (an interrupt, a cancel, an error) with ``trial`` unfinished: fail
+        it, its plan marked to run again. One try: if the database is what failed, ``--resume``
+        recovers the trial instead."""
+        try:
+            self.log.fail(trial, "the search was interrupted while this trial ran", rerun=True, patient=False)
+        except Exception:  # noqa: BLE001
+            pass
+
     def run(self) -> None:
         from tqdm.auto import tqdm
 
@@ -266,13 +320,19 @@ class _Loop:
                             done += 1
                             bar.update()
                             continue
-                        flights[slot] = _Flight(trial, slot, self.pool.submit(slot, trial.plan), time.monotonic())
+                        try:  # a local pool evaluates here: an interrupt lands in this call
+                            ref = self.pool.submit(slot, trial.plan)
+                        except BaseException:
+                            self._abandon(trial)
+                            raise
+                        flights[slot] = _Flight(trial, slot, ref, time.monotonic())
                     if not flights:
                         continue
                 results = self._collect(flights)
                 for slot in sorted(results, key=lambda s: flights[s].trial.number):
-                    flight = flights.pop(slot)
+                    flight = flights[slot]
                     values = self._finish(flight, results[slot])
+                    del flights[slot]  # only now: an interrupt inside _finish still finds it in flight
                     if values is not None:
                         self.failures = 0
                         seen[flight.trial.plan.digest()] = values
@@ -282,10 +342,7 @@ class _Loop:
                         bar.set_postfix(best=f"{best:.5g}")
         except BaseException:
             for flight in flights.values():  # interrupted: leave nothing RUNNING
-                try:
-                    self.log.fail(flight.trial, "the search was interrupted while this trial ran", rerun=True)
-                except Exception:  # noqa: BLE001 - the database may be what failed; --resume recovers
-                    pass
+                self._abandon(flight.trial)
             raise
         finally:
             bar.close()
@@ -323,7 +380,7 @@ class _Loop:
             self._fail(trial, result["died"], rerun=trial.rerun_of is None)  # a plan is run again once
             self.pool.replace(flight.slot)
             return None
-        attrs = {WORKER: result["worker"], EVAL_S: round(result["seconds"], 4)}
+        attrs = {WORKER: result["worker"], EVAL_S: round(result["seconds"], 4), **result.get("metrics", {})}
         loss = result["loss"]
         if result["error"] is not None or loss is None or not math.isfinite(loss):
             self._fail(trial, result["error"] or f"the loss is {loss}", rerun=False, attrs=attrs)

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from mpsearch.errors import MPSearchError
-from mpsearch.hashing import batches_digest, json_digest, model_digest
+from mpsearch.hashing import batches_digest, json_digest
+from mpsearch.memory import trim
 from mpsearch.sensitivity.profile import SENSITIVITY, Options, Profile, lowest_bits, rank
 
 
@@ -26,10 +27,10 @@ def profile_key(workload, method: str, params: dict):
 
     table = workload.layer_table()
     scheme = {"scheme": table.scheme.to_dict(), "menu": list(table.menu), "layers": table.names}
-    full = {**params, "loss": workload.spec.loss.model_dump()}
+    full = {**params, "loss": workload.spec.keyed()["loss"]}
     return ProfileKey(
         method=method,
-        model_key=model_digest(workload.fp_model()),
+        model_key=workload.model_key(),
         data_key=batches_digest(workload.calibration_batches()),
         scheme_key=json_digest(scheme),
         params=full,
@@ -70,8 +71,12 @@ def analyze(
         if found is not None:
             return found
     start = time.perf_counter()
-    layers = entry.compute(workload, params, opts, pool, progress)
+    if pool is not None and entry.on_scorer:
+        layers = pool.call(entry.compute, params, opts, None, progress)
+    else:
+        layers = entry.compute(workload, params, opts, pool, progress)
     seconds = time.perf_counter() - start
+    trim()
     profile = Profile(method=method, layers=layers, ranking=rank(layers, workload.layer_table().menu), seconds=seconds, params=params)
     if storage is not None:
         storage.save_profile(key, {"layers": profile.layers, "ranking": profile.ranking}, study=workload.spec.name, seconds=seconds)

@@ -22,35 +22,51 @@ from mpsearch.sensitivity.profile import SENSITIVITY, Method, Options
 
 
 def fisher_diagonal(workload, samples: int = 4, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Each layer's Fisher diagonal, in its weight's layout, for the calibration loss (Σ total / N)."""
+    """Each layer's Fisher diagonal, in its weight's layout, for the calibration loss (Σ total / N).
+
+    On the workload's own FP model (its weights are only read); each layer's gradient is squared
+    into its sum and dropped as soon as the backward pass has it.
+    """
     from tqdm.auto import tqdm
 
-    model = workload.build_model()
-    model.requires_grad_(False)
+    model = workload.fp_model()
     table = workload.layer_table()
     modules = dict(model.named_modules())
     params = [modules[name].weight for name in table.names]
-    for p in params:
-        p.requires_grad_(True)
     generator = torch.Generator().manual_seed(seed)
-    squares = [torch.zeros_like(p) for p in params]
+    squares = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+
+    def consume(i: int):
+        def hook(p: torch.Tensor) -> None:
+            squares[i] += p.grad.float() ** 2
+            p.grad = None
+
+        return hook
+
     batches = workload.calibration_batches()
     references = workload.reference("calibration")
     count = 0.0
     bar = tqdm(total=samples * len(batches), desc="fisher", unit="batch", disable=not progress, leave=False)
-    for _ in range(samples):
-        count = 0.0
-        for batch, ref in zip(batches, references):
-            out = workload.forward(model, batch)
-            _total, n = workload.loss_fn(out, ref, batch)  # for its count: the loss is Σ total / Σ count
-            count += float(n)
-            scalar = workload.loss_fn.direction(out, batch, generator)
-            grads = torch.autograd.grad(scalar, params, allow_unused=True)
-            for sq, g in zip(squares, grads):
-                if g is not None:
-                    sq += g.detach() ** 2
-            bar.update()
-    bar.close()
+    handles = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(consume(len(handles))))
+        for _ in range(samples):
+            count = 0.0
+            for batch, ref in zip(batches, references):
+                with torch.enable_grad():
+                    out = workload.forward(model, batch)
+                    count += workload.loss_fn.count(out, ref, batch)  # the loss is Σ total / Σ count
+                    workload.loss_fn.direction(out, batch, generator).backward(inputs=params)
+                bar.update()
+    finally:
+        bar.close()
+        for handle in handles:
+            handle.remove()
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
     return {name: sq / (samples * count) for name, sq in zip(table.names, squares)}
 
 

@@ -23,8 +23,15 @@ output), so there is a second estimator with no cross-layer terms at all:
   and ``‖J_lᵀ u‖²`` is every layer's estimate at once, each a sum of squares (never
   negative) that involves only its own block. One plain backward per probe, no second
   derivative.
-* **hvp** (the default for label losses, whose residual is not zero and whose Hessian is
-  not Gauss–Newton): the parameter-space probe above, with Hessian-vector products.
+* **hvp**: the parameter-space probe above, with Hessian-vector products: the exact Hessian of
+  a label loss (``causal-lm``), whose residual is not zero. It is not the default there: its
+  per-layer traces can come out negative and rarely settle. ``auto`` takes ``gn`` for every
+  loss; for a label loss that is the Gauss–Newton matrix, the Hessian's positive semi-definite
+  part (the Fisher of the model's own predictive distribution), which ranks layers usably.
+
+A trace below zero, or one still moving when the probes run out, is flagged (``flags`` in the
+profile: ``negative``, ``probe-limit``), and a flagged profile is not used for a warm start
+unless the spec asks for it (``search.flagged_warm_starts``).
 
 Probes continue until the running mean of every layer's trace moved by at most ``tol``
 (relative) on the last probe and its standard error is at most ``tol`` of it too (see
@@ -45,10 +52,11 @@ HAWQ's score of a candidate is ``Ω(l, b) = Tr(H_l)/n_l · ‖Q_b(W_l) − W_l�
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import nn
@@ -57,7 +65,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mpsearch.errors import WorkloadError
 from mpsearch.quant.layers import LayerTable
 from mpsearch.sensitivity.profile import SENSITIVITY, Method, Options
-from mpsearch.workload.losses import is_zero_residual, rademacher
+from mpsearch.workload.losses import rademacher
 
 Mode = Literal["all", "per-layer"]
 Estimator = Literal["auto", "gn", "hvp"]
@@ -118,6 +126,16 @@ class Traces:
     seconds: float
     mode: str
     estimator: str = "hvp"
+    settled: dict[str, bool] = field(default_factory=dict)
+
+    def flags(self, name: str) -> list[str]:
+        """What makes a layer's trace unusable as a score: below zero, or still moving at the probe limit."""
+        flags = []
+        if self.trace[name] < 0:
+            flags.append("negative")
+        if not self.settled.get(name, True):
+            flags.append("probe-limit")
+        return flags
 
 
 class Probe:
@@ -168,52 +186,92 @@ class Probe:
         return [x / total_count for x in sums]
 
     def _gauss_newton(self, generator: torch.Generator) -> list[float]:
-        """``‖J_lᵀ u‖²`` per layer, ``u`` drawn per chunk with covariance ``H_out``."""
+        """``‖J_lᵀ u‖²`` per layer, ``u`` drawn per chunk with covariance ``H_out``.
+
+        Each layer's gradient is squared and dropped as soon as the backward pass has it (a hook
+        per weight), so no more than one layer's gradient is alive at a time, not the model's.
+        """
         sums = [0.0] * len(self.params)
         total_count = 0.0
-        with torch.enable_grad():
-            for batch, ref in self.chunks:
-                out = self.workload.forward(self.model, batch)
-                _total, count = self.workload.loss_fn(out, ref, batch)  # for its count: the loss is Σ total / Σ count
-                total_count += float(count)
-                grads = torch.autograd.grad(self.workload.loss_fn.direction(out, batch, generator), self.params, allow_unused=True)
-                for i, g in enumerate(grads):
-                    if g is not None:
-                        sums[i] += float(g.double().pow(2).sum())
+
+        def consume(i: int):
+            def hook(p: torch.Tensor) -> None:
+                sums[i] += float(p.grad.double().pow(2).sum())
+                p.grad = None
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(consume(i)) for i, p in enumerate(self.params)]
+        try:
+            with torch.enable_grad():
+                for batch, ref in self.chunks:
+                    out = self.workload.forward(self.model, batch)
+                    total_count += self.workload.loss_fn.count(out, ref, batch)  # the loss is Σ total / Σ count
+                    self.workload.loss_fn.direction(out, batch, generator).backward(inputs=self.params)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p in self.params:
+                p.grad = None
         return [x / total_count for x in sums]
 
 
 def resolve_estimator(workload, estimator: str = "auto") -> str:
-    """``auto``: ``gn`` where the loss has zero residual at the FP weights, else ``hvp``."""
+    """``auto`` is ``gn``: the Hessian itself for the self-distillation losses (zero residual at the
+    FP weights), and for a label loss (``causal-lm``) the Gauss–Newton matrix, its positive
+    semi-definite part, which is the Fisher of the model's predictive distribution. ``hvp`` (the
+    exact Hessian of a label loss) can come out negative per layer and is slow to settle."""
     if estimator == "auto":
-        return "gn" if is_zero_residual(workload.spec.loss.kind) else "hvp"
+        return "gn"
     if estimator not in ("gn", "hvp"):
         raise ValueError(f"estimator must be 'auto', 'gn' or 'hvp', got {estimator!r}")
     return estimator
 
 
+GN_LOGITS_BYTES = 32 << 20  # the logits of one gn chunk; the backward pass's memory follows it
+
+
+def gn_chunk(workload) -> int | None:
+    """Examples per gn chunk: whole batches, or for a language model as many as keep a chunk's
+    logits (tokens × vocabulary floats) within ``GN_LOGITS_BYTES``."""
+    refs = workload.reference("calibration")
+    logits = workload.is_causal_lm or (refs and refs[0] is not None and refs[0].kind == "logits")
+    vocab = getattr(getattr(workload.fp_model(), "config", None), "vocab_size", None)
+    if not (logits and vocab):
+        return None
+    tokens = max(b["input_ids"].shape[-1] for b in workload.calibration_batches()) if "input_ids" in workload.calibration_batches()[0] else 1
+    return max(1, GN_LOGITS_BYTES // (tokens * vocab * 4))
+
+
 def _chunks(workload, size: int | None):
     """The calibration batches cut into chunks of ``size`` examples (whole if None), with their FP outputs."""
-    from mpsearch.workload.losses import Outputs
 
     for batch, ref in zip(workload.calibration_batches(), workload.reference("calibration")):
         n = len(next(iter(batch.values())))
         step = size or n
         for start in range(0, n, step):
             part = {k: v[start : start + step] for k, v in batch.items()}
-            yield part, None if ref is None else Outputs(ref.value[start : start + step], ref.kind)
+            yield part, None if ref is None else ref.map(lambda t, a=start, b=start + step: t[a:b])
 
 
-def _prepared(workload, estimator: str = "hvp") -> tuple[Probe, LayerTable]:
-    model = workload.build_model()
-    model.requires_grad_(False)
+@contextlib.contextmanager
+def _prepared(workload, estimator: str = "hvp") -> Iterator[tuple[Probe, LayerTable]]:
+    """A probe on the workload's own FP model (no copy: its weights are only read), with gradients
+    on the quantizable layers' weights while it is in use."""
+    model = workload.fp_model()
     table = workload.layer_table()
     # gn's u is independent per example already; its cross-example terms measured small on
-    # MiniLM (per-probe spread 0.13 of the mean at chunks of 16 vs 0.15 at 4), so whole batches.
-    probe = Probe(workload, model, table, chunk=None if estimator == "gn" else 4, estimator=estimator)
+    # MiniLM (per-probe spread 0.13 of the mean at chunks of 16 vs 0.15 at 4), so whole batches,
+    # unless a big vocabulary's logits (and the backward pass behind them) call for fewer examples.
+    probe = Probe(workload, model, table, chunk=gn_chunk(workload) if estimator == "gn" else 4, estimator=estimator)
     for p in probe.params:
         p.requires_grad_(True)
-    return probe, table
+    try:
+        yield probe, table
+    finally:
+        for p in probe.params:
+            p.requires_grad_(False)
+            p.grad = None
 
 
 def hessian_traces(
@@ -231,15 +289,28 @@ def hessian_traces(
     ``estimator`` applies to ``mode="all"``; the per-layer loop is always Hessian-vector
     products, one layer at a time.
     """
+    estimator = resolve_estimator(workload, estimator) if mode == "all" else "hvp"
+    start = time.perf_counter()
+    with _prepared(workload, estimator) as (probe, table):
+        stats, products = _probe_until_settled(probe, table, mode, estimator, tol, min_probes, max_probes, seed, progress)
+    return Traces(
+        trace={name: s.mean for name, s in stats.items()},
+        stderr={name: s.stderr for name, s in stats.items()},
+        probes={name: len(s.values) for name, s in stats.items()},
+        products=products,
+        seconds=time.perf_counter() - start,
+        mode=mode,
+        estimator=estimator,
+        settled={name: s.settled(tol) for name, s in stats.items()},
+    )
+
+
+def _probe_until_settled(probe, table, mode, estimator, tol, min_probes, max_probes, seed, progress) -> tuple[dict[str, Running], int]:
     from tqdm.auto import tqdm
 
-    estimator = resolve_estimator(workload, estimator) if mode == "all" else "hvp"
-    probe, table = _prepared(workload, estimator)
     generator = torch.Generator().manual_seed(seed)
     stats = {name: Running() for name in table.names}
-    probes_of = {}
     products = 0
-    start = time.perf_counter()
     if mode == "all":
         bar = tqdm(total=max_probes, desc=f"hessian traces ({estimator}, all layers per probe)", unit="probe", disable=not progress, leave=False)
         for k in range(1, max_probes + 1):
@@ -250,7 +321,6 @@ def hessian_traces(
             if k >= min_probes and all(stats[name].settled(tol) for name in table.names):
                 break
         bar.close()
-        probes_of = {name: len(stats[name].values) for name in table.names}
     elif mode == "per-layer":
         bar = tqdm(total=len(table.names), desc="hessian traces (one layer per product)", unit="layer", disable=not progress, leave=False)
         for i, name in enumerate(table.names):
@@ -259,20 +329,11 @@ def hessian_traces(
                 stats[name].add(probe(generator, layers=[i])[i])
                 if k >= min_probes and stats[name].settled(tol):
                     break
-            probes_of[name] = len(stats[name].values)
             bar.update()
         bar.close()
     else:
         raise ValueError(f"mode must be 'all' or 'per-layer', got {mode!r}")
-    return Traces(
-        trace={name: s.mean for name, s in stats.items()},
-        stderr={name: s.stderr for name, s in stats.items()},
-        probes=probes_of,
-        products=products,
-        seconds=time.perf_counter() - start,
-        mode=mode,
-        estimator=estimator,
-    )
+    return stats, products
 
 
 def total_trace(
@@ -287,13 +348,13 @@ def total_trace(
     It stops when the running mean of the total moved by at most ``tol``; it is the
     baseline that the per-layer, all-at-once estimate is measured against.
     """
-    probe, _table = _prepared(workload)
     generator = torch.Generator().manual_seed(seed)
     running = Running()
-    for k in range(1, max_probes + 1):
-        running.add(sum(probe(generator)))
-        if k >= min_probes and running.settled(tol):
-            break
+    with _prepared(workload) as (probe, _table):
+        for k in range(1, max_probes + 1):
+            running.add(sum(probe(generator)))
+            if k >= min_probes and running.settled(tol):
+                break
     return running.mean, running.stderr, len(running.values)
 
 
@@ -329,6 +390,7 @@ def _rows(workload, params: dict, options: Options, pool, progress: bool) -> lis
             "trace": traces.trace[layer.name],
             "trace_stderr": traces.stderr[layer.name] if math.isfinite(traces.stderr[layer.name]) else None,
             "probes": traces.probes[layer.name],
+            "flags": traces.flags(layer.name),
             "score": {str(b): v for b, v in scores[layer.name].items()},
         }
         for layer in workload.layer_table().layers

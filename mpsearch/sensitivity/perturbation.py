@@ -15,20 +15,22 @@ from mpsearch.sensitivity.profile import SENSITIVITY, Method, Options
 def perturbation_scores(workload, workers: int = 2, address: str | None = None, progress: bool = False, pool: ScorerPool | None = None) -> dict[str, dict[int, float]]:
     """``{layer: {bits: Δloss}}`` for every bit-width of the menu (16: the fp16 rounding alone).
 
-    ``pool``: score on these (the search's) actors instead of starting new ones.
+    ``pool``: score on these (the search's) actors instead of starting new ones. The FP loss each
+    Δ is taken from is scored by the same pool (an empty partial plan), so both sides of every
+    difference ran on the same device.
     """
     table = workload.layer_table()
-    workload.candidate_bank(progress=progress)  # fills the disk cache the actors read
     jobs = [(name, bits) for name in table.names for bits in table.menu]
     own = pool is None
-    if own:
+    if own:  # in this process it scores on the workload itself (one copy of the model), which it gets back after
+        workload.candidate_bank(progress=progress)  # fills the disk cache the actors read
         pool = ScorerPool(
-            workload.spec, workers=workers, address=address, device=str(workload.device), snapshot=workload.snapshot(),
-            gpus_per_worker=workload.spec.search.gpus_per_worker if workers else 0.0,
+            workload.spec, workers=workers, address=address, device=str(workload.device) if not workers else "cpu",
+            snapshot=workload.snapshot() if workers else None, workload=workload if not workers else None,
         )
     try:
-        base = workload.loss(workload.fp_model(), "calibration")
-        losses = pool.map((Plan.of_bits({name: bits}) for name, bits in jobs), split="calibration", partial=True, progress=progress, desc="perturbation scan")
+        plans = [Plan(layers={})] + [Plan.of_bits({name: bits}) for name, bits in jobs]
+        base, *losses = pool.map(plans, split="calibration", partial=True, progress=progress, desc="perturbation scan")
     finally:
         if own:
             pool.close()
@@ -43,4 +45,4 @@ def _rows(workload, params: dict, options: Options, pool, progress: bool) -> lis
     return [{"name": layer.name, "n": layer.n, "score": {str(b): v for b, v in scores[layer.name].items()}} for layer in workload.layer_table().layers]
 
 
-SENSITIVITY.register("perturbation")(Method(label="Δloss", params=lambda workload, options: {}, compute=_rows))
+SENSITIVITY.register("perturbation")(Method(label="Δloss", params=lambda workload, options: {}, compute=_rows, on_scorer=False))

@@ -39,12 +39,14 @@ class Method:
     ``params(workload, options)`` gives the settings the stored profile is keyed by (and that
     ``compute`` uses); ``compute(workload, params, options, pool, progress)`` gives the profile's
     rows, one per layer: ``{"name", "n", "score": {"2": float, ...}}`` plus whatever else the
-    method measures (a trace, its standard error).
+    method measures (a trace, its standard error). Given a scorer pool, a method ``on_scorer``
+    runs in the first scorer, on its device (a module-level ``compute`` travels to a Ray worker).
     """
 
     label: str
     params: Callable[[Any, Options], dict]
     compute: Callable[..., list[dict]]
+    on_scorer: bool = True  # computed where a scorer's workload lives (its device); False: it spreads over the pool itself
 
 
 SENSITIVITY: Registry[Method] = Registry("sensitivity method")

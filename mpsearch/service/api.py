@@ -21,6 +21,8 @@ Bad input is a 4xx with ``{"detail": "one line that says what to do"}``, never a
 # No `from __future__ import annotations`: FastAPI reads these signatures at run time, closures included.
 import hmac
 import os
+import re
+import threading
 import tomllib
 import uuid
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from mpsearch.errors import MPSearchError, NotFoundError
+from mpsearch.spec import MAX_TRIALS
+from mpsearch.storage.lease import StudyBusy
 
 TOKEN_ENV = "MPSEARCH_API_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -48,6 +52,12 @@ class ApiSettings:
     ray_address: str | None = None
     allow_python: bool = False
     max_body_bytes: int = 1 << 20
+    max_exports: int = 1  # exports running at once in this server; more get 429
+
+    @property
+    def log_root(self) -> Path:
+        """Where local jobs write their logs: a folder of the export root."""
+        return self.export_root / "job-logs"
 
 
 def read_token(token_file: str | None) -> str:
@@ -75,7 +85,7 @@ class _Body(BaseModel):
 
 class JobRequest(_Body):
     spec: str = Field(description="The study spec, as TOML text", max_length=200_000)
-    trials: int | None = Field(None, ge=1, le=100_000)
+    trials: int | None = Field(None, ge=1, le=MAX_TRIALS)
     workers: int | None = Field(None, ge=0, le=1024)
     budget: str | None = Field(None, max_length=64, description="Overrides the spec's budget: 5000000, 5.2MiB or 4.0bpw")
     study: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._@+-]+$")
@@ -103,7 +113,18 @@ class Detail(BaseModel):
     detail: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Detail}, 400: {"model": Detail}, 404: {"model": Detail}, 413: {"model": Detail}}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Detail} for code in (400, 401, 404, 413, 422)}
+
+
+def public_job(job, settings: "ApiSettings") -> "Job":
+    """A job as the API shows it: no process id or log path of a local job (the logs endpoint
+    serves the log), and its error without the server's paths or database URL."""
+    doc = job.to_json()
+    if (doc.get("ray_job_id") or "").startswith("local:"):
+        doc["ray_job_id"] = None
+    if doc.get("error"):
+        doc["error"] = public_message(doc["error"], settings)
+    return Job(**doc)
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -113,13 +134,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
     """The app: error handlers, the body limit, ``/health``, and the routes, all behind the token but ``/health``."""
     from mpsearch.storage import Storage
 
+    # The schema is served behind the token like everything else (no /docs page: a browser could
+    # not send the token); `curl -H "Authorization: Bearer $TOKEN" .../openapi.json` reads it.
     app = FastAPI(
         title="mpsearch",
         version=_version(),
         description="Sensitivity-driven mixed-precision quantization search: jobs, studies and exports.",
+        openapi_url=None, docs_url=None, redoc_url=None,
     )
     storage = Storage(settings.storage_url)
-    _error_handlers(app)
+    _error_handlers(app, settings)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.get("/health", tags=["service"])
@@ -127,6 +151,10 @@ def create_app(settings: ApiSettings) -> FastAPI:
         return {"status": "ok"}
 
     auth = [Depends(_authorized(settings.token))]
+
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
     for routes in (_job_routes(storage, settings), _study_routes(storage), _export_routes(storage, settings)):
         app.include_router(routes, dependencies=auth, responses=ERRORS)
     return app
@@ -142,24 +170,67 @@ def _authorized(token: str):
     return authorized
 
 
-def _error_handlers(app: FastAPI) -> None:
+def _error_handlers(app: FastAPI, settings: ApiSettings) -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    from mpsearch.errors import StorageError
+
+    def said(e: Exception) -> str:
+        return public_message(str(e), settings)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"detail": f"{where}: {first.get('msg')}" if where else str(first.get("msg"))}, status_code=422)
+
+    @app.exception_handler(StorageError)
+    async def database(request: Request, e: StorageError):
+        return JSONResponse({"detail": "the server's database is unavailable or refused the operation; try again later"}, status_code=503)
+
     @app.exception_handler(NotFoundError)
     async def not_found(request: Request, e: NotFoundError):
-        return JSONResponse({"detail": str(e)}, status_code=404)
+        return JSONResponse({"detail": said(e)}, status_code=404)
+
+    @app.exception_handler(StudyBusy)
+    async def busy(request: Request, e: StudyBusy):
+        return JSONResponse({"detail": said(e)}, status_code=409)
 
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, e: Forbidden):
-        return JSONResponse({"detail": str(e)}, status_code=403)
+        return JSONResponse({"detail": said(e)}, status_code=403)
+
+    @app.exception_handler(Busy)
+    async def busy_server(request: Request, e: Busy):
+        return JSONResponse({"detail": said(e)}, status_code=429, headers={"Retry-After": "30"})
 
     @app.exception_handler(MPSearchError)
     async def bad_input(request: Request, e: MPSearchError):
-        return JSONResponse({"detail": str(e)}, status_code=400)
+        return JSONResponse({"detail": said(e)}, status_code=400)
+
+
+def public_message(text: str, settings: ApiSettings) -> str:
+    """``text`` without the server's folders, database URL or host: what a client may read."""
+    from mpsearch.storage.database import parse_url, where
+
+    url = parse_url(settings.storage_url)
+    for secret, shown in (
+        (url.render_as_string(hide_password=False), "the database"),
+        (url.render_as_string(hide_password=True), "the database"),
+        (where(url), "the database"),
+        (str(settings.export_root) + "/", ""),
+        (str(settings.export_root), "the export root"),
+        (str(settings.root) + "/", ""),
+        (str(settings.root), "the server's root"),
+    ):
+        text = text.replace(secret, shown)
+    return re.sub(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*", "<path>", text)  # any other absolute path
 
 
 def _job_routes(storage, settings: ApiSettings) -> APIRouter:
     router = APIRouter(tags=["jobs"])
 
-    @router.post("/jobs", status_code=201, responses={403: {"model": Detail}})
+    @router.post("/jobs", status_code=201, responses={403: {"model": Detail}, 409: {"model": Detail}})
     def submit_job(body: JobRequest) -> Job:
         """Submit a whole search (sensitivity, search, optional export) for the spec."""
         from mpsearch.service.jobs import JobArgs, submit
@@ -167,20 +238,20 @@ def _job_routes(storage, settings: ApiSettings) -> APIRouter:
         spec = checked_spec(body.spec, settings)
         export_dir = str(settings.export_root / f"job-{uuid.uuid4().hex[:12]}") if body.export else None
         args = JobArgs(trials=body.trials, workers=body.workers, budget=body.budget, study=body.study, export_dir=export_dir)
-        job_id = submit(storage, spec, body.spec, args, address=settings.ray_address, log_dir=settings.export_root.parent / "jobs")
-        return Job(**storage.job(job_id).to_json())
+        job_id = submit(storage, spec, body.spec, args, address=settings.ray_address, log_dir=settings.log_root)
+        return public_job(storage.job(job_id), settings)
 
     @router.get("/jobs")
     def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Job]:
         from mpsearch.service.jobs import sync
 
-        return [Job(**sync(storage, job.id).to_json()) for job in storage.jobs(limit=limit)]
+        return [public_job(sync(storage, job.id), settings) for job in storage.jobs(limit=limit)]
 
     @router.get("/jobs/{job_id}")
     def get_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import sync
 
-        return Job(**sync(storage, job_id).to_json())
+        return public_job(sync(storage, job_id), settings)
 
     @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
     def job_logs(job_id: Annotated[str, PathParam(max_length=64)]) -> str:
@@ -193,7 +264,7 @@ def _job_routes(storage, settings: ApiSettings) -> APIRouter:
     def cancel_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import cancel
 
-        return Job(**cancel(storage, job_id).to_json())
+        return public_job(cancel(storage, job_id), settings)
 
     return router
 
@@ -234,14 +305,25 @@ def _study_routes(storage) -> APIRouter:
 
 def _export_routes(storage, settings: ApiSettings) -> APIRouter:
     router = APIRouter(tags=["exports"])
+    exports = threading.BoundedSemaphore(settings.max_exports)
 
-    @router.post("/studies/{name}/export", status_code=201)
+    @router.post("/studies/{name}/export", status_code=201, responses={403: {"model": Detail}, 429: {"model": Detail}})
     def export(name: str, body: ExportRequest) -> dict[str, Any]:
         """Export a trial of the study (the best by default) under the server's export root."""
         from mpsearch.export import export_study
 
+        from mpsearch.storage.trials import TrialLog
+
+        meta = TrialLog.open(storage, name).meta
+        if isinstance(meta.get("spec"), dict):  # the spec the export rebuilds obeys the rules a submitted one does
+            check_rules(meta["spec"], settings, Path(meta.get("base_dir") or settings.root))
         out = settings.export_root / f"export-{uuid.uuid4().hex[:12]}"
-        result = export_study(storage, name, out, trial=body.trial, pareto_index=body.pareto_index)
+        if not exports.acquire(blocking=False):
+            raise Busy(f"{settings.max_exports} export(s) already running on this server; try again when it ends")
+        try:
+            result = export_study(storage, name, out, trial=body.trial, pareto_index=body.pareto_index)
+        finally:
+            exports.release()
         doc = result.to_json()
         doc["files"] = [{**f, "url": f"/exports/{result.export_id}/files/{f['name']}"} for f in doc["files"]]
         doc.pop("out")
@@ -274,8 +356,19 @@ def checked_spec(text: str, settings: ApiSettings):
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise MPSearchError(f"spec is not valid TOML: {e}; fix the syntax at that line") from None
+    except RecursionError:
+        raise MPSearchError("spec nests arrays or tables too deeply to read; a study spec is a few flat tables") from None
     if not isinstance(raw, dict):
         raise MPSearchError("spec must be a TOML document")
+    check_rules(raw, settings, settings.root)
+    return Spec.from_dict(raw, base_dir=settings.root)
+
+
+def check_rules(raw: dict, settings: ApiSettings, base_dir: Path) -> None:
+    """Refuse (403) a spec that would run Python code on a server without ``--allow-python``, or
+    read a path outside ``--root`` (relative paths resolve from ``base_dir``)."""
+    from mpsearch.workload.data import BUILT_IN
+
     model, loss, data = (raw.get(k) if isinstance(raw.get(k), dict) else {} for k in ("model", "loss", "data"))
     code = [f"{where} = {v!r}" for where, v in (("model.source", model.get("source")), ("model.tokenizer", model.get("tokenizer"))) if isinstance(v, str) and v.startswith("python:")]
     if loss.get("kind") == "callable" or loss.get("callable"):
@@ -284,16 +377,19 @@ def checked_spec(text: str, settings: ApiSettings):
         raise Forbidden(f"{code[0]} runs Python code on the server, which this server refuses; start it with --allow-python to permit that")
     root = settings.root.resolve()
     paths = [(f, v[3:]) for f, v in (("model.source", model.get("source")), ("model.tokenizer", model.get("tokenizer"))) if isinstance(v, str) and v.startswith("hf:")]
-    paths += [(f, v) for f, v in (("data.source", data.get("source")), ("data.eval_source", data.get("eval_source"))) if isinstance(v, str) and v != "stdlib-docs"]
+    paths += [(f, v) for f, v in (("data.source", data.get("source")), ("data.eval_source", data.get("eval_source"))) if isinstance(v, str) and v not in BUILT_IN]
     for field, value in paths:
-        resolved = (root / Path(value).expanduser()).resolve()
+        resolved = (base_dir / Path(value).expanduser()).resolve()
         if not resolved.is_relative_to(root):
             raise Forbidden(f"{field}: {value!r} is outside this server's root; give a path under it (relative paths start there)")
-    return Spec.from_dict(raw, base_dir=root)
 
 
 class Forbidden(MPSearchError):
     """Refused by the server's rules (a 403)."""
+
+
+class Busy(MPSearchError):
+    """The server is at its limit of concurrent exports (a 429)."""
 
 
 class BodyLimit:
@@ -325,8 +421,9 @@ class BodyLimit:
             await _too_large(send, self.limit)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """Raised from the body stream; a BaseException, so that FastAPI's body parsing (which turns
+    any Exception into a 400) lets it through to :class:`BodyLimit`, which answers 413."""
 
 
 async def _too_large(send, limit: int) -> None:

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from mpsearch.errors import MPSearchError, first_line
+from mpsearch.storage.lease import pid_alive
 
 SUBMISSION_PREFIX = "mpsearch-"
 LOCAL_PREFIX = "local:"
-PASSED_ENV = ("MPSEARCH_CACHE_DIR",)  # the submitter's settings a cluster job keeps (a shared cache folder)
+PASSED_ENV = ("MPSEARCH_CACHE_DIR", "MPSEARCH_MODEL_CACHE")  # the submitter's settings a cluster job keeps (shared cache folders)
 RAY_TO_JOB = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "cancelled"}
 
 
@@ -45,6 +46,21 @@ class JobArgs:
     budget: str | None = None
     study: str | None = None
     export_dir: str | None = None
+
+
+def check_idle(storage, study: str) -> None:
+    """Refuse (:class:`StudyBusy`, a 409) a job for a study that a driver or another job is on.
+
+    Two submissions at the same instant can both pass; the study lease then stops the second
+    job's driver before it does any work."""
+    from mpsearch.storage.lease import StudyBusy, busy_message, holder
+
+    held = holder(storage, study)
+    if held is not None:
+        raise StudyBusy(busy_message(held))
+    active = [job for job in storage.jobs(study=study) if job.state in ("queued", "running")]
+    if active:
+        raise StudyBusy(f"study {study!r} already has job {active[0].id} ({active[0].state}); wait for it to end or cancel it (mpsearch jobs cancel {active[0].id})")
 
 
 def check_cluster_storage(url: str) -> None:
@@ -78,9 +94,13 @@ def jobs_client(address: str):
 def submit(storage, spec, spec_toml: str, args: JobArgs, *, address: str | None = None, spec_file: Path | None = None, log_dir: Path | None = None) -> str:
     """Record a job for ``spec`` and start it on the cluster at ``address`` (or as a local process); its id."""
     from mpsearch.search.driver import default_study_name
+    from mpsearch.storage.trials import check_study_name
 
     effective = spec.with_overrides(budget=args.budget) if args.budget else spec
-    study = args.study or default_study_name(effective)
+    if args.trials is not None:  # validated as the spec's own search.trials is, before anything is recorded
+        effective = effective.with_overrides(search={**effective.search.model_dump(), "trials": args.trials})
+    study = check_study_name(args.study or default_study_name(effective))
+    check_idle(storage, study)
     args = JobArgs(**{**asdict(args), "study": study})
     if address:
         check_cluster_storage(storage.url_string)
@@ -145,8 +165,10 @@ def cancel(storage, job_id: str):
         raise MPSearchError(f"job {job_id} is already {job.state}")
     if job.ray_job_id and job.ray_job_id.startswith(LOCAL_PREFIX):
         pid = int(job.ray_job_id[len(LOCAL_PREFIX):].split(":", 1)[0])
+        if job.state == "queued":  # its runner may not handle SIGTERM yet: the record says cancelled first
+            storage.set_job_state(job_id, "cancelled", "cancelled before it started")
         if _alive(pid):
-            os.killpg(pid, signal.SIGTERM)  # the runner records "cancelled" as it stops
+            os.killpg(pid, signal.SIGTERM)  # a running runner records "cancelled" as it stops
     elif job.ray_job_id:
         jobs_client(job.spec["address"]).stop_job(job.ray_job_id)
     else:
@@ -170,16 +192,7 @@ def _alive(pid: int) -> bool:
             return False
     except ChildProcessError:
         pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a child that exited but was not reaped is a zombie: dead
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return True
+    return pid_alive(pid)
 
 
 def _check_http(address: str, timeout_s: float = 5.0) -> None:

@@ -27,7 +27,7 @@ class Cancelled(BaseException):
 def job_search(storage, job, spec_file: str | None = None):
     """The search a job runs: its spec (the submitted file, or the text in the job's row) with the
     job's overrides, on the spec's device, with the spec's GPUs per worker and trial timeout."""
-    from mpsearch.search.driver import Search
+    from mpsearch.search.driver import Search, driver_device
     from mpsearch.spec import Spec
     from mpsearch.workload import Workload
 
@@ -36,7 +36,8 @@ def job_search(storage, job, spec_file: str | None = None):
     if args.get("budget"):
         spec = spec.with_overrides(budget=args["budget"])
     address = "auto" if os.environ.get("RAY_ADDRESS") else None  # inside a Ray job: the job's own cluster
-    return Search(Workload(spec), storage, study=job.study, trials=args.get("trials"), workers=args.get("workers"), address=address, resume=True)
+    workload = Workload(spec, device=driver_device(spec, args.get("workers")))
+    return Search(workload, storage, study=job.study, trials=args.get("trials"), workers=args.get("workers"), address=address, resume=True)
 
 
 def run_job(storage, job_id: str, spec_file: str | None = None) -> int:
@@ -45,6 +46,8 @@ def run_job(storage, job_id: str, spec_file: str | None = None) -> int:
 
     job = storage.job(job_id)
     args = job.spec.get("args", {})
+    if job.state == "cancelled":  # cancelled before this process got going
+        return 143
     previous = signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         storage.set_job_state(job_id, "running", f"on {os.uname().nodename}, pid {os.getpid()}")

@@ -12,6 +12,7 @@ does not wait in that case, since waiting could deadlock.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -30,6 +31,9 @@ DEFAULT_URL = "sqlite:///mpsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60
 CONNECT_ATTEMPTS = 3
 RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 5.0
+RETRY_ENV = "MPSEARCH_DB_RETRY_S"
+DEFAULT_RETRY_S = 120.0
 URL_HELP = "use sqlite:///FILE.db or postgresql+psycopg://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
 
 T = TypeVar("T")
@@ -130,38 +134,82 @@ _UNREACHABLE = re.compile(
 )
 
 
+def database_error(error: BaseException) -> DBAPIError | None:
+    """The driver error behind ``error``: itself, or the cause Optuna (``StorageInternalError``) or
+    SQLAlchemy wrapped it in."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DBAPIError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def is_transient(error: BaseException) -> bool:
     """A connection that failed or dropped, or a busy SQLite file: worth another try."""
-    if not isinstance(error, DBAPIError):
+    found = database_error(error)
+    if found is None:
         return False
-    text = str(error.orig) if error.orig is not None else str(error)
+    text = str(found.orig) if found.orig is not None else str(found)
     if _AUTH.search(text) or _NO_DB.search(text):
         return False
-    return bool(error.connection_invalidated or _UNREACHABLE.search(text))
+    return bool(found.connection_invalidated or _UNREACHABLE.search(text))
 
 
-def explain(error: BaseException, url: URL) -> StorageError:
+def where(url: URL) -> str:
+    """The database, for messages: ``HOST:PORT`` for a server, the file for SQLite (no password)."""
+    if url.get_backend_name() == "postgresql":
+        return f"{url.host or 'localhost'}:{url.port or 5432}"
+    return str(url.database)
+
+
+def explain(error: BaseException, url: URL, attempts: int | None = CONNECT_ATTEMPTS, window_s: float | None = None) -> StorageError:
     """A one-line :class:`StorageError` for a database error a user can fix."""
-    text = first_line(getattr(error, "orig", None) or error)
-    where = f"{url.host or 'localhost'}:{url.port or 5432}" if url.get_backend_name() == "postgresql" else url.database
+    found = database_error(error) or error
+    text = first_line(getattr(found, "orig", None) or found)
+    at = where(url)
     if _AUTH.search(text):
-        return StorageError(f"cannot log in to PostgreSQL at {where} as {url.username!r} ({text}); check the user and password in the storage URL")
+        return StorageError(f"cannot log in to PostgreSQL at {at} as {url.username!r} ({text}); check the user and password in the storage URL")
     if m := _NO_DB.search(text):
-        return StorageError(f"PostgreSQL at {where} has no database {m.group(1)!r}; create it (createdb {m.group(1)}) or fix the storage URL")
+        return StorageError(f"PostgreSQL at {at} has no database {m.group(1)!r}; create it (createdb {m.group(1)}) or fix the storage URL")
+    if not is_transient(error):
+        return StorageError(f"the database at {at} refused the operation ({text}); this is not a connection problem, so it was not retried")
     if url.get_backend_name() == "sqlite":
-        return StorageError(f"cannot use the SQLite file {where!r} ({text}); check the path and its permissions")
-    return StorageError(f"cannot reach the database at {where} after {CONNECT_ATTEMPTS} tries ({text}); start the server or fix the storage URL")
+        return StorageError(f"cannot use the SQLite file {at!r} ({text}); check the path and its permissions")
+    if window_s is not None:
+        return StorageError(
+            f"lost the database at {at} for {window_s:.0f} s ({text}); nothing complete is lost: once it is back, run the same command with --resume"
+        )
+    return StorageError(f"cannot reach the database at {at} after {attempts} tries ({text}); start the server or fix the storage URL")
 
 
-def with_retries(fn: Callable[[], T], url: URL, what: str = "the database", attempts: int = CONNECT_ATTEMPTS) -> T:
-    """Run ``fn``; on a transient error try again, up to ``attempts`` times with a growing pause."""
-    for attempt in range(1, attempts + 1):
+def retry_window_s() -> float:
+    """How long an operation waits out a database that went away mid-run: ``$MPSEARCH_DB_RETRY_S``, default 120 s."""
+    try:
+        return max(0.0, float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S)))
+    except ValueError:
+        raise StorageError(f"${RETRY_ENV} must be a number of seconds, got {os.environ[RETRY_ENV]!r}") from None
+
+
+def with_retries(fn: Callable[[], T], url: URL, what: str = "the database", attempts: int = CONNECT_ATTEMPTS, window_s: float | None = None) -> T:
+    """Run ``fn``; on a transient error (a connection refused or dropped) try again with a growing
+    pause: ``attempts`` times, or with ``window_s`` for as long as that (a server that restarts
+    mid-run). Any other error is reported at once, not retried."""
+    deadline = None if window_s is None else time.monotonic() + window_s
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return fn()
-        except DBAPIError as e:
-            if not is_transient(e) or attempt == attempts:
-                raise explain(e, url) from None
-            delay = RETRY_DELAY_S * 2 ** (attempt - 1)
-            log.info("%s at %s: %s; retrying in %.1f s (%d/%d)", what, shown(url), first_line(e.orig or e), delay, attempt, attempts)
+        except Exception as e:  # noqa: BLE001 - Optuna wraps driver errors; database_error() finds them
+            if database_error(e) is None:
+                raise
+            exhausted = attempt >= attempts if deadline is None else time.monotonic() >= deadline
+            if not is_transient(e) or exhausted:
+                raise explain(e, url, attempts, window_s) from None
+            delay = min(RETRY_DELAY_S * 2 ** (attempt - 1), MAX_RETRY_DELAY_S)
+            if deadline is not None:
+                delay = max(0.0, min(delay, deadline - time.monotonic()))
+            log.warning("%s at %s: %s; retrying in %.1f s", what, where(url), first_line(database_error(e).orig or e), delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")

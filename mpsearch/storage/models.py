@@ -149,3 +149,20 @@ def _iso(value: datetime | None) -> str | None:
     if value.tzinfo is None:  # SQLite hands back naive datetimes; they were written in UTC
         value = value.replace(tzinfo=timezone.utc)
     return value.isoformat()
+
+
+class StudyLease(Base):
+    """The one driver searching a study: who holds it, since when, and its last heartbeat.
+
+    A row exists while a driver runs; it is taken by an atomic INSERT (the study is the primary
+    key) and handed over only by a conditional UPDATE on a lease whose driver is dead.
+    """
+
+    __tablename__ = "mpsearch_study_leases"
+
+    study: Mapped[str] = mapped_column(sa.String(512), primary_key=True)
+    holder: Mapped[str] = mapped_column(sa.String(64))  # this lease's own token
+    host: Mapped[str] = mapped_column(sa.String(255))
+    pid: Mapped[int]
+    since: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import socket
 from pathlib import Path
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from mpsearch.storage.database import (
     create_engine,
     engine_options,
     parse_url,
+    retry_window_s,
     shown,
     sqlite_writers,
     with_retries,
@@ -53,28 +55,54 @@ class ProfileKey:
         return hashlib.sha256(json.dumps(dict(self.params), sort_keys=True).encode()).hexdigest()
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _existing_sqlite(url) -> None:
+    """Refuse, for a command that only reads, a SQLite file that is missing or not a database:
+    opening it would create (or, for an empty file, silently initialise) one."""
+    path = Path(url.database).expanduser()
+    if not path.exists():
+        raise StorageError(
+            f"there is no database file {url.database!r} yet (nothing was stored there); "
+            "run `mpsearch search` first or point --storage at an existing database"
+        )
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        raise StorageError(f"cannot read the database file {url.database!r} ({e.strerror}); check the path and its permissions") from None
+    if header != SQLITE_HEADER:
+        what = "is empty" if not header else "is not a SQLite database"
+        raise StorageError(f"the file {url.database!r} {what}; point --storage at a database that `mpsearch search` wrote (this command only reads)")
+
+
 class Storage:
     """mpsearch's database at ``url`` (default ``sqlite:///mpsearch.db``).
 
     Opening it checks the schema (creating a brand-new database, refusing an old or newer
-    one with the command to run). Connection failures are retried a few times, then
-    reported as one :class:`StorageError` line.
+    one with the command to run; ``create=False``, for commands that only read, refuses a missing
+    or empty SQLite file, or a database without mpsearch tables, rather than creating one). Until the database has answered once, a connection failure is
+    retried a few times and then reported as one :class:`StorageError` line (a wrong URL fails
+    fast); after that, every operation waits out a database that went away (a restart, a
+    failover) for ``$MPSEARCH_DB_RETRY_S`` (120 s), then says to resume. Other database errors
+    are never retried.
     """
 
     def __init__(self, url: str | None = None, *, check_schema: bool = True, create: bool = True):
         self.url = parse_url(url or DEFAULT_URL)
         if self.url.get_backend_name() == "sqlite":
             check_sqlite_path(self.url)
-            if not create and not Path(self.url.database).expanduser().exists():
-                raise StorageError(
-                    f"there is no database file {self.url.database!r} yet (nothing was stored there); "
-                    "run `mpsearch search` first or point --storage at an existing database"
-                )
+            if not create:
+                _existing_sqlite(self.url)
         self.engine = create_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._optuna = None
+        self._reached = False
+        self.window_s = retry_window_s()
         if check_schema:
-            self.revision = self._retry(lambda: schema.check(self.engine), "opening")
+            self.revision = self._retry(lambda: schema.check(self.engine, create_if_new=create), "opening")
         else:
             self._retry(self._ping, "connecting to")
 
@@ -98,7 +126,13 @@ class Storage:
             connection.exec_driver_sql("SELECT 1")
 
     def _retry(self, fn, what: str):
-        return with_retries(fn, self.url, what=f"{what} the database")
+        result = with_retries(fn, self.url, what=f"{what} the database", window_s=self.window_s if self._reached else None)
+        self._reached = True
+        return result
+
+    def retrying(self, fn, what: str = "using"):
+        """``fn()``, with a transient database error waited out (see the class docstring)."""
+        return self._retry(fn, what)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -186,23 +220,35 @@ class Storage:
         self._retry(run, "writing to")
 
     def job(self, job_id: str) -> Job:
-        with self.session() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                raise NotFoundError(f"no job {job_id!r}; `mpsearch jobs` lists them")
-            job.events  # load the history while the session is open
-            return job
+        if not _JOB_ID.fullmatch(job_id):  # a NUL or other junk would reach the driver as a bad query
+            raise NotFoundError(f"no job {job_id!r}; `mpsearch jobs` lists them")
+
+        def run():
+            with self.session() as s:
+                job = s.get(Job, job_id)
+                if job is None:
+                    raise NotFoundError(f"no job {job_id!r}; `mpsearch jobs` lists them")
+                job.events  # load the history while the session is open
+                return job
+
+        return self._retry(run, "reading")
 
     def jobs(self, limit: int = 100, study: str | None = None) -> list[Job]:
-        with self.session() as s:
-            query = sa.select(Job).order_by(Job.created_at.desc()).limit(limit)
-            if study is not None:
-                query = query.where(Job.study == study)
-            return list(s.scalars(query))
+        def run():
+            with self.session() as s:
+                query = sa.select(Job).order_by(Job.created_at.desc()).limit(limit)
+                if study is not None:
+                    query = query.where(Job.study == study)
+                return list(s.scalars(query))
+
+        return self._retry(run, "reading")
 
     def job_events(self, job_id: str) -> list[JobEvent]:
-        with self.session() as s:
-            return list(s.scalars(sa.select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+        def run():
+            with self.session() as s:
+                return list(s.scalars(sa.select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))
+
+        return self._retry(run, "reading")
 
     # -- sensitivity profiles ----------------------------------------------------------
 
@@ -234,8 +280,12 @@ class Storage:
 
     def find_profile(self, key: ProfileKey) -> SensitivityProfile | None:
         """The profile computed for exactly ``key``, if any."""
-        with self.session() as s:
-            return s.scalar(self._profile_query(key))
+
+        def run():
+            with self.session() as s:
+                return s.scalar(self._profile_query(key))
+
+        return self._retry(run, "reading")
 
     @staticmethod
     def _profile_query(key: ProfileKey):
@@ -263,20 +313,26 @@ class Storage:
         return self._retry(run, "writing to")
 
     def export(self, export_id: int) -> Export:
-        with self.session() as s:
-            row = s.get(Export, export_id)
-            if row is None:
-                raise NotFoundError(f"no export {export_id}")
-            row.files  # loaded while the session is open
-            return row
+        def run():
+            with self.session() as s:
+                row = s.get(Export, export_id)
+                if row is None:
+                    raise NotFoundError(f"no export {export_id}")
+                row.files  # loaded while the session is open
+                return row
+
+        return self._retry(run, "reading")
 
     def exports(self, study: str | None = None) -> list[Export]:
-        with self.session() as s:
-            query = sa.select(Export).order_by(Export.id)
-            if study is not None:
-                query = query.where(Export.study == study)
-            rows = list(s.scalars(query))
-            for row in rows:
-                row.files  # loaded while the session is open
-            return rows
+        def run():
+            with self.session() as s:
+                query = sa.select(Export).order_by(Export.id)
+                if study is not None:
+                    query = query.where(Export.study == study)
+                rows = list(s.scalars(query))
+                for row in rows:
+                    row.files  # loaded while the session is open
+                return rows
+
+        return self._retry(run, "reading")
 

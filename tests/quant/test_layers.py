@@ -10,6 +10,7 @@ from torch import nn
 
 from mpsearch.errors import BudgetError, SpecError
 from mpsearch.quant import Budget, LayerTable, Scheme, weight_matrix
+from mpsearch.quant.layers import EMBEDDING_RULE
 
 MINILM_LINEAR_WEIGHTS = 6 * (4 * 384 * 384 + 2 * 384 * 1536) + 384 * 384
 
@@ -93,7 +94,9 @@ def test_tied_weights_count_once_and_an_embedding_tie_is_reported(tiny_gpt2_dir)
     table = LayerTable.from_model(gpt2, Scheme(group_size=32))
     assert [layer.kind for layer in table.layers] == ["Conv1D"] * 8
     assert table.excluded == [
-        {"name": "lm_head", "reason": "weight tied to Embedding 'transformer.wte'; set layers.embeddings = true to quantize it"}
+        {"name": "lm_head", "reason": "weight tied to Embedding 'transformer.wte'; set layers.embeddings = true to quantize it"},
+        {"name": "transformer.wte", "reason": EMBEDDING_RULE},
+        {"name": "transformer.wpe", "reason": EMBEDDING_RULE},
     ]
     assert table.bytes(table.uniform(16)) == state_dict_bytes(gpt2) - 2 * table.n_weights
 
@@ -128,7 +131,9 @@ def test_patterns_select_layers_and_what_they_leave_out_is_listed(minilm_workloa
     reasons = {item["name"]: item["reason"] for item in table.excluded}
     assert reasons["encoder.layer.3.attention.self.value"] == "matches layers.exclude pattern '*.value'"
     assert reasons["pooler.dense"] == "matches no layers.include pattern"
-    assert len(table.layers) + len(table.excluded) == 37
+    assert len(table.layers) + len(table.excluded) == 37 + 3  # the 3 embeddings are listed too
+    assert [item["name"] for item in table.excluded if item["reason"] == EMBEDDING_RULE] == [
+        "embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"]
 
 
 def test_an_include_pattern_that_matches_nothing_is_an_error(minilm_workload):

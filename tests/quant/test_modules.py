@@ -80,5 +80,5 @@ def test_a_packed_module_decodes_the_candidate_the_bank_swaps_in():
     bank = CandidateBank.build(model, table)
     for bits in (2, 3, 4, 8, 16):
         q = swap(nn.Sequential(nn.Linear(256, 96)), table, bank, {"0": bits})[0]
-        assert torch.equal(q.matrix(), bank.candidate("0", bits).ready)
+        assert torch.equal(q.matrix(), bank.candidate("0", bits).dequantized(table.layer("0")))
         assert ("fp16" if bits == 16 else f"{bits}-bit, group 64") in repr(q)

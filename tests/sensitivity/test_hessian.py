@@ -83,16 +83,38 @@ def test_all_at_once_hessian_vector_products_agree_with_the_exact_ones(mlp_workl
         assert abs(estimate.trace[name] - value) <= 0.05 * value, (name, estimate.trace[name], value)
 
 
-def test_the_default_estimator_follows_the_loss(mlp_workload):
-    """Zero residual (distillation) → Gauss–Newton; a label loss's Hessian is not GN → hvp."""
+def test_the_default_estimator_is_gauss_newton_for_every_loss(mlp_workload):
+    """Zero residual (distillation): the Hessian itself. A label loss: its Gauss–Newton (Fisher)
+    part, positive semi-definite, where the exact Hessian's per-layer traces came out negative and
+    unsettled on a LLaMA-style model (hvp stays available)."""
     assert resolve_estimator(mlp_workload) == "gn"
     causal = mlp_workload.spec.with_overrides(loss={"kind": "causal-lm"})
 
     class Labelled:
         spec = causal
 
-    assert resolve_estimator(Labelled()) == "hvp"
-    assert resolve_estimator(Labelled(), "gn") == "gn"
+    assert resolve_estimator(Labelled()) == "gn"
+    assert resolve_estimator(Labelled(), "hvp") == "hvp"
+
+
+def test_a_label_loss_flags_unusable_traces_and_keeps_them_out_of_the_warm_starts(tiny_gpt2_dir):
+    """hvp on a causal LM's cross-entropy: traces that end below zero or still moving at the probe
+    limit are flagged in the profile; the search then leaves that profile's warm start out."""
+    from mpsearch.search.driver import warm_start_scores
+    from mpsearch.sensitivity.analyze import analyze
+    from mpsearch.spec import Spec
+    from mpsearch.workload import Workload
+
+    spec = Spec.from_toml(f'[model]\nsource = "hf:{tiny_gpt2_dir}"\n[loss]\nkind = "causal-lm"\n[data]\ncalibration = 8\nevaluation = 4\nmax_length = 32\n[quant]\nbits = [4, 8]')
+    workload = Workload(spec, device="cpu")
+    hvp = analyze(workload, "hessian", None, estimator="hvp", max_probes=8)
+    flagged = {row["name"]: row["flags"] for row in hvp.layers if row["flags"]}
+    assert flagged and all(set(f) <= {"negative", "probe-limit"} for f in flagged.values())
+    assert all(("negative" in row["flags"]) == (row["trace"] < 0) for row in hvp.layers)
+    gn = analyze(workload, "hessian", None)
+    assert gn.params["estimator"] == "gn" and all(row["trace"] >= 0 for row in gn.layers)
+    assert set(warm_start_scores({"hessian": hvp, "perturbation": gn})) == {"perturbation"}
+    assert set(warm_start_scores({"hessian": hvp}, use_flagged=True)) == {"hessian"}
 
 
 @pytest.mark.parametrize("kind", ["kl", "cosine", "mse"])

@@ -87,6 +87,9 @@ def test_submit_poll_read_export_and_download(server):
     done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"})
     assert done["state"] == "succeeded", (done, api.get(f"/jobs/{job['id']}/logs").text[-3000:])
     assert any(j["id"] == job["id"] for j in api.get("/jobs").json())
+    # The job's JSON shows no local process id or log path; the log lives under the export root.
+    assert done["ray_job_id"] is None and str(server.root) not in api.get(f"/jobs/{job['id']}").text
+    assert (server.root / "exports" / "job-logs" / f"job-{job['id']}.log").is_file()
     assert '"n_complete": 4' in api.get(f"/jobs/{job['id']}/logs").text
 
     assert "api-study" in [s["name"] for s in api.get("/studies").json()]
@@ -126,27 +129,52 @@ def test_the_server_rules_refuse_code_paths_outside_its_root_and_big_bodies(serv
     for spec in ('[model]\nsource = "hf:/etc"\n', '[model]\nsource = "hf:../.."\n', '[data]\nsource = "/etc/passwd"\n'):
         response = api.post("/jobs", json={"spec": spec})
         assert response.status_code == 403 and "outside this server's root" in response.json()["detail"], spec
+    response = api.post("/jobs", json={"spec": "x = " + "[" * 50_000 + "]" * 50_000})
+    assert response.status_code == 400 and "too deeply" in response.json()["detail"]
     response = api.post("/jobs", json={"spec": "[quant]\nbits = [5]\n"})
     assert response.status_code == 400 and response.json()["detail"].startswith("quant.bits:")
     response = api.post("/jobs", content=b'{"spec": "' + b"#" * (2 << 20) + b'"}', headers={"content-type": "application/json"})
     assert response.status_code == 413
+
+    def chunks():  # no Content-Length: the limit is found as the body streams in
+        yield b'{"spec": "'
+        for _ in range(40):
+            yield b"#" * 65536
+        yield b'"}'
+
+    response = api.post("/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "detail" in response.json()
+    # Validation errors are one line too, and junk ids are simply not found.
+    response = api.post("/jobs", json={"spec": SPEC, "trials": 0})
+    assert response.status_code == 422 and response.json()["detail"].startswith("body.trials: ") and "\n" not in response.json()["detail"]
+    assert api.get("/jobs/%00").status_code == 404 and api.get("/jobs/" + "x" * 60).status_code == 404
+    # The schema is behind the token too.
+    assert server.client(None).get("/openapi.json").status_code == 401 and api.get("/openapi.json").status_code == 200
+    assert server.client(None).get("/docs").status_code in (401, 404)
     assert len(api.get("/jobs").json()) == before  # nothing was submitted
 
 
 def test_a_job_cancelled_over_the_api_ends_cancelled_and_keeps_its_trials(server):
     api = server.client()
     job = api.post("/jobs", json={"spec": SPEC, "trials": 500, "budget": "5.0bpw", "study": "api-cancel"}).json()
+    again = api.post("/jobs", json={"spec": SPEC, "trials": 500, "budget": "5.0bpw", "study": "api-cancel"})  # one job per study
+    assert again.status_code == 409 and f"already has job {job['id']}" in again.json()["detail"], again.text
     deadline = time.monotonic() + 600
     while True:
         trials = api.get("/studies/api-cancel/trials")
         complete = [t for t in trials.json() if t["state"] == "COMPLETE"] if trials.status_code == 200 else []
         if len(complete) >= 3:
             break
+        if len(complete) >= 1:  # its driver holds the study's lease: refused by that too
+            detail = api.post("/jobs", json={"spec": SPEC, "study": "api-cancel"}).json()["detail"]
+            assert "is being searched by another driver" in detail or "already has job" in detail
         assert time.monotonic() < deadline and api.get(f"/jobs/{job['id']}").json()["state"] in ("queued", "running")
         time.sleep(1)
     assert api.post(f"/jobs/{job['id']}/cancel").status_code == 202
     done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"}, timeout_s=120)
     assert done["state"] == "cancelled", done
+    states = [t["state"] for t in api.get("/studies/api-cancel/trials").json()]
+    assert "RUNNING" not in states  # the trial in flight (scored in the job's own process) was failed, not left running
     after = {t["number"]: t["loss"] for t in api.get("/studies/api-cancel/trials").json() if t["state"] == "COMPLETE"}
     assert all(after[t["number"]] == t["loss"] for t in complete) and len(after) < 500
     assert api.post(f"/jobs/{job['id']}/cancel").status_code == 400  # already over
@@ -174,7 +202,7 @@ def test_schema_fuzzing_finds_no_server_error(tmp_path):
     with fresh_postgres() as storage:
         process, server = start_server(tmp_path, storage, "--ray-address", "http://127.0.0.1:9")
         try:
-            schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+            schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
             operations = [result.ok() for result in schema.get_all_operations()]
             assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
                 "POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /studies",
@@ -198,3 +226,55 @@ def test_schema_fuzzing_finds_no_server_error(tmp_path):
         finally:
             process.terminate()
             process.wait(timeout=60)
+
+
+def test_an_export_over_the_api_runs_no_code_the_server_refuses(server, tmp_path):
+    """A study whose spec builds its model with python: (written to the shared database by a CLI
+    search) is not exported by a server started without --allow-python: its module never runs."""
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import FACTORIES
+
+    marker = tmp_path / "imported"
+    (tmp_path / "marked.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n" + FACTORIES)
+    save_file({"inputs": torch.randn(32, 64)}, str(tmp_path / "x.safetensors"))
+    (tmp_path / "study.toml").write_text(
+        '[model]\nsource = "python:marked:mlp"\n[data]\nsource = "x.safetensors"\ncalibration = 8\nevaluation = 8\n'
+        '[quant]\nmethod = "rtn"\ngroup_size = 32\nbits = [3, 8]\n'
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "search", "study.toml", "--workers", "0", "--trials", "2", "--budget", "5.0bpw",
+                          "--storage", server.storage, "--study", "python-model"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    marker.unlink()
+    response = server.client().post("/studies/python-model/export", json={})
+    assert response.status_code == 403 and "--allow-python" in response.json()["detail"], response.text
+    assert not marker.exists()
+    # The API bounds trials as the spec does.
+    response = server.client().post("/jobs", json={"spec": SPEC, "trials": 10**9})
+    assert response.status_code == 422
+
+    # The same study exported by its owner on the CLI: loading it back without a model would run
+    # the module plan.json names, so load_quantized needs trust_code=True for that.
+    from mpsearch.export import ExportError, load_quantized
+
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "export", "python-model", "--storage", server.storage, "--out", str(tmp_path / "export")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    marker.unlink()
+    with pytest.raises(ExportError, match="trust_code=True"):
+        load_quantized(tmp_path / "export")
+    assert not marker.exists()
+    model = load_quantized(tmp_path / "export", trust_code=True)
+    assert marker.exists() and sum(1 for _ in model.modules()) > 1
+
+
+def test_a_job_cancelled_right_after_it_was_submitted_is_cancelled(server):
+    api = server.client()
+    job = api.post("/jobs", json={"spec": SPEC, "trials": 50, "budget": "5.0bpw", "study": "api-cancel-at-once"}).json()
+    assert api.post(f"/jobs/{job['id']}/cancel").status_code == 202
+    done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"}, timeout_s=120)
+    assert done["state"] == "cancelled", done
+    time.sleep(3)  # whatever its process was doing, the record stays cancelled
+    assert api.get(f"/jobs/{job['id']}").json()["state"] == "cancelled"

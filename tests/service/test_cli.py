@@ -228,3 +228,52 @@ def test_a_relative_sqlite_url_is_read_from_the_working_directory_and_the_enviro
     assert out.returncode == 0, out.stderr[-2000:]
     with sqlite3.connect(tmp_path / "env.db") as db:
         assert db.execute("SELECT count(*) FROM mpsearch_sensitivity_profiles").fetchone() == (1,)
+
+
+def test_the_layers_table_keeps_a_grouping_rule_out_of_the_byte_columns(tmp_path, factories_dir):
+    """A layer narrower than the group (here every layer of the MLP at group 128) gets a footnote, and
+    the byte columns keep their digits at the default width."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"inputs": torch.randn(16, 64)}, str(tmp_path / "x.safetensors"))
+    spec = write_spec(tmp_path, f"""
+        [model]
+        source = "python:mpsearch_test_factories:mlp"
+        [data]
+        source = "x.safetensors"
+        calibration = 8
+        evaluation = 8
+        [quant]
+        group_size = 128
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["PYTHONPATH"] = str(factories_dir)
+    out = subprocess.run([sys.executable, "-m", "mpsearch", "layers", str(spec)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "…" not in out.stdout, out.stdout
+    assert "[1] per-channel: input dim 64 is smaller than group 128" in out.stdout, out.stdout
+    assert re.search(r"\b0 \[1\]", out.stdout) and re.search(r"\b2 \[\d\]", out.stdout), out.stdout
+
+
+def test_embeddings_with_gptq_fall_back_to_rtn_for_the_tables(tmp_path):
+    """GPTQ needs a layer's inputs as a matmul sees them; an embedding has none, so its table is
+    quantized with rtn (the bank's fallback) and the rest with GPTQ."""
+    spec = write_spec(tmp_path, """
+        [data]
+        calibration = 8
+        evaluation = 8
+        max_length = 32
+        [quant]
+        method = "gptq"
+        [layers]
+        embeddings = true
+    """)
+    out = run("layers", str(spec), "--errors", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {row["name"]: row for row in json.loads(out.stdout)["layers"]}
+    assert rows["embeddings.word_embeddings"]["kind"] == "Embedding" and "rtn" in rows["embeddings.word_embeddings"]["note"]
+    assert rows["embeddings.word_embeddings"]["sqnr"]["8"] > 30
+    quantized = run("quantize", str(spec), "--bits", "8", "--json")
+    assert quantized.returncode == 0, quantized.stderr[-2000:]
+    assert json.loads(quantized.stdout)["loss"] < 0.01

@@ -46,6 +46,11 @@ def test_search_json_follows_the_design_and_a_second_run_needs_resume(tmp_path):
     assert more.returncode == 0, more.stderr[-2000:]
     assert json.loads(more.stdout)["n_complete"] == 10
 
+    # A study that already has its trials is reported as it is: no Ray, no bank, no profiles.
+    done = mpsearch("search", str(spec), "--budget", "3.5bpw", "--trials", "10", "--workers", "2", "--resume", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["n_complete"] == 10, done.stderr[-2000:]
+    assert "Ray" not in done.stderr and "ray" not in done.stderr, done.stderr[-2000:]
+
     listed = mpsearch("trials", "study-3.5bpw", "--storage", f"sqlite:///{tmp_path / 'mpsearch.db'}", "--json")
     rows = json.loads(listed.stdout)["trials"]
     assert [r["source"] for r in rows[:2]] == ["ilp-perturbation", "ilp-hessian"] and len(rows) == 10
@@ -73,10 +78,10 @@ def _complete(storage: Storage) -> int:
     return sum(t.state == TrialState.COMPLETE for t in trials)
 
 
-def _kill_mid_trial(args: list[str], storage: Storage, at_least: int) -> int | None:
-    """Start a driver, SIGKILL it once `at_least` trials are complete and one is running; its exit code."""
+def _kill_mid_trial(args: list[str], storage: Storage, at_least: int, signum: int = signal.SIGKILL, stderr=subprocess.DEVNULL) -> int | None:
+    """Start a driver, send it `signum` once `at_least` trials are complete and one is running; its exit code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "mpsearch", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    driver = subprocess.Popen([sys.executable, "-m", "mpsearch", *args], stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and driver.poll() is None:
@@ -85,9 +90,9 @@ def _kill_mid_trial(args: list[str], storage: Storage, at_least: int) -> int | N
                 continue
             trials = optuna.load_study(study_name="killed", storage=storage.optuna()).get_trials(deepcopy=False)
             if sum(t.state == TrialState.COMPLETE for t in trials) >= at_least and any(t.state == TrialState.RUNNING for t in trials):
-                driver.send_signal(signal.SIGKILL)
+                driver.send_signal(signum)
                 break
-        driver.wait(timeout=30)
+        driver.wait(timeout=60)
     finally:
         driver.kill()
     return driver.returncode
@@ -133,3 +138,24 @@ def test_a_driver_killed_with_sigkill_resumes_without_losing_or_duplicating_a_tr
         else:
             assert len(reruns) == 1 and plan_of(reruns[0].user_attrs).bits() == plan
     assert all(t.user_attrs.get(ATTR_RERUN_OF) in running for t in after.values() if t.user_attrs.get(ATTR_RERUN_OF) is not None)
+
+
+def test_ctrl_c_on_an_in_process_search_fails_the_trial_it_was_running(tmp_path, postgres_url):
+    """SIGINT with --workers 0 lands inside the trial's evaluation: that trial is failed and marked
+    to run again, nothing is left RUNNING, and the next --resume runs its plan."""
+    spec = tiny_study(tmp_path, bits=MENU)
+    args = ["search", str(spec), "--budget", "3.5bpw", "--trials", "12", "--workers", "0", "--storage", postgres_url, "--study", "killed"]
+    storage = Storage(postgres_url)
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        code = _kill_mid_trial(args, storage, at_least=2, signum=signal.SIGINT, stderr=err)
+    assert code not in (0, None, -signal.SIGINT), log.read_text()[-2000:]  # it handled the interrupt and exited
+    assert "Traceback" not in log.read_text()
+    trials = optuna.load_study(study_name="killed", storage=storage.optuna()).get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs.get("rerun") is True
+    out = mpsearch(*args, "--resume", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["n_complete"] == 12, out.stderr[-2000:]
+    trials = optuna.load_study(study_name="killed", storage=storage.optuna()).get_trials(deepcopy=False)
+    assert sum(t.user_attrs.get(ATTR_RERUN_OF) == failed[0].number for t in trials if t.state == TrialState.COMPLETE) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,34 @@ def test_connection_failures_are_retried_then_reported(password_refusing_server)
     with pytest.raises(StorageError, match=r"cannot log in to PostgreSQL at 127.0.0.1:\d+ as 'alice' .*password authentication failed"):
         Storage(f"postgresql://alice:wrong@127.0.0.1:{password_refusing_server}/test")
     assert time.perf_counter() - t < 1.5  # a refused password is not retried
+
+
+def test_a_command_that_only_reads_creates_nothing(tmp_path):
+    """`mpsearch studies` on an empty file, a text file or a missing file: one line, exit 2, the file untouched."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    text = tmp_path / "notes.db"
+    text.write_text("my notes")
+    for path, message in ((empty, "is empty"), (text, "is not a SQLite database"), (tmp_path / "missing.db", "there is no database file")):
+        with pytest.raises(StorageError, match=message):
+            Storage(f"sqlite:///{path}", create=False)
+        out = subprocess.run([sys.executable, "-m", "mpsearch", "studies", "--storage", f"sqlite:///{path}"], capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert empty.stat().st_size == 0 and text.read_text() == "my notes" and not (tmp_path / "missing.db").exists()
+    # A database another program wrote (no mpsearch tables) is not given them by a reader either.
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(StorageError, match="has no mpsearch tables; run `mpsearch db upgrade"):
+        Storage(f"sqlite:///{other}", create=False)
+    assert [r[0] for r in sqlite3.connect(other).execute("SELECT name FROM sqlite_master")] == ["t"]
+
+
+def test_an_error_that_is_not_a_connection_error_is_reported_at_once(postgres_url):
+    """A statement the server refuses is not a lost connection: no retry, no "cannot reach"."""
+    import time
+
+    storage = Storage(postgres_url)
+    start = time.perf_counter()
+    with pytest.raises(StorageError, match=r"refused the operation \(.*no_such_table.*\); this is not a connection problem, so it was not retried"):
+        storage.retrying(lambda: storage.engine.connect().exec_driver_sql("SELECT * FROM no_such_table"))
+    assert time.perf_counter() - start < 1.0

@@ -134,6 +134,7 @@ def old_db(tmp_path) -> str:
 
 
 def test_an_old_study_reads_back_with_its_plans(old_db):
+    Storage(old_db, check_schema=False).upgrade()  # `mpsearch db upgrade`: its schema is 0002, from before study leases
     storage = Storage(old_db, create=False)
     log = TrialLog.open(storage, "tiny-3.5bpw")
     raw = {t.number: t.user_attrs for t in optuna.load_study(study_name="tiny-3.5bpw", storage=old_db).trials}
@@ -152,6 +153,10 @@ def test_an_old_study_reads_back_with_its_plans(old_db):
 def test_old_studies_list_export_and_resume_with_this_mpsearch(old_db, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPSEARCH_STORAGE": old_db}
     run = lambda *args: subprocess.run([sys.executable, "-m", "mpsearch", *args], capture_output=True, text=True, env=env, timeout=600)  # noqa: E731
+    # Its schema predates this mpsearch's: readers say how to upgrade it, and that works with its data.
+    refused = run("studies")
+    assert refused.returncode == 2 and "run `mpsearch db upgrade" in refused.stderr, refused.stderr[-2000:]
+    assert run("db", "upgrade").returncode == 0
     listed = run("studies", "--json")
     assert listed.returncode == 0, listed.stderr[-2000:]
     rows = {r["name"]: r for r in json.loads(listed.stdout)["studies"]}
