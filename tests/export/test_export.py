@@ -420,9 +420,10 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_and_a_failed_one
     export_study(minilm.storage, minilm.name, tmp_path / "out", trial=minilm.mixed, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
 
-    # Interrupted (here: the model fails to build) after the staging folder was made: it is removed.
-    bad = minilm.workload.spec.with_overrides(model={**minilm.workload.spec.model.model_dump(), "source": "hf:/nonexistent"})
-    with pytest.raises(MPSearchError):
+    # Failing (here: a spec other than the study's) after the staging folder was made: it is removed.
+    spec = minilm.workload.spec
+    bad = spec.with_overrides(quant={**spec.quant.model_dump(), "group_size": spec.quant.group_size // 2})
+    with pytest.raises(MPSearchError, match="the spec differs"):
         export_study(minilm.storage, minilm.name, tmp_path / "again", trial=minilm.mixed, spec=bad, verify=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "out"])
 
