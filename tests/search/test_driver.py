@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -197,15 +198,16 @@ def test_a_nan_loss_or_an_exception_fails_the_trial_and_the_study_goes_on(worklo
     calls = []
     real = Scorer.score
 
-    def faulty(self, plan, split="evaluation", partial=False):
+    def faulty(self, plan, split="evaluation", partial=False, metrics=False):
         if split != "evaluation" or partial:  # the perturbation scan, not a trial
-            return real(self, plan, split, partial)
+            return real(self, plan, split, partial, metrics)
         calls.append(1)
         if len(calls) == 7:
-            return float("nan")
+            result = real(self, plan, split, partial, metrics)
+            return dataclasses.replace(result, loss=float("nan")) if metrics else float("nan")
         if len(calls) == 8:
             raise RuntimeError("simulated evaluation fault")
-        return real(self, plan, split, partial)
+        return real(self, plan, split, partial, metrics)
 
     monkeypatch.setattr(Scorer, "score", faulty)
     storage = Storage(workload.spec.storage.url)
