@@ -314,18 +314,18 @@ class _Loop:
                         if slot in flights or done + len(flights) >= self.target:
                             continue
                         trial = self._ask()
-                        cached = seen.get(trial.plan.digest())
-                        if cached is not None and trial.source == SAMPLED:
-                            self.log.tell(trial, cached, {CACHED: True})  # the same plan scored before: nothing to run
-                            done += 1
-                            bar.update()
-                            continue
-                        try:  # a local pool evaluates here: an interrupt lands in this call
-                            ref = self.pool.submit(slot, trial.plan)
+                        try:  # from here the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
+                            cached = seen.get(trial.plan.digest())
+                            if cached is not None and trial.source == SAMPLED:
+                                self.log.tell(trial, cached, {CACHED: True})  # the same plan scored before: nothing to run
+                                done += 1
+                                bar.update()
+                                continue
+                            flights[slot] = _Flight(trial, slot, self.pool.submit(slot, trial.plan), time.monotonic())
                         except BaseException:
-                            self._abandon(trial)
+                            if slot not in flights:
+                                self._abandon(trial)
                             raise
-                        flights[slot] = _Flight(trial, slot, ref, time.monotonic())
                     if not flights:
                         continue
                 results = self._collect(flights)

@@ -211,5 +211,7 @@ def with_retries(fn: Callable[[], T], url: URL, what: str = "the database", atte
             delay = min(RETRY_DELAY_S * 2 ** (attempt - 1), MAX_RETRY_DELAY_S)
             if deadline is not None:
                 delay = max(0.0, min(delay, deadline - time.monotonic()))
-            log.warning("%s at %s: %s; retrying in %.1f s", what, where(url), first_line(database_error(e).orig or e), delay)
+            # Waiting out a database that went away mid-run is worth a line on stderr; the first
+            # contact's few retries are not (a wrong URL ends in one line of its own).
+            log.log(logging.INFO if deadline is None else logging.WARNING, "%s at %s: %s; retrying in %.1f s", what, where(url), first_line(database_error(e).orig or e), delay)
             time.sleep(delay)

@@ -593,6 +593,8 @@ class TrialLog:
         note = {**(attrs or {}), ERROR: reason, **({RERUN: True} if rerun else {})}
 
         def write() -> None:
+            if self._finished(number):  # told already (an interrupt that came just after): leave it as it ended
+                return
             self._write(self._trial_id(number), attrs=note, replace=True)  # one transaction: safe to repeat
             self.study.tell(number, state=TrialState.FAIL)
 
@@ -738,6 +740,9 @@ class TrialLog:
                 raise
 
         return self.storage.retrying(attempt, what)
+
+    def _finished(self, number: int) -> bool:
+        return self.storage.optuna().get_trial(self._trial_id(number)).state.is_finished()
 
     def _finished_as(self, number: int, state: str, values) -> bool:
         trial = self.storage.optuna().get_trial(self._trial_id(number))
