@@ -23,7 +23,11 @@ def test_db_upgrade_runs_from_the_installed_wheel_not_the_checkout(tmp_path):
     (wheel,) = wheels.glob("mpsearch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mpsearch/storage/migrations/env.py" in names
-    assert {"mpsearch/storage/migrations/versions/0001_jobs.py", "mpsearch/storage/migrations/versions/0002_profiles_and_exports.py"} <= set(names)
+    assert {
+        "mpsearch/storage/migrations/versions/0001_jobs.py",
+        "mpsearch/storage/migrations/versions/0002_profiles_and_exports.py",
+        "mpsearch/storage/migrations/versions/0003_study_leases.py",
+    } <= set(names)
 
     # FORMAT.md, which every export copies beside its files, ships too (the repo's docs/ copy).
     assert zipfile.ZipFile(wheel).read("mpsearch/export/FORMAT.md") == (REPO / "docs" / "FORMAT.md").read_bytes()
@@ -42,5 +46,5 @@ def test_db_upgrade_runs_from_the_installed_wheel_not_the_checkout(tmp_path):
     assert out.returncode == 0, out.stderr
     engine = sa.create_engine(f"sqlite:///{workdir / 'installed.db'}")
     with engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM mpsearch_alembic_version")).scalar() == "0002"
+        assert c.execute(sa.text("SELECT version_num FROM mpsearch_alembic_version")).scalar() == "0003"
     engine.dispose()
