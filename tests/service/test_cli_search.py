@@ -92,7 +92,7 @@ def _kill_mid_trial(args: list[str], storage: Storage, at_least: int, signum: in
             if sum(t.state == TrialState.COMPLETE for t in trials) >= at_least and any(t.state == TrialState.RUNNING for t in trials):
                 driver.send_signal(signum)
                 break
-        driver.wait(timeout=60)
+        driver.wait(timeout=300)  # a loaded machine: the driver fails its trial and gives back its lease first
     finally:
         driver.kill()
     return driver.returncode
