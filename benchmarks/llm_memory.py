@@ -39,7 +39,7 @@ SHAPES = {
 }
 
 CHILD = """
-import json, os, resource, sys, time
+import json, os, sys, time
 import psutil, torch, transformers, optuna, sqlalchemy  # the runtime, loaded before any model
 runtime = psutil.Process().memory_info().rss
 from mpsearch.cli import main
@@ -48,7 +48,8 @@ if torch.cuda.is_available():
 start = time.perf_counter()
 code = main(sys.argv[1:])
 seconds = time.perf_counter() - start
-peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, this address space's high-water mark: ru_maxrss would start from the forking parent's RSS.
+peak_rss = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 print("PEAK " + json.dumps({"runtime_rss": runtime, "peak_rss": peak_rss, "gpu": gpu, "seconds": seconds, "code": code}), file=sys.stderr)
 """
