@@ -57,21 +57,21 @@ def jobs(ctx, storage: str, as_json: bool) -> None:
     ctx.obj = storage
     if ctx.invoked_subcommand is not None:
         return
-    from mpsearch.service.jobs import sync
+    from mpsearch.service.jobs import job_kind, sync
     from mpsearch.storage import Storage
 
     store = Storage(storage, create=False)
-    rows = [sync(store, job.id).to_json() for job in store.jobs()]
+    rows = [{**job.to_json(), "kind": job_kind(job)} for job in (sync(store, j.id) for j in store.jobs())]
     if as_json:
         emit_json({"jobs": rows})
         return
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} jobs", title_justify="left")
-    for header in ("job", "study", "state", "created", "finished", "ray job", "error"):
+    for header in ("job", "kind", "study", "state", "created", "finished", "ray job", "error"):
         table.add_column(header, no_wrap=header != "error")
     for row in rows:
-        table.add_row(row["id"], row["study"], row["state"], cell(row["created_at"]), cell(row["finished_at"]), cell(row["ray_job_id"]), cell(row["error"]))
+        table.add_row(row["id"], row["kind"], row["study"], row["state"], cell(row["created_at"]), cell(row["finished_at"]), cell(row["ray_job_id"]), cell(row["error"]))
     wide_console().print(table)
 
 
@@ -129,7 +129,9 @@ def job_run(job_id: str, spec_file: str | None, storage: str) -> None:
 @click.option("--export-root", default="exports", show_default=True, type=click.Path(file_okay=False), help="Where exports are written and served from.")
 @click.option("--allow-python", is_flag=True, help="Accept specs whose model or loss is python: code, which runs on the server.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True, help="Larger request bodies get 413.")
-def serve(host, port, storage, token_file, ray_address, root, export_root, allow_python, max_body_bytes) -> None:
+@click.option("--max-jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Search jobs queued or running at once; more get 429.")
+@click.option("--max-exports", type=click.IntRange(min=1), default=1, show_default=True, help="Export jobs queued or running at once; more get 429.")
+def serve(host, port, storage, token_file, ray_address, root, export_root, allow_python, max_body_bytes, max_jobs, max_exports) -> None:
     """Serve the HTTP API (OpenAPI schema at /openapi.json): jobs, studies, trials, exports."""
     from pathlib import Path
 
@@ -145,7 +147,7 @@ def serve(host, port, storage, token_file, ray_address, root, export_root, allow
     export_path.mkdir(parents=True, exist_ok=True)
     settings = ApiSettings(
         storage_url=storage, token=token, root=Path(root).resolve(), export_root=export_path, ray_address=ray_address,
-        allow_python=allow_python, max_body_bytes=max_body_bytes,
+        allow_python=allow_python, max_body_bytes=max_body_bytes, max_jobs=max_jobs, max_exports=max_exports,
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 

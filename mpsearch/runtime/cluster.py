@@ -16,6 +16,11 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     if address:
         os.environ.update(ray_client_env())
         check_reachable(address)
+    else:
+        # A new local Ray turns token auth on by default and prints a banner saying so on every
+        # start; choosing that same mode explicitly keeps the auth and drops the banner. A mode
+        # the user set is left alone.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if ray.is_initialized():

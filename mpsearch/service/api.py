@@ -22,7 +22,6 @@ Bad input is a 4xx with ``{"detail": "one line that says what to do"}``, never a
 import hmac
 import os
 import re
-import threading
 import tomllib
 import uuid
 from dataclasses import dataclass
@@ -52,7 +51,8 @@ class ApiSettings:
     ray_address: str | None = None
     allow_python: bool = False
     max_body_bytes: int = 1 << 20
-    max_exports: int = 1  # exports running at once in this server; more get 429
+    max_jobs: int = 4  # search jobs queued or running at once on this server's database; more get 429
+    max_exports: int = 1  # export jobs queued or running at once; more get 429
 
     @property
     def log_root(self) -> Path:
@@ -107,6 +107,8 @@ class Job(BaseModel):
     error: str | None
     host: str | None
     ray_job_id: str | None
+    kind: str = Field("search", description="search, or export (POST /studies/{name}/export)")
+    result: dict[str, Any] | None = Field(None, description="A succeeded job's result: the search's summary, the export's files with their download URLs")
 
 
 class Detail(BaseModel):
@@ -116,15 +118,24 @@ class Detail(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Detail} for code in (400, 401, 404, 413, 422)}
 
 
-def public_job(job, settings: "ApiSettings") -> "Job":
+def public_job(storage, job, settings: "ApiSettings") -> "Job":
     """A job as the API shows it: no process id or log path of a local job (the logs endpoint
-    serves the log), and its error without the server's paths or database URL."""
+    serves the log), its error without the server's paths or database URL, and an export's
+    files as download URLs (never the folder they are in)."""
+    from mpsearch.service.jobs import job_kind, result
+
     doc = job.to_json()
     if (doc.get("ray_job_id") or "").startswith("local:"):
         doc["ray_job_id"] = None
     if doc.get("error"):
         doc["error"] = public_message(doc["error"], settings)
-    return Job(**doc)
+    done = result(storage, job)
+    if done is not None:
+        for export in (done, done.get("export")):
+            if isinstance(export, dict) and "export_id" in export:
+                export.pop("out", None)
+                export["files"] = [{**f, "url": f"/exports/{export['export_id']}/files/{f['name']}"} for f in export.get("files", [])]
+    return Job(**doc, kind=job_kind(job), result=done)
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -236,22 +247,23 @@ def _job_routes(storage, settings: ApiSettings) -> APIRouter:
         from mpsearch.service.jobs import JobArgs, submit
 
         spec = checked_spec(body.spec, settings)
+        _check_room(storage, "search", settings.max_jobs)
         export_dir = str(settings.export_root / f"job-{uuid.uuid4().hex[:12]}") if body.export else None
         args = JobArgs(trials=body.trials, workers=body.workers, budget=body.budget, study=body.study, export_dir=export_dir)
         job_id = submit(storage, spec, body.spec, args, address=settings.ray_address, log_dir=settings.log_root)
-        return public_job(storage.job(job_id), settings)
+        return public_job(storage, storage.job(job_id), settings)
 
     @router.get("/jobs")
     def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Job]:
         from mpsearch.service.jobs import sync
 
-        return [public_job(sync(storage, job.id), settings) for job in storage.jobs(limit=limit)]
+        return [public_job(storage, sync(storage, job.id), settings) for job in storage.jobs(limit=limit)]
 
     @router.get("/jobs/{job_id}")
     def get_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import sync
 
-        return public_job(sync(storage, job_id), settings)
+        return public_job(storage, sync(storage, job_id), settings)
 
     @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
     def job_logs(job_id: Annotated[str, PathParam(max_length=64)]) -> str:
@@ -264,7 +276,7 @@ def _job_routes(storage, settings: ApiSettings) -> APIRouter:
     def cancel_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Job:
         from mpsearch.service.jobs import cancel
 
-        return public_job(cancel(storage, job_id), settings)
+        return public_job(storage, cancel(storage, job_id), settings)
 
     return router
 
@@ -305,29 +317,24 @@ def _study_routes(storage) -> APIRouter:
 
 def _export_routes(storage, settings: ApiSettings) -> APIRouter:
     router = APIRouter(tags=["exports"])
-    exports = threading.BoundedSemaphore(settings.max_exports)
 
-    @router.post("/studies/{name}/export", status_code=201, responses={403: {"model": Detail}, 429: {"model": Detail}})
-    def export(name: str, body: ExportRequest) -> dict[str, Any]:
-        """Export a trial of the study (the best by default) under the server's export root."""
-        from mpsearch.export import export_study
-
+    @router.post("/studies/{name}/export", status_code=202, responses={403: {"model": Detail}, 404: {"model": Detail}, 429: {"model": Detail}})
+    def export(name: str, body: ExportRequest) -> Job:
+        """Start an export job for a trial of the study (the best by default), written under the
+        server's export root. Poll ``GET /jobs/{id}``: once it has succeeded, its ``result``
+        lists the files with their download URLs."""
+        from mpsearch.service.jobs import submit_export
         from mpsearch.storage.trials import TrialLog
 
-        meta = TrialLog.open(storage, name).meta
+        meta = TrialLog.open(storage, name).meta  # a 404 for a study that does not exist
+        base_dir = Path(meta.get("base_dir") or settings.root)
         if isinstance(meta.get("spec"), dict):  # the spec the export rebuilds obeys the rules a submitted one does
-            check_rules(meta["spec"], settings, Path(meta.get("base_dir") or settings.root))
+            check_rules(meta["spec"], settings, base_dir)
+        _check_room(storage, "export", settings.max_exports)
         out = settings.export_root / f"export-{uuid.uuid4().hex[:12]}"
-        if not exports.acquire(blocking=False):
-            raise Busy(f"{settings.max_exports} export(s) already running on this server; try again when it ends")
-        try:
-            result = export_study(storage, name, out, trial=body.trial, pareto_index=body.pareto_index)
-        finally:
-            exports.release()
-        doc = result.to_json()
-        doc["files"] = [{**f, "url": f"/exports/{result.export_id}/files/{f['name']}"} for f in doc["files"]]
-        doc.pop("out")
-        return doc
+        cwd = base_dir if base_dir.is_dir() else settings.root
+        job_id = submit_export(storage, name, out, trial=body.trial, pareto_index=body.pareto_index, base_dir=cwd, log_dir=settings.log_root)
+        return public_job(storage, storage.job(job_id), settings)
 
     @router.get("/exports/{export_id}/files/{file:path}", response_class=FileResponse)
     def download(export_id: Annotated[int, PathParam(ge=1, le=2**31 - 1)], file: str):  # ids are 32-bit in the database
@@ -389,7 +396,16 @@ class Forbidden(MPSearchError):
 
 
 class Busy(MPSearchError):
-    """The server is at its limit of concurrent exports (a 429)."""
+    """The server is at its limit of concurrent jobs or exports (a 429)."""
+
+
+def _check_room(storage, kind: str, limit: int) -> None:
+    """A :class:`Busy` (429) when ``limit`` jobs of ``kind`` are already queued or running."""
+    from mpsearch.service.jobs import active_jobs
+
+    active = active_jobs(storage, kind)
+    if len(active) >= limit:
+        raise Busy(f"{len(active)} {kind} job(s) already queued or running, this server's limit; try again when one ends (GET /jobs)")
 
 
 class BodyLimit:

@@ -20,6 +20,7 @@ or ``~/.ray/auth_token``) is sent by Ray's own client; mpsearch never reads or l
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -37,15 +38,37 @@ PASSED_ENV = ("MPSEARCH_CACHE_DIR", "MPSEARCH_MODEL_CACHE")  # the submitter's s
 RAY_TO_JOB = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "cancelled"}
 
 
+ACTIVE_STATES = ("queued", "running")
+
+
 @dataclass
 class JobArgs:
-    """What the runner passes on to ``mpsearch search`` (and ``export``): None keeps the spec's."""
+    """What the runner passes on to ``mpsearch search`` (and ``export``): None keeps the spec's.
+
+    ``kind="export"`` is an export of a finished study (the API's ``POST /studies/{name}/export``):
+    ``trial`` / ``pareto_index`` pick the trial as ``mpsearch export`` does, ``export_dir`` is
+    where it goes; it always runs as a local process, next to the folder it writes."""
 
     trials: int | None = None
     workers: int | None = None
     budget: str | None = None
     study: str | None = None
     export_dir: str | None = None
+    kind: str = "search"
+    trial: int | None = None
+    pareto_index: int | None = None
+
+
+def job_kind(job) -> str:
+    """``search`` or ``export`` (jobs recorded before exports were jobs are searches)."""
+    return job.spec.get("args", {}).get("kind", "search")
+
+
+def active_jobs(storage, kind: str, limit: int = 1000) -> list:
+    """The queued and running jobs of ``kind``, each reconciled with its process or Ray first
+    (a job whose runner died is not counted)."""
+    jobs = [job for job in storage.jobs(limit=limit) if job.state in ACTIVE_STATES and job_kind(job) == kind]
+    return [job for job in (sync(storage, job.id) for job in jobs) if job.state in ACTIVE_STATES]
 
 
 def check_idle(storage, study: str) -> None:
@@ -121,14 +144,7 @@ def submit(storage, spec, spec_toml: str, args: JobArgs, *, address: str | None 
             )
             storage.set_job_state(job_id, "queued", f"submitted to {address}", ray_job_id=submission)
         else:
-            log = (log_dir or Path.cwd()) / f"job-{job_id}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            env = {**os.environ, "MPSEARCH_STORAGE": storage.url_string}
-            with log.open("ab") as out:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "mpsearch", "job-run", job_id], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(spec.base_dir)
-                )
-            storage.set_job_state(job_id, "queued", f"started as local process {process.pid}; log {log}", ray_job_id=f"{LOCAL_PREFIX}{process.pid}:{log}")
+            _start_local(storage, job_id, Path(spec.base_dir), log_dir)
     except MPSearchError as e:
         storage.set_job_state(job_id, "failed", str(e))
         raise
@@ -136,6 +152,45 @@ def submit(storage, spec, spec_toml: str, args: JobArgs, *, address: str | None 
         storage.set_job_state(job_id, "failed", f"submission failed: {first_line(e)}")
         raise MPSearchError(f"the cluster at {address} refused the job ({first_line(e)})") from None
     return job_id
+
+
+def submit_export(storage, study: str, out: Path, *, trial: int | None = None, pareto_index: int | None = None, base_dir: Path, log_dir: Path | None = None) -> str:
+    """Record an export job for a trial of ``study`` (the best by default) into ``out`` and start
+    it as a local process here, where ``out`` is read from; its id."""
+    args = JobArgs(study=study, export_dir=str(out), kind="export", trial=trial, pareto_index=pareto_index)
+    job_id = storage.create_job(study, "", {"args": asdict(args), "base_dir": str(base_dir), "address": None})
+    try:
+        _start_local(storage, job_id, base_dir, log_dir)
+    except Exception as e:
+        storage.set_job_state(job_id, "failed", f"could not start: {first_line(e)}")
+        raise MPSearchError(f"could not start the export job ({first_line(e)})") from None
+    return job_id
+
+
+def _start_local(storage, job_id: str, cwd: Path, log_dir: Path | None) -> None:
+    """Run ``mpsearch job-run JOB_ID`` as a process of its own session, its output in ``log_dir``."""
+    log = (log_dir or Path.cwd()) / f"job-{job_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MPSEARCH_STORAGE": storage.url_string}
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mpsearch", "job-run", job_id], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=str(cwd)
+        )
+    storage.set_job_state(job_id, "queued", f"started as local process {process.pid}; log {log}", ray_job_id=f"{LOCAL_PREFIX}{process.pid}:{log}")
+
+
+def result(storage, job) -> dict | None:
+    """What a succeeded job recorded as its result (the search's summary, the export's files)."""
+    if job.state != "succeeded":
+        return None
+    for event in reversed(storage.job_events(job.id)):
+        if event.state == "succeeded" and event.message:
+            try:
+                doc = json.loads(event.message)
+            except ValueError:
+                return None
+            return doc if isinstance(doc, dict) else None
+    return None
 
 
 def sync(storage, job_id: str):

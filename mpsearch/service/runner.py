@@ -2,7 +2,8 @@
 
 It reads the job from the database (``$MPSEARCH_STORAGE``), marks it running, and runs the
 whole search: the sensitivity profiles, the study (resumed if it exists, so a job that is
-started again keeps every complete trial), and the export when one was asked for. The job
+started again keeps every complete trial), and the export when one was asked for; or, for an
+export job, the export of a trial of the study. The job
 ends succeeded, failed (with the one-line reason) or, on SIGTERM (``jobs cancel``, Ray's
 ``stop_job``), cancelled; the trials completed until then stay in the study.
 
@@ -51,12 +52,18 @@ def run_job(storage, job_id: str, spec_file: str | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_cancelled)
     try:
         storage.set_job_state(job_id, "running", f"on {os.uname().nodename}, pid {os.getpid()}")
+        if args.get("kind") == "export":
+            exported = export_study(storage, job.study, Path(args["export_dir"]), trial=args.get("trial"), pareto_index=args.get("pareto_index"))
+            summary = {k: v for k, v in exported.to_json().items() if k != "out"}
+            storage.set_job_state(job_id, "succeeded", json.dumps(summary))
+            print(json.dumps(summary), flush=True)
+            return 0
         search = job_search(storage, job, spec_file)
         outcome = search.run()
         summary = {"n_complete": outcome.n_complete, "best": {k: v for k, v in (outcome.best or {}).items() if k != "plan"}}
         if args.get("export_dir"):
             exported = export_study(storage, job.study, Path(args["export_dir"]), force=True, device=search.workload.device)
-            summary["export"] = {"id": exported.export_id, "out": str(exported.out)}
+            summary["export"] = {k: v for k, v in exported.to_json().items() if k != "out"}
         storage.set_job_state(job_id, "succeeded", json.dumps(summary))
         print(json.dumps(summary), flush=True)
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -100,10 +101,17 @@ def test_submit_poll_read_export_and_download(server):
     assert api.get("/studies/api-study/pareto").status_code == 400  # one objective: no front
     assert api.get("/studies/nope/trials").status_code == 404
 
+    # The search job's own export is listed with download URLs, not the server's folder.
+    assert [f["name"] for f in done["result"]["export"]["files"]] and "out" not in done["result"]["export"]
+
+    # An export is a job of its own: 202 at once, then its files in the job's result.
     response = api.post("/studies/api-study/export", json={})
-    assert response.status_code == 201, response.text
-    export = response.json()
-    assert export["trial"] == best["best"]["trial"]
+    assert response.status_code == 202, response.text
+    assert response.json()["kind"] == "export" and response.json()["state"] in ("queued", "running")
+    exported = wait_job(api, response.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert exported["state"] == "succeeded", (exported, api.get(f"/jobs/{exported['id']}/logs").text[-3000:])
+    export = exported["result"]
+    assert export["trial"] == best["best"]["trial"] and str(server.root) not in json.dumps(exported)
     files = {f["name"]: f for f in export["files"]}
     model = api.get(files["model.safetensors"]["url"])
     assert model.status_code == 200 and hashlib.sha256(model.content).hexdigest() == files["model.safetensors"]["sha256"]
@@ -278,3 +286,33 @@ def test_a_job_cancelled_right_after_it_was_submitted_is_cancelled(server):
     assert done["state"] == "cancelled", done
     time.sleep(3)  # whatever its process was doing, the record stays cancelled
     assert api.get(f"/jobs/{job['id']}").json()["state"] == "cancelled"
+
+
+def test_the_server_limits_jobs_and_exports_running_at_once(tmp_path):
+    """--max-jobs 1 --max-exports 1: a second search job or a second export while one is queued
+    or running gets 429 with Retry-After; once it ends, the next one is taken."""
+    with fresh_postgres() as storage:
+        process, server = start_server(tmp_path, storage, "--max-jobs", "1", "--max-exports", "1")
+        try:
+            api = server.client()
+            first = api.post("/jobs", json={"spec": SPEC, "trials": 2, "budget": "5.0bpw", "study": "limit-a"})
+            assert first.status_code == 201, first.text
+            second = api.post("/jobs", json={"spec": SPEC, "trials": 4, "budget": "5.0bpw", "study": "limit-b"})
+            assert second.status_code == 429 and second.headers["retry-after"] and "1 search job(s)" in second.json()["detail"], second.text
+            done = wait_job(api, first.json()["id"], {"succeeded", "failed", "cancelled"})
+            assert done["state"] == "succeeded", (done, api.get(f"/jobs/{done['id']}/logs").text[-3000:])
+
+            assert api.post("/studies/nope/export", json={}).status_code == 404
+            export = api.post("/studies/limit-a/export", json={})
+            assert export.status_code == 202, export.text
+            again = api.post("/studies/limit-a/export", json={})
+            assert again.status_code == 429 and "1 export job(s)" in again.json()["detail"], again.text
+            exported = wait_job(api, export.json()["id"], {"succeeded", "failed", "cancelled"})
+            assert exported["state"] == "succeeded", (exported, api.get(f"/jobs/{exported['id']}/logs").text[-3000:])
+            assert api.get(exported["result"]["files"][0]["url"]).status_code == 200
+            last = api.post("/studies/limit-a/export", json={"trial": exported["result"]["trial"]})  # room again
+            assert last.status_code == 202, last.text
+            assert wait_job(api, last.json()["id"], {"succeeded", "failed", "cancelled"})["state"] == "succeeded"
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
