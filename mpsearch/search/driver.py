@@ -39,7 +39,7 @@ from mpsearch.search.allocate import Costs, greedy, ilp
 from mpsearch.search.sampler import SamplerContext, make_sampler, sampler_factory
 from mpsearch.search.space import space_for
 from mpsearch.storage.lease import Lease
-from mpsearch.storage.trials import BYTES, CACHED, EVAL_S, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, check_study_name, study_meta, study_names
+from mpsearch.storage.trials import ALSO, BYTES, CACHED, EVAL_S, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, check_study_name, study_meta, study_names
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Search:
             return None
         log = TrialLog.open(self.storage, self.study_name)
         self._check_resumed(log, self.meta())
-        return log if len(log.complete()) >= self.trials else None
+        return log if log.n_complete() >= self.trials else None
 
     def _check_resumed(self, log: TrialLog, meta: dict) -> None:
         found = log.meta
@@ -194,6 +194,15 @@ class Search:
             if table.bytes(uniform) <= self.budget:
                 plans.append((f"uniform-{bits}", uniform))
         return plans
+
+    def warm_starts(self, scores: dict[str, dict] | None = None) -> list[Requeue]:
+        """The baselines as the trials they run as: one per distinct plan, named after the first
+        warm start that gave it, with the others in ``also`` (ILP and greedy often agree)."""
+        merged: dict[str, Requeue] = {}
+        for name, plan in self.baselines(scores):
+            first = merged.get(plan.digest())
+            merged[plan.digest()] = Requeue(plan, name) if first is None else Requeue(plan, first.source, also=(*first.also, name))
+        return list(merged.values())
 
     @contextlib.contextmanager
     def _scorers(self) -> Iterator:
@@ -244,8 +253,8 @@ class Search:
             self._check_resumed(log, meta)
             loop = _Loop(log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress)
             loop.queue.extend(log.recover())
-            present = {r.source for r in log.records()}
-            loop.queue[:0] = [Requeue(plan, name) for name, plan in self.baselines() if name not in present]  # warm starts first
+            present = {name for r in log.records() for name in r.sources}
+            loop.queue[:0] = [w for w in self.warm_starts() if not {w.source, *w.also} & present]  # warm starts first
             loop.run()
             return log.outcome(self.budget, time.perf_counter() - start)
 
@@ -264,6 +273,7 @@ class _Loop:
     progress: bool
     queue: list[Requeue] = field(default_factory=list)
     failures: int = 0  # in a row
+    repeat_limit: int = 200  # sampled repeats in a row before the search ends early
 
     @property
     def failure_limit(self) -> int:
@@ -272,7 +282,7 @@ class _Loop:
     def _ask(self) -> Running:
         if self.queue:
             again = self.queue.pop(0)
-            attrs = {SOURCE: again.source, **({RERUN_OF: again.rerun_of} if again.rerun_of is not None else {})}
+            attrs = {SOURCE: again.source, **({RERUN_OF: again.rerun_of} if again.rerun_of is not None else {}), **({ALSO: list(again.also)} if again.also else {})}
             return self.log.ask(again.plan, attrs)
         return self.log.ask()
 
@@ -302,8 +312,9 @@ class _Loop:
         from tqdm.auto import tqdm
 
         complete = self.log.complete()
-        done = len(complete)
+        done = sum(not r.repeat for r in complete)
         seen = {r.plan.digest(): list(r.values) for r in complete if r.plan is not None}
+        repeats = 0  # sampled plans in a row that were scored before
         best = min((r.loss for r in complete), default=math.inf)
         bar = tqdm(total=self.target, initial=min(done, self.target), desc=f"search {self.log.name}", unit="trial", disable=not self.progress)
         flights: dict[int, _Flight] = {}  # slot -> in flight
@@ -317,10 +328,19 @@ class _Loop:
                         try:  # from here the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
                             cached = seen.get(trial.plan.digest())
                             if cached is not None and trial.source == SAMPLED:
-                                self.log.tell(trial, cached, {CACHED: True})  # the same plan scored before: nothing to run
-                                done += 1
-                                bar.update()
+                                # The same plan scored before: the sampler learns its value again,
+                                # nothing runs and the study's count of trials does not move.
+                                self.log.tell(trial, cached, {CACHED: True})
+                                repeats += 1
+                                if repeats >= self.repeat_limit:
+                                    log.warning(
+                                        "study %r: the sampler proposed %d plans in a row that were already scored; "
+                                        "stopping at %d trials (the space near the best is used up: try another sampler or budget)",
+                                        self.log.name, repeats, done,
+                                    )
+                                    self.target = done
                                 continue
+                            repeats = 0
                             flights[slot] = _Flight(trial, slot, self.pool.submit(slot, trial.plan), time.monotonic())
                         except BaseException:
                             if slot not in flights:

@@ -11,6 +11,11 @@ to fit the budget (and to be maximal), and hands the repaired plan back as the t
 parameters. So the parameters stored with a trial, which are what TPE, NSGA-II and random read as
 history, are exactly the plan that was evaluated; the raw proposal is kept as a user attribute
 (``proposal``) for diagnosis. Warm starts and re-runs carry fixed plans and skip the sampler.
+
+A repaired proposal that was already evaluated (TPE converging, or two proposals that repair to
+the same maximal plan) is moved by level switches (see :func:`level_switch`) until it is new, so a
+trial is not spent on a plan the study has scored; the driver tells a repeat that still gets
+through its earlier value without counting it as a trial.
 """
 
 from __future__ import annotations
@@ -73,7 +78,26 @@ def _evo(ctx: SamplerContext) -> BaseSampler:
 
 def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:
     """The sampler named ``kind``, repaired to fit (see the module docstring)."""
-    return RepairingSampler(sampler_factory(kind)(ctx), ctx.costs, ctx.budget, ctx.space, fill=ctx.fill)
+    return RepairingSampler(sampler_factory(kind)(ctx), ctx.costs, ctx.budget, ctx.space, fill=ctx.fill, seed=ctx.seed)
+
+
+def level_switch(index: np.ndarray, width: int, rng: np.random.Generator) -> np.ndarray:
+    """``index`` (menu positions per layer) after one or more level switches: a layer one step
+    up the menu and another one step down, so bytes move between layers rather than appear (a
+    geometric number of switches: one half the time, two a quarter, ...)."""
+    index = np.array(index, copy=True)
+    for _ in range(int(rng.geometric(0.5))):
+        up = np.flatnonzero(index < width)
+        down = np.flatnonzero(index > 0)
+        if len(up) == 0 or len(down) == 0:
+            break
+        i = int(rng.choice(up))
+        others = down[down != i]
+        j = int(rng.choice(others)) if len(others) else i
+        index[i] += 1
+        if j != i:
+            index[j] -= 1
+    return index
 
 
 def sampler_factory(kind: str) -> Callable[[SamplerContext], BaseSampler]:
@@ -113,21 +137,10 @@ class LevelSwitchSampler(BaseSampler):
         top = sorted(complete, key=lambda t: tuple(t.values))[: self.parents]
         weights = 1.0 / np.arange(1, len(top) + 1)
         seen = {tuple(self.space.index(t.params)) for t in trials}
-        top_width = len(self.costs.menu) - 1
         child = None
         for _ in range(self.tries):
             parent = top[self.rng.choice(len(top), p=weights / weights.sum())]
-            index = self.space.index(parent.params)
-            for _ in range(int(self.rng.geometric(0.5))):
-                up = np.flatnonzero(index < top_width)
-                down = np.flatnonzero(index > 0)
-                if len(up) == 0 or len(down) == 0:
-                    break
-                i = int(self.rng.choice(up))
-                j = int(self.rng.choice(down[down != i])) if len(down[down != i]) else i
-                index[i] += 1
-                if j != i:
-                    index[j] -= 1
+            index = level_switch(self.space.index(parent.params), len(self.costs.menu) - 1, self.rng)
             child = repair_index(self.costs, index, self.budget, fill=self.fill)
             if tuple(int(x) for x in child) not in seen:
                 break
@@ -144,12 +157,15 @@ class RepairingSampler(BaseSampler):
     the unrepaired proposal.
     """
 
-    def __init__(self, base: BaseSampler, costs: Costs, budget: int, space, fill: bool = True):
+    def __init__(self, base: BaseSampler, costs: Costs, budget: int, space, fill: bool = True, seed: int = 0, tries: int = 64):
         self.base = base
         self.costs = costs
         self.budget = budget
         self.space = space
         self.fill = fill
+        self.tries = tries
+        self.rng = np.random.default_rng(seed)  # for moving a repeat (the base sampler keeps its own)
+        self.seen: set[tuple[int, ...]] = set()  # every plan proposed or shown in the window, as menu positions
         self.last_notes: dict = {}
 
     def infer_relative_search_space(self, study, trial):
@@ -165,6 +181,14 @@ class RepairingSampler(BaseSampler):
         raw = self.space.index(proposal)
         fixed = repair_index(self.costs, raw, self.budget, fill=self.fill)
         self.last_notes = {PROPOSAL: [self.costs.menu[int(x)] for x in raw]}  # in bits
+        self.seen.update(tuple(int(x) for x in self.space.index(t.params)) for t in study.get_trials(deepcopy=False) if len(t.params) == len(self.costs.names))
+        moves = 0
+        while tuple(int(x) for x in fixed) in self.seen and moves < self.tries:  # scored already: move it
+            fixed = repair_index(self.costs, level_switch(fixed, len(self.costs.menu) - 1, self.rng), self.budget, fill=self.fill)
+            moves += 1
+        if moves:
+            self.last_notes["moved"] = moves  # level switches that made the repeat new
+        self.seen.add(tuple(int(x) for x in fixed))
         return self.space.params_of(fixed)
 
     def sample_independent(self, study, trial, param_name, param_distribution):

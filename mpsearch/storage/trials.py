@@ -2,8 +2,10 @@
 
 A trial is one :class:`~mpsearch.plan.Plan` scored once. Its value is the loss (and, for a
 ``--pareto`` study, its bytes); its plan is the user attribute ``plan`` (the Plan's JSON),
-beside ``bytes``, ``bpw``, ``source`` (a warm start's name or ``sampler``) and what happened to
-it (``worker``, ``eval_s``, ``error``, ``rerun``, ``rerun_of``, ``cached``). Its Optuna parameters
+beside ``bytes``, ``bpw``, ``source`` (a warm start's name or ``sampler``; ``also``: the other
+warm starts that gave the same plan) and what happened to it (``worker``, ``eval_s``, ``error``,
+``rerun``, ``rerun_of``, ``cached``: a sampled plan scored before, told its earlier value without
+running, which counts as no trial of the study's number). Its Optuna parameters
 are the plan in the sampler's terms (see :class:`PlanSpace`), so Optuna's samplers and tools
 read the study as any other.
 
@@ -53,6 +55,7 @@ PLAN = "plan"
 BYTES = "bytes"
 BPW = "bpw"
 SOURCE = "source"
+ALSO = "also"  # the other warm starts whose plan this trial's is
 PROPOSAL = "proposal"
 WORKER = "worker"
 EVAL_S = "eval_s"
@@ -115,6 +118,16 @@ class TrialRecord:
     def source(self) -> str | None:
         return self.attrs.get(SOURCE)
 
+    @property
+    def sources(self) -> list[str]:
+        """Every warm start this trial ran for: its source and the ones that gave the same plan."""
+        return [self.source, *self.attrs.get(ALSO, [])] if self.source and self.source != SAMPLED else []
+
+    @property
+    def repeat(self) -> bool:
+        """A plan scored before, told its value again: not one of the study's trials."""
+        return bool(self.attrs.get(CACHED))
+
     def summary(self) -> dict[str, Any]:
         """``{trial, loss, bytes, bpw, source}`` (and ``perplexity`` for a causal LM): a trial as reports list it."""
         doc = {"trial": self.number, "loss": self.loss, "bytes": self.bytes, "bpw": self.attrs.get(BPW), "source": self.source}
@@ -163,6 +176,7 @@ class Requeue:
     plan: Plan
     source: str
     rerun_of: int | None = None
+    also: tuple[str, ...] = ()  # other warm starts that gave this plan
 
 
 @dataclass
@@ -178,12 +192,14 @@ class Outcome:
     pareto: list[dict] = field(default_factory=list)
     n_failed: int = 0
     seconds: float = 0.0
+    n_repeats: int = 0  # sampled plans scored before: told their value, not counted in n_complete
 
     def to_json(self) -> dict:
         doc = {
             "study": self.study,
             "n_complete": self.n_complete,
             "n_failed": self.n_failed,
+            "n_repeats": self.n_repeats,
             "budget_bytes": self.budget_bytes,
             "best": self.best,
             "baselines": self.baselines,
@@ -235,9 +251,14 @@ def pareto_front(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     >>> [r.number for r in pareto_front([rec(0, 0.5, 10), rec(1, 0.4, 20), rec(2, 0.6, 15), rec(3, 0.1, 30)])]
     [0, 1, 3]
     """
-    done = sorted((r for r in records if r.finite), key=lambda r: (r.bytes, r.loss, r.number))
+    done = sorted((r for r in records if r.finite and not r.repeat), key=lambda r: (r.bytes, r.loss, r.number))
     front: list[TrialRecord] = []
+    plans = set()
     for r in done:
+        if r.plan is not None:  # each plan once (a plan scored twice, e.g. by mpsearch before 0.3, is listed at its first trial)
+            if r.plan.digest() in plans:
+                continue
+            plans.add(r.plan.digest())
         if not front or r.loss < front[-1].loss or (r.loss, r.bytes) == (front[-1].loss, front[-1].bytes):
             front.append(r)  # trials that tie on both are all on the front, as Optuna's best_trials has them
     return front
@@ -749,8 +770,12 @@ class TrialLog:
         return trial.state.name == state and (values is None or list(trial.values or []) == [float(v) for v in values])
 
     def complete(self) -> list[TrialRecord]:
-        """The complete trials with finite values."""
+        """The complete trials with finite values (repeats of a plan scored before included)."""
         return [r for r in self.records(("COMPLETE",)) if r.finite]
+
+    def n_complete(self) -> int:
+        """The study's count of complete trials: distinct plans scored, no repeats."""
+        return sum(not r.repeat for r in self.complete())
 
     def best(self, budget: int | None = None) -> TrialRecord | None:
         """The lowest-loss complete trial within ``budget`` (by default the study's own)."""
@@ -768,11 +793,12 @@ class TrialLog:
         best = best_of(complete, budget)
         baselines: dict[str, dict] = {}
         for r in complete:
-            if r.source and r.source != SAMPLED and r.source not in baselines:
-                baselines[r.source] = r.summary()
+            for name in r.sources:
+                baselines.setdefault(name, r.summary())
         return Outcome(
             study=self.name,
-            n_complete=len(complete),
+            n_complete=sum(not r.repeat for r in complete),
+            n_repeats=sum(r.repeat for r in complete),
             budget_bytes=budget,
             best=None if best is None else {**best.summary(), "plan": best.plan.to_json() if best.plan else None},
             baselines=baselines,

@@ -66,7 +66,7 @@ def test_a_search_fits_the_budget_warm_starts_first_and_beats_its_baselines(work
     assert len(complete(study)) == result.n_complete == 12
     check_plans(study, workload, search.budget)
     sources = [t.user_attrs[ATTR_SOURCE] for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
-    warm = [name for name, _ in search.baselines()]
+    warm = [w.source for w in search.warm_starts()]  # one trial per distinct plan
     assert sources[: len(warm)] == warm and set(sources[len(warm) :]) == {SAMPLED}
     assert {"ilp-perturbation", "ilp-hessian", "greedy", "uniform-3", "uniform-2"} == set(result.baselines)
     assert all(result.best["loss"] <= b["loss"] for b in result.baselines.values())
@@ -131,6 +131,19 @@ def test_pareto_mode_keeps_a_front_of_loss_against_bytes(workload):
     for (s1, l1), (s2, l2) in zip(zip(sizes, losses), zip(sizes[1:], losses[1:])):
         assert l2 < l1 or (s2 == s1 and l2 == l1), (sizes, losses)  # bigger is strictly better on a front
     assert any(r["source"].startswith("ilp-perturbation@") for r in result.baselines.values())
+    # Each plan is scored once and listed once. At the smallest size the ILPs, greedy and
+    # uniform-2 all give the all-2-bit plan: one trial, every name on it, every name a baseline.
+    assert len({r["trial"] for r in result.pareto}) == len(result.pareto)
+    study = optuna.load_study(study_name="front", storage=storage.optuna())
+    plans = [plan_of(t.user_attrs).digest() for t in complete(study) if not t.user_attrs.get("cached")]
+    assert len(plans) == len(set(plans)) == result.n_complete == 16
+    all_2 = workload.layer_table().uniform(2)
+    smallest = [w for w in search.warm_starts() if w.plan.digest() == all_2.digest()]
+    assert len(smallest) == 1 and {smallest[0].source, *smallest[0].also} >= {"uniform-2", f"greedy@{workload.layer_table().bytes(all_2)}"}, smallest
+    names = {name for name, _ in search.baselines()}
+    assert set(result.baselines) == names and len(search.warm_starts()) < len(names)
+    (trial,) = [t for t in complete(study) if t.user_attrs.get(ATTR_SOURCE) == smallest[0].source]
+    assert trial.user_attrs["also"] == list(smallest[0].also)
 
 
 def test_losses_are_finite_and_match_a_direct_evaluation(workload):
@@ -155,8 +168,8 @@ def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(wor
     study = optuna.load_study(study_name="evo", storage=storage.optuna())
     check_plans(study, evo, search.budget)
     sampled = [t for t in complete(study) if t.user_attrs[ATTR_SOURCE] == SAMPLED]
-    assert len(sampled) == 14 - len(search.baselines())
-    # Each child differs from every plan before it (two baselines may coincide: ILP and greedy).
+    assert len(sampled) == 14 - len(search.warm_starts())
+    # Each child differs from every plan before it.
     ordered = sorted(complete(study), key=lambda t: t.number)
     for k, t in enumerate(ordered):
         if t.user_attrs[ATTR_SOURCE] == SAMPLED:
@@ -245,3 +258,16 @@ def test_the_sampler_sees_every_trial_told_so_far(workload, tmp_path):
         log.tell(log.ask(), [float(value)])  # each ask is a proposal: the sampler reads the study
     for k, seen in enumerate(Recording.seen):
         assert seen == [(n, TrialState.COMPLETE, [float(n)]) for n in range(k)] + [(k, TrialState.RUNNING, None)], k
+
+
+def test_no_trial_is_spent_on_a_plan_already_scored(tmp_path):
+    """Bits (3, 8) at 5.0 bpw: TPE's repaired proposals soon repeat (measured: from the 11th
+    trial on, 200 repeats in a row). The repeats are moved by level switches until new, so 16
+    trials are 16 distinct plans, and the trials that needed moving say so."""
+    spec = Spec.load(tiny_study(tmp_path, bits=(3, 8))).with_overrides(budget="5.0bpw", search={"trials": 16, "workers": 0, "seed": 0})
+    storage = Storage(spec.storage.url)
+    result = Search(Workload(spec, device="cpu"), storage, study="repeats").run()
+    study = optuna.load_study(study_name="repeats", storage=storage.optuna())
+    plans = [plan_of(t.user_attrs).digest() for t in complete(study)]
+    assert result.n_complete == len(plans) == len(set(plans)) == 16 and result.n_repeats == 0
+    assert any(t.user_attrs.get("moved") for t in complete(study) if t.user_attrs[ATTR_SOURCE] == SAMPLED)
