@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 from mpsearch.errors import MPSearchError, first_line
@@ -16,10 +17,10 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     if address:
         os.environ.update(ray_client_env())
         check_reachable(address)
-    else:
+    elif "ray" not in sys.modules:
         # A new local Ray turns token auth on by default and prints a banner saying so on every
         # start; choosing that same mode explicitly keeps the auth and drops the banner. A mode
-        # the user set is left alone.
+        # the user set is left alone, and so is a Ray imported already (it read its mode then).
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
