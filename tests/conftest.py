@@ -288,17 +288,24 @@ def ray_cluster():
         yield RayCluster(address, os.environ.get("MPSEARCH_TEST_RAY_DASHBOARD", "http://127.0.0.1:8265"))
         return
     port, dashboard = 6391, 8275
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with ray_head(port, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)) as head:
+        wait_for_port(dashboard, lambda: head.poll() is None)
+        time.sleep(3)  # the dashboard's modules (state and Jobs API) come up after its port
+        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+
+
+@contextlib.contextmanager
+def ray_head(port: int, *args: str, env: dict | None = None):
+    """A Ray head on ``port`` in the foreground of its own session, stopped by signalling it
+    (``ray stop`` would stop every Ray on the machine)."""
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--disable-usage-stats"],
+        [str(RAY), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--disable-usage-stats", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )
     try:
         wait_for_port(port, lambda: head.poll() is None)
-        wait_for_port(dashboard, lambda: head.poll() is None)
-        time.sleep(3)  # the dashboard's modules (state and Jobs API) come up after its port
-        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}")
+        yield head
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=120)

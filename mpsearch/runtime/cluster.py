@@ -13,9 +13,14 @@ from mpsearch.errors import MPSearchError, first_line
 
 def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Connect to the Ray cluster at ``address`` (``HOST:PORT`` of its head, or ``auto`` inside a
-    Ray job), or start a local one; once per process."""
+    Ray job), or start a local one; once per process.
+
+    A cluster's head runs with token auth or without, and a client must match it: a token sent
+    to a head without auth breaks its actors, and a head with auth refuses a client without one.
+    Unless ``RAY_AUTH_MODE`` says which, a client connects without and, refused, with the token
+    it has (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+    """
     if address:
-        os.environ.update(ray_client_env())
         check_reachable(address)
     elif "ray" not in sys.modules:
         # A new local Ray turns token auth on by default and prints a banner saying so on every
@@ -28,22 +33,51 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
         return
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        if address:
-            ray.init(address=address, **kwargs)
-        else:  # a new local Ray, whatever else runs on this machine
+        if not address:  # a new local Ray, whatever else runs on this machine
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            return
+        if ray_client_env() and _needs_token(address):
+            _token_mode()
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError:
+            if not ray_client_env():  # no token to offer, or a mode chosen already: nothing else to try
+                raise
+            ray.shutdown()
+            _token_mode()
+            ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray"
         raise MPSearchError(f"cannot start or reach Ray at {where} ({first_line(e)}); check --address or `ray status`") from None
 
 
-def ray_client_env() -> dict[str, str]:
-    """Environment for a client of an existing cluster.
+def _needs_token(address: str) -> bool:
+    """Whether the head at ``address`` refuses a client without a token: one read of its key-value
+    store, a fraction of a second (a refused ``ray.init`` retries for about 20 s)."""
+    try:
+        from ray._raylet import GcsClient
 
-    A Ray 2.60 head runs with token auth when it finds a token (``~/.ray/auth_token``, which a
-    local ``ray.init`` creates, or ``$RAY_AUTH_TOKEN``), but a client only sends its token in
-    ``RAY_AUTH_MODE=token``, read when Ray is first imported. Sending one to a head without auth
-    does no harm, so: token mode whenever a token exists and the user chose no mode.
+        GcsClient(address=address.split("://", 1)[-1]).internal_kv_get(b"mpsearch-probe", None, timeout=5)
+    except Exception as e:  # noqa: BLE001 - Ray's AuthenticationError; anything else: ray.init will say
+        return "Authentication" in type(e).__name__ or "InvalidAuthToken" in str(e)
+    return False
+
+
+def _token_mode() -> None:
+    """This process's Ray sends its token from now on (Ray reads the mode into its config)."""
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()
+
+
+def ray_client_env() -> dict[str, str]:
+    """Environment for a client of a cluster's HTTP side (the Jobs API, ``ray list``).
+
+    A Ray 2.60 head runs with token auth when it finds a token at its start (``~/.ray/auth_token``,
+    which a local ``ray.init`` creates, or ``$RAY_AUTH_TOKEN``), and a client sends its token only
+    in ``RAY_AUTH_MODE=token``. Over HTTP a token sent to a head without auth is ignored, so: token
+    mode whenever a token exists and the user chose no mode. (Not so for a driver's GCS connection:
+    :func:`start_ray` tries without first.)
     """
     if "RAY_AUTH_MODE" in os.environ:
         return {}
