@@ -331,18 +331,24 @@ def _quantize_all(model, table: LayerTable, modules, bits: Sequence[int], method
     bar = tqdm(total=len(table.layers), desc=desc, unit="layer", disable=not progress, leave=False)
     for group in groups:
         moments = input_moments(model, table, batches, forward, layers=group) if method.needs_calibration else {}
+        factored: tuple = (None, None)  # (moment, its Curvature): layers sharing an input come in a row
         for layer in group:
             w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
             curvature = None
             moment = moments.pop(layer.name, None)
             if moment is not None:
-                curvature = Curvature.from_moment(moment.xtx, table.scheme.damp, table.scheme.act_order)
+                if factored[0] is not moment:
+                    factored = (moment, Curvature.from_moment(moment.xtx, table.scheme.damp, table.scheme.act_order))
+                curvature = factored[1]
                 del moment
             elif method.needs_calibration and layer.name not in notes:
                 notes[layer.name] = f"{table.scheme.method} saw no input to this layer in the calibration pass; it is quantized with rtn"
             for b in bits:
                 fresh[b][layer.name] = {k: t.cpu() for k, t in _packed_form(method.quantize, w, b, layer, table, curvature).items()}
+            del w, curvature
+            trim()  # the quantizer's temporaries go back at once: left to pile up, they outgrow the bank
             bar.update()
+        del moments, factored
     bar.close()
     return fresh
 

@@ -70,32 +70,49 @@ def input_moments(
     forward: Callable[[nn.Module, Mapping[str, torch.Tensor]], object],
     progress: bool = False,
     layers: Sequence[QuantLayer] | None = None,
+    share: bool = True,
 ) -> dict[str, Moment]:
     """Run ``forward(model, batch)`` over ``batches`` and return each layer's :class:`Moment`
     (of ``layers``, by default every layer of the table).
 
     Tied layers (one weight, several modules) pool the inputs of every module that uses
-    the weight. Layers :func:`unsupported_reason` rejects get no moment.
+    the weight. Layers :func:`unsupported_reason` rejects get no moment. With ``share``, layers
+    fed the same tensor object in every batch hold one shared :class:`Moment`.
     """
     from tqdm.auto import tqdm
 
+    batches = list(batches)  # a second pass may be needed
     modules = dict(model.named_modules(remove_duplicate=False))
     moments: dict[str, Moment] = {}
     mask: list[torch.Tensor | None] = [None]
     handles = []
+    # Layers fed the very same tensor (q/k/v of one attention, gate/up of one MLP) share one
+    # Moment: the input of the layer that ran last is held, and a layer handed that same object
+    # reuses its moment instead of adding a copy of it (half the XᵀX memory and work in a LLaMA).
+    last: list = [None, None]  # [input tensor, the layer whose moment took it]
+    shared: set[str] = set()  # layers whose moment is another layer's
 
     def hook_for(layer_name: str):
         def hook(module, inputs, _output):
-            x = inputs[0].detach()
-            m = mask[0]
+            raw = inputs[0]  # the object itself: detach() would make a new one each call
+            moment = moments.get(layer_name)
+            if share and raw is last[0] and last[1] != layer_name and (moment is None or layer_name in shared):
+                partner = moments[last[1]]
+                if moment is None or moment is partner:
+                    moments[layer_name] = partner
+                    shared.add(layer_name)
+                    return
+            if layer_name in shared:  # fed apart from its partner after all: the pass starts again, unshared
+                raise _Unshared
+            x, m = raw.detach(), mask[0]
             if m is not None and x.dim() == m.dim() + 1 and x.shape[: m.dim()] == m.shape:
                 x = x[m.bool()]  # (tokens, features): padding dropped
             rows = input_rows(module, x).to(torch.float32)
-            moment = moments.get(layer_name)
             if moment is None:
                 moment = moments[layer_name] = Moment(torch.zeros(rows.shape[1], rows.shape[1], device=rows.device))
             moment.xtx.addmm_(rows.T, rows)
             moment.count += rows.shape[0]
+            last[0], last[1] = raw, layer_name
 
         return hook
 
@@ -109,10 +126,19 @@ def input_moments(
                     hooked.add(id(module))
                     handles.append(module.register_forward_hook(hook_for(layer.name)))
         with torch.no_grad():
-            for batch in tqdm(list(batches), desc="calibration pass", unit="batch", disable=not progress, leave=False):
+            for batch in tqdm(batches, desc="calibration pass", unit="batch", disable=not progress, leave=False):
                 mask[0] = batch.get("attention_mask")
                 forward(model, batch)
+                last[0] = None
+    except _Unshared:
+        moments = None
     finally:
         for handle in handles:
             handle.remove()
+    if moments is None:
+        return input_moments(model, table, batches, forward, progress, layers, share=False)
     return moments
+
+
+class _Unshared(Exception):
+    """Two layers that shared an input in one batch were fed different ones in another."""

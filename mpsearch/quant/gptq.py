@@ -66,18 +66,20 @@ class Curvature:
         >>> c.u.shape, bool(torch.all(torch.diag(c.u) > 0))
         (torch.Size([8, 8]), True)
         """
-        h = xtx.to(torch.float64).clone()
+        # float64 cols² matrices: at most three alive at once (a 1536-input layer's are 19 MB each).
+        h = xtx.to(torch.float64, copy=True)
         diag = torch.diagonal(h)
         dead = diag <= 0
         h[dead, dead] = 1.0
         perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
         if perm is not None:
             h = h[perm][:, perm]
-        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         mean_diag = torch.diagonal(h).mean()
+        damped = torch.empty_like(h)
         for attempt in range(4):
             lam = damp * 10**attempt
-            chol, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+            damped.copy_(h).diagonal().add_(lam * mean_diag)
+            chol, info = torch.linalg.cholesky_ex(damped)
             if int(info) == 0:
                 break
         else:
@@ -85,7 +87,9 @@ class Curvature:
                 f"the calibration second moment is not positive definite even with damping {lam:g}; "
                 "use more calibration data or raise quant.damp"
             )
+        del h, damped
         h_inv = torch.cholesky_inverse(chol)
+        del chol
         u = torch.linalg.cholesky(h_inv, upper=True)
         return cls(u=u.to(torch.float32), perm=perm, damp=lam)
 

@@ -128,3 +128,43 @@ def test_calibration_skips_padding_and_pools_tied_modules(minilm_workload):
     assert tied_table.layers[0].aliases == ("2",)
     pooled = input_moments(tied, tied_table, [{"x": torch.randn(3, 8)}], lambda m, b: m(b["x"]))
     assert pooled["0"].count == 6  # both uses of the one weight
+
+
+def test_layers_fed_one_tensor_share_one_moment(minilm_workload):
+    """Query, key and value read the same hidden states: one XᵀX serves the three, equal to
+    what each would have gathered alone."""
+    model, table = minilm_workload.fp_model(), minilm_workload.layer_table()
+    batches = minilm_workload.calibration_batches()
+    shared = input_moments(model, table, batches, minilm_workload.forward)
+    alone = input_moments(model, table, batches, minilm_workload.forward, share=False)
+    assert shared.keys() == alone.keys()
+    for name in alone:
+        assert shared[name].count == alone[name].count
+        torch.testing.assert_close(shared[name].xtx, alone[name].xtx, rtol=1e-5, atol=1e-3)
+    attention = "encoder.layer.0.attention.self."
+    assert shared[attention + "query"] is shared[attention + "key"] is shared[attention + "value"]
+    assert shared[attention + "query"] is not shared["encoder.layer.0.attention.output.dense"]
+    assert len({id(m) for m in shared.values()}) == len(alone) - 2 * 6  # six blocks, two layers saved in each
+
+
+class _Routed(nn.Module):
+    """Two layers fed the same tensor in the first batch, different ones in the second."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, apart):
+        return self.a(x) + self.b(x * 2 if apart else x)
+
+
+def test_layers_that_stop_sharing_an_input_get_moments_of_their_own():
+    model = _Routed()
+    table = LayerTable.from_model(model, Scheme(group_size=4))
+    g = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(5, 4, generator=g), "apart": False}, {"x": torch.randn(5, 4, generator=g), "apart": True}]
+    moments = input_moments(model, table, batches, lambda m, b: m(b["x"], b["apart"]))
+    assert moments["a"] is not moments["b"]
+    first, second = batches[0]["x"], batches[1]["x"]
+    torch.testing.assert_close(moments["a"].xtx, first.T @ first + second.T @ second)
+    torch.testing.assert_close(moments["b"].xtx, first.T @ first + 4 * second.T @ second)
