@@ -52,6 +52,7 @@ class DataSection(_Section):
     label_field: str = "label"
     calibration: PositiveInt = 128
     evaluation: PositiveInt = 128
+    test: PositiveInt | None = Field(None, description="held-out examples the final plans are scored on once (never searched on); default: as many as evaluation, where the source has them")
     max_length: PositiveInt = 128
     batch_size: PositiveInt = 16
     seed: int = 0
@@ -169,7 +170,7 @@ class SearchSection(_Section):
         return value
 
 
-_LATER_FIELDS = (("loss", "top_k"),)  # fields added since mpsearch 0.1.0, keyed only when set
+_LATER_FIELDS = (("loss", "top_k"), ("data", "test"))  # fields added since mpsearch 0.1.0, keyed only when set
 
 
 class StorageSection(_Section):

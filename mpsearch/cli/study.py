@@ -53,12 +53,14 @@ def _print_outcome(result) -> None:
         title=f"study {result.study}: {result.n_complete} complete trials ({result.n_failed} failed), budget {result.budget_bytes:,} bytes",
         title_justify="left",
     )
-    for header in ("plan", "trial", "loss", "bytes", "bpw", "loss / best baseline"):
-        table.add_column(header, justify="left" if header == "plan" else "right", no_wrap=True)
     rows = ([("best found", result.best)] if result.best else []) + sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"])
+    tested = any("test_loss" in row for _, row in rows)
+    for header in ("plan", "trial", "loss", *(["test loss"] if tested else []), "bytes", "bpw", "loss / best baseline"):
+        table.add_column(header, justify="left" if header == "plan" else "right", no_wrap=True)
     for name, row in rows:
         ratio = row["loss"] / best_base if best_base else None
-        table.add_row(name, str(row["trial"]), f"{row['loss']:.6g}", f"{row['bytes']:,}", f"{row['bpw']:.4g}", cell(ratio, ".3f"))
+        test = [cell(row.get("test_loss"), ".6g")] if tested else []
+        table.add_row(name, str(row["trial"]), f"{row['loss']:.6g}", *test, f"{row['bytes']:,}", f"{row['bpw']:.4g}", cell(ratio, ".3f"))
     wide_console().print(table)
     if result.pareto:
         front = Table(title=f"Pareto front: {len(result.pareto)} plans", title_justify="left")

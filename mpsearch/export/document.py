@@ -67,6 +67,7 @@ class DataInfo(_Doc):
     source: str
     calibration_digest: str
     evaluation_digest: str
+    test_digest: str | None = None  # mpsearch 0.1 exports have no test split
 
 
 class Provenance(_Doc):
@@ -75,7 +76,8 @@ class Provenance(_Doc):
     study: str
     trial: int
     trial_source: str | None
-    loss: float
+    loss: float  # on the evaluation split, the one the search selected on
+    test_loss: float | None = None  # on the test split, never searched on
     loss_kind: str
     budget_bytes: int | None
     scheme: dict

@@ -58,6 +58,7 @@ class ExportResult:
     bpw: float
     export_id: int | None
     files: list[tuple[str, int, str]] = field(default_factory=list)
+    test_loss: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -65,6 +66,7 @@ class ExportResult:
             "study": self.study,
             "trial": self.trial,
             "loss": self.loss,
+            "test_loss": self.test_loss,
             "verified_loss": self.verified_loss,
             "bytes": self.bytes,
             "bpw": self.bpw,
@@ -149,14 +151,26 @@ def export_study(
     try:
         workload = Workload(study_spec(log, spec), device=device)
         built = _build(workload, chosen, progress)
-        doc = _write_folder(tmp, built, workload, log, chosen)
+        test_loss = _test_loss(workload, chosen.plan)
+        doc = _write_folder(tmp, built, workload, log, chosen, test_loss)
         verified = _verify(tmp, workload, chosen) if verify else None
         files = [(p.name, p.stat().st_size, doc.files[MODEL_FILE].sha256 if p.name == MODEL_FILE else sha256_of(p)) for p in sorted(tmp.iterdir())]
         export_id = _publish(storage, tmp, out, study_name, chosen.number, chosen.plan, doc.totals.bytes, doc.totals.bpw, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files)
+    return ExportResult(out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files, test_loss)
+
+
+def _test_loss(workload, plan: Plan) -> float | None:
+    """The plan's loss on the test split, the split no trial was selected on (None: no test split)."""
+    if not workload.batches("test"):
+        return None
+    bank = workload.candidate_bank(sorted(set(plan.bits().values())))
+    workload.reference("test")  # from the FP weights, before any candidate is swapped in
+    model = workload.fp_model()
+    with bank.applied(model, plan):
+        return workload.loss(model, "test")
 
 
 def _build(workload, chosen, progress: bool) -> _Built:
@@ -186,7 +200,7 @@ def _build(workload, chosen, progress: bool) -> _Built:
     return _Built(resolved, tensors, tensor_bytes, entries, header)
 
 
-def _write_folder(tmp: Path, built: _Built, workload, log, chosen) -> PlanDocument:
+def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: float | None = None) -> PlanDocument:
     """``model.safetensors``, ``plan.json`` and the deployment configs, in ``tmp``."""
     from mpsearch.quant.tensorfile import save_tensors
 
@@ -201,7 +215,7 @@ def _write_folder(tmp: Path, built: _Built, workload, log, chosen) -> PlanDocume
             bytes=table.bytes(built.plan), quantized_bytes=table.quantized_bytes(built.plan), other_bytes=table.other_bytes,
             bpw=table.bpw(built.plan), n_weights=table.n_weights,
         ),
-        provenance=_provenance(workload, log, chosen),
+        provenance=_provenance(workload, log, chosen, test_loss),
         files={MODEL_FILE: FileInfo(bytes=model_path.stat().st_size, tensor_bytes=built.tensor_bytes, sha256=sha256_of(model_path))},
     )
     doc.write(tmp / PLAN_FILE)
@@ -319,7 +333,7 @@ def _resolved(table, plan: Plan, bank) -> Plan:
     return Plan(layers=choices)
 
 
-def _provenance(workload, log, trial) -> Provenance:
+def _provenance(workload, log, trial, test_loss: float | None = None) -> Provenance:
     from mpsearch import __version__
     from mpsearch.hashing import batches_digest, model_digest
 
@@ -331,11 +345,13 @@ def _provenance(workload, log, trial) -> Provenance:
             source=spec.data.source,
             calibration_digest=batches_digest(workload.calibration_batches()),
             evaluation_digest=batches_digest(workload.evaluation_batches()),
+            test_digest=batches_digest(workload.batches("test")) if workload.batches("test") else None,
         ),
         study=log.name,
         trial=trial.number,
         trial_source=trial.source,
         loss=trial.loss,
+        test_loss=test_loss,
         loss_kind=spec.loss.kind,
         budget_bytes=log.meta.get("budget_bytes"),
         scheme=spec.quant.model_dump(mode="json"),

@@ -256,7 +256,25 @@ class Search:
             present = {name for r in log.records() for name in r.sources}
             loop.queue[:0] = [w for w in self.warm_starts() if not {w.source, *w.also} & present]  # warm starts first
             loop.run()
+            self._score_test(log, pool)
             return log.outcome(self.budget, time.perf_counter() - start)
+
+    def _score_test(self, trials: TrialLog, pool) -> None:
+        """The best plan and every baseline, scored once on the test split (never searched on), so
+        the report is not the optimistic figure the search selected on. A failure here costs the
+        test losses, not the search."""
+        if not self.workload.batches("test"):  # a data source with nothing left over for it
+            return
+        scored = trials.test_losses()
+        todo = [r.plan for r in trials.final_plans(self.budget) if r.plan.digest() not in scored]
+        if not todo:
+            return
+        try:
+            losses = pool.map(todo, split="test", progress=self.progress, desc="test split")
+        except Exception as e:  # noqa: BLE001
+            log.warning("study %r: the final plans could not be scored on the test split (%s); the search's results stand", self.study_name, first_line(e))
+            return
+        trials.record_test({plan.digest(): loss for plan, loss in zip(todo, losses)})
 
 
 @dataclass

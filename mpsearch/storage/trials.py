@@ -66,6 +66,7 @@ CACHED = "cached"
 PERPLEXITY = "perplexity"  # a causal LM's, on the evaluation split, beside the loss
 
 STUDY_ATTR = "mpsearch"  # the study's own record (spec, budget, layers, ...), a study user attribute
+TEST_ATTR = "mpsearch_test"  # {plan digest: loss on the test split}: the final plans, scored once, a study user attribute
 SAMPLED = "sampler"  # the source of a plan the sampler proposed
 STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAIL")
 
@@ -785,22 +786,50 @@ class TrialLog:
         """The (loss, bytes) Pareto front, smallest plan first."""
         return pareto_front(self.complete())
 
+    def test_losses(self) -> dict[str, float]:
+        """The test-split losses of the plans scored on it, by plan digest."""
+        return dict(self.storage.retrying(lambda: self.study.user_attrs, "reading").get(TEST_ATTR) or {})
+
+    def record_test(self, losses: Mapping[str, float]) -> None:
+        """Add test-split losses (by plan digest) to the study's."""
+        merged = {**self.test_losses(), **losses}
+        self.storage.retrying(lambda: self.study.set_user_attr(TEST_ATTR, merged), "writing to")
+
+    def final_plans(self, budget: int | None = None) -> list[TrialRecord]:
+        """The trials whose plans a search reports: the best within the budget and each warm start's
+        first trial, one per distinct plan (what the test split scores)."""
+        complete = [r for r in self.records() if r.finite and r.plan is not None]
+        best = best_of(complete, budget if budget is not None else self.meta.get("budget_bytes"))
+        chosen: dict[str, TrialRecord] = {}
+        for r in ([best] if best is not None else []) + [r for r in complete if r.sources]:
+            chosen.setdefault(r.plan.digest(), r)
+        return list(chosen.values())
+
     def outcome(self, budget: int | None = None, seconds: float = 0.0) -> Outcome:
-        """The best trial within the budget, the baselines (the first trial of each warm start) and the front."""
+        """The best trial within the budget, the baselines (the first trial of each warm start) and
+        the front; each with its test-split loss where the search scored it (``test_loss``)."""
         records = self.records()
         complete = [r for r in records if r.finite]
         budget = budget if budget is not None else self.meta.get("budget_bytes")
         best = best_of(complete, budget)
+        tests = self.test_losses()
+
+        def summary(r: TrialRecord) -> dict:
+            doc = r.summary()
+            if r.plan is not None and r.plan.digest() in tests:
+                doc["test_loss"] = tests[r.plan.digest()]
+            return doc
+
         baselines: dict[str, dict] = {}
         for r in complete:
             for name in r.sources:
-                baselines.setdefault(name, r.summary())
+                baselines.setdefault(name, summary(r))
         return Outcome(
             study=self.name,
             n_complete=sum(not r.repeat for r in complete),
             n_repeats=sum(r.repeat for r in complete),
             budget_bytes=budget,
-            best=None if best is None else {**best.summary(), "plan": best.plan.to_json() if best.plan else None},
+            best=None if best is None else {**summary(best), "plan": best.plan.to_json() if best.plan else None},
             baselines=baselines,
             pareto=[r.summary() for r in pareto_front(complete)] if self.objectives > 1 else [],
             n_failed=sum(r.state == "FAIL" for r in records),

@@ -21,8 +21,8 @@ from mpsearch.workload.data import Batch, make_batches, split
 from mpsearch.workload.losses import Loss, Outputs, make_loss
 from mpsearch.workload.models import LoadedModel, import_callable, load_model, load_tokenizer
 
-Split = Literal["calibration", "evaluation"]
-SPLITS: tuple[str, ...] = ("calibration", "evaluation")
+Split = Literal["calibration", "evaluation", "test"]
+SPLITS: tuple[str, ...] = ("calibration", "evaluation", "test")
 
 # A logits reference above this many bytes is kept as its top-k (loss.top_k unset).
 AUTO_TOP_K_BYTES = 256 << 20
@@ -183,11 +183,10 @@ class Workload:
     def batches(self, which: Split) -> list[Batch]:
         if self._batches is None:
             data = self.spec.data
-            calibration, evaluation = split(data, self.spec.resolve)
             tokenizer = self.loaded.tokenizer
             self._batches = {
                 name: [{k: v.to(self.device) for k, v in b.items()} for b in make_batches(ex, tokenizer, data.max_length, data.batch_size)]
-                for name, ex in (("calibration", calibration), ("evaluation", evaluation))
+                for name, ex in zip(SPLITS, split(data, self.spec.resolve))
             }
         return self._batches[which]
 

@@ -80,29 +80,45 @@ def load_examples(source: str, data, resolve: Callable[[str], Path], field: str 
     return examples
 
 
-def split(data, resolve: Callable[[str], Path]) -> tuple[Examples, Examples]:
-    """(calibration, evaluation), drawn with ``data.seed``; never overlapping.
+def split(data, resolve: Callable[[str], Path]) -> tuple[Examples, Examples, Examples]:
+    """(calibration, evaluation, test), drawn with ``data.seed``; never overlapping.
 
-    With one source, calibration takes the first ``data.calibration`` indices of a
-    seeded permutation and evaluation the last ``data.evaluation``, so the evaluation
-    set does not move when the calibration size changes.
+    With one source, calibration takes the first ``data.calibration`` indices of a seeded
+    permutation, evaluation the last ``data.evaluation`` and test the ``data.test`` just before
+    those, so neither held-out set moves when the calibration size changes. With
+    ``data.eval_source``, evaluation and test are drawn from it, apart. ``data.test`` unset takes
+    as many as evaluation where the source has them, fewer (down to none) where it does not.
     """
     source = load_examples(data.source, data, resolve)
     n = len(source)
     perm = np.random.default_rng(data.seed).permutation(n)
     if data.eval_source is None:
-        if data.calibration + data.evaluation > n:
+        test = _test_size(data, n - data.calibration - data.evaluation)
+        if data.calibration + data.evaluation + test > n:
             raise WorkloadError(
-                f"data.calibration + data.evaluation = {data.calibration + data.evaluation} but {data.source!r} "
+                f"data.calibration + data.evaluation + data.test = {data.calibration + data.evaluation + test} but {data.source!r} "
                 f"has {n} examples; lower them or set data.eval_source"
             )
-        return source.take(perm[: data.calibration]), source.take(perm[n - data.evaluation :])
+        held_out = perm[n - data.evaluation - test :]
+        return source.take(perm[: data.calibration]), source.take(held_out[test:]), source.take(held_out[:test])
     evaluation = load_examples(data.eval_source, data, resolve, field="data.eval_source")
-    for field, want, have in (("data.calibration", data.calibration, n), ("data.evaluation", data.evaluation, len(evaluation))):
+    test = _test_size(data, len(evaluation) - data.evaluation)
+    for field, want, have in (
+        ("data.calibration", data.calibration, n),
+        ("data.evaluation + data.test", data.evaluation + test, len(evaluation)),
+    ):
         if want > have:
             raise WorkloadError(f"{field} = {want} but its source has {have} examples; lower it")
     eval_perm = np.random.default_rng(data.seed + 1).permutation(len(evaluation))
-    return source.take(perm[: data.calibration]), evaluation.take(eval_perm[: data.evaluation])
+    return (
+        source.take(perm[: data.calibration]),
+        evaluation.take(eval_perm[: data.evaluation]),
+        evaluation.take(eval_perm[data.evaluation : data.evaluation + test]),
+    )
+
+
+def _test_size(data, left: int) -> int:
+    return data.test if data.test is not None else max(0, min(data.evaluation, left))
 
 
 def make_batches(examples: Examples, tokenizer: Any, max_length: int, batch_size: int) -> list[Batch]:

@@ -166,6 +166,12 @@ def test_the_best_trial_is_the_default_fits_the_budget_and_sits_next_to_its_base
     fits = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["bytes"] <= budget]
     assert result.trial == min(fits, key=lambda t: (t.values[0], t.number)).number
     assert result.bytes <= budget and (out / MODEL_FILE).stat().st_size < budget + 64 * 1024  # the header is small
+    # Both losses: the evaluation split's (selected on) and the test split's, which the search measured too.
+    doc = read_plan(out)
+    searched = TrialLog.open(minilm.storage, minilm.name).outcome().best
+    assert doc.provenance.loss == result.loss == searched["loss"]
+    assert doc.provenance.test_loss == pytest.approx(searched["test_loss"], rel=1e-4) and result.test_loss == doc.provenance.test_loss
+    assert doc.provenance.data.test_digest not in (None, doc.provenance.data.evaluation_digest)
     readme = (out / "README.md").read_text()
     assert "uniform-4" in readme and f"trial {result.trial}" in readme
     assert readme.count("| `") == len(minilm.workload.layer_table().names)  # one table row per layer

@@ -37,6 +37,9 @@ def test_search_json_follows_the_design_and_a_second_run_needs_resume(tmp_path):
     assert set(best) >= {"trial", "loss", "bytes", "bpw", "plan"} and best["bytes"] <= doc["budget_bytes"]
     assert set(doc["baselines"]) == {"ilp-perturbation", "ilp-hessian", "greedy", "uniform-3", "uniform-2"}
     assert all(set(b) >= {"loss", "bytes", "bpw"} for b in doc["baselines"].values())
+    # The best plan and every baseline are scored once more, on the test split no trial was selected on.
+    for row in [best, *doc["baselines"].values()]:
+        assert row["test_loss"] > 0 and row["test_loss"] != row["loss"]
 
     again = mpsearch("search", str(spec), "--budget", "3.5bpw", "--trials", "8", "--workers", "0")
     assert again.returncode == 2 and "already exists; pass --resume" in again.stderr

@@ -32,31 +32,36 @@ def test_stdlib_docs_is_english_prose_and_the_same_every_time():
     assert stdlib_sentences() == sentences
 
 
-def test_stdlib_split_is_seeded_and_calibration_never_meets_evaluation():
+def test_stdlib_split_is_seeded_and_its_three_parts_never_meet():
     spec = Spec.from_toml("[data]\ncalibration = 300\nevaluation = 200")
-    cal, ev = _split(spec)
-    assert (len(cal), len(ev)) == (300, 200)
-    assert not set(cal.texts) & set(ev.texts)
-    again_cal, again_ev = _split(spec)
-    assert again_cal.texts == cal.texts and again_ev.texts == ev.texts
-    other_cal, _ = _split(spec.with_overrides(data={"calibration": 300, "evaluation": 200, "seed": 1}))
+    cal, ev, test = _split(spec)
+    assert (len(cal), len(ev), len(test)) == (300, 200, 200)  # test: as many as evaluation by default
+    assert not set(cal.texts) & set(ev.texts) and not set(cal.texts) & set(test.texts) and not set(ev.texts) & set(test.texts)
+    again_cal, again_ev, again_test = _split(spec)
+    assert again_cal.texts == cal.texts and again_ev.texts == ev.texts and again_test.texts == test.texts
+    other_cal, _, _ = _split(spec.with_overrides(data={"calibration": 300, "evaluation": 200, "seed": 1}))
     assert other_cal.texts != cal.texts
-    # The evaluation set stays put when only the calibration size changes.
-    _, same_ev = _split(spec.with_overrides(data={"calibration": 50, "evaluation": 200}))
-    assert same_ev.texts == ev.texts
+    # The held-out sets stay put when only the calibration size changes.
+    _, same_ev, same_test = _split(spec.with_overrides(data={"calibration": 50, "evaluation": 200}))
+    assert same_ev.texts == ev.texts and same_test.texts == test.texts
+    assert len(_split(spec.with_overrides(data={"calibration": 300, "evaluation": 200, "test": 64}))[2]) == 64
 
 
 def test_asking_for_more_examples_than_exist_is_an_error():
     spec = Spec.from_toml("[data]\ncalibration = 5000\nevaluation = 5000")
-    with pytest.raises(WorkloadError, match=r"data.calibration \+ data.evaluation = 10000 but 'stdlib-docs' has \d+ examples"):
+    with pytest.raises(WorkloadError, match=r"data.calibration \+ data.evaluation \+ data.test = 10000 but 'stdlib-docs' has \d+ examples"):
+        _split(spec)
+    spec = Spec.from_toml("[data]\ncalibration = 1000\nevaluation = 1000\ntest = 5000")  # a test size asked for is not cut
+    with pytest.raises(WorkloadError, match=r"data.test = 7000 but"):
         _split(spec)
 
 
 def test_text_file_one_example_per_line(tmp_path):
     (tmp_path / "lines.txt").write_text("".join(f"example number {i}\n\n" for i in range(10)))
     spec = Spec.load(write_spec(tmp_path, "[data]\nsource = 'lines.txt'\ncalibration = 4\nevaluation = 6\n"))
-    cal, ev = _split(spec)
+    cal, ev, test = _split(spec)
     assert sorted(cal.texts + ev.texts) == sorted(f"example number {i}" for i in range(10))
+    assert len(test) == 0  # nothing left for a test split: the search reports no test losses
 
 
 def test_jsonl_with_text_and_labels_and_a_separate_eval_file(tmp_path):
@@ -72,7 +77,7 @@ def test_jsonl_with_text_and_labels_and_a_separate_eval_file(tmp_path):
         calibration = 12
         evaluation = 5
     """))
-    cal, ev = _split(spec)
+    cal, ev, _ = _split(spec)
     assert sorted(cal.texts) == sorted(r["sentence"] for r in rows)
     assert sorted(ev.texts) == [f"text {i}" for i in range(5)]
     assert [int(y) for y in ev.labels] == [int(t.split()[1]) % 3 for t in ev.texts]
@@ -100,7 +105,7 @@ def test_tensor_files_split_along_the_first_dimension(tmp_path, suffix):
     path = tmp_path / f"data{suffix}"
     save_file(tensors, str(path)) if suffix == ".safetensors" else torch.save(tensors, path)
     spec = Spec.load(write_spec(tmp_path, f"[data]\nsource = 'data{suffix}'\ncalibration = 8\nevaluation = 12\n"))
-    cal, ev = _split(spec)
+    cal, ev, _ = _split(spec)
     rows = torch.cat([cal.tensors["inputs"], ev.tensors["inputs"]])[:, 0].tolist()
     assert sorted(rows) == list(range(0, 40, 2))
     assert torch.equal(ev.labels, (ev.tensors["inputs"][:, 0] / 2).long() % 2)
