@@ -161,6 +161,15 @@ class SearchSection(_Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves (fractions share a GPU); > 0 puts the workers on cuda")
     trial_writes: Literal["batched", "optuna"] = Field("batched", description="batched: a trial's plan in one transaction; optuna: Optuna's own ask/tell")
     flagged_warm_starts: bool = Field(False, description="warm-start from a sensitivity profile that flags layers (negative or unsettled traces)")
+    pruner: str = Field("none", description="a pruner of mpsearch.search.pruner.PRUNERS: none, race, halving or percentile")
+    stages: list[float] = Field([0.25, 1.0], description="with a pruner: the fractions of the evaluation set a trial is scored on before each check")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: list[float]):
+        if not value or any(not 0 < f <= 1 for f in value) or any(b <= a for a, b in zip(value, value[1:])) or value[-1] != 1:
+            raise ValueError(f"stages must rise from above 0 to exactly 1.0 (e.g. [0.25, 1.0]), got {value}")
+        return value
 
     @field_validator("device")
     @classmethod

@@ -85,11 +85,12 @@ class ScorerPool:
     def slots(self) -> int:
         return max(1, len(self.actors))
 
-    def submit(self, slot: int, plan: Plan, split: Split = "evaluation"):
-        """A Ray reference to the slot's evaluation of ``plan`` (locally: the result itself)."""
+    def submit(self, slot: int, plan: Plan, split: Split = "evaluation", batches: tuple[int, int] | None = None):
+        """A Ray reference to the slot's evaluation of ``plan`` (locally: the result itself), on
+        the split's batches ``start:stop`` when ``batches`` is given (one stage of a trial)."""
         if self._local is not None:
-            return self._local.evaluate(plan, split)
-        return self.actors[slot].evaluate.remote(plan, split)
+            return self._local.evaluate(plan, split, batches)
+        return self.actors[slot].evaluate.remote(plan, split, batches)
 
     def replace(self, slot: int) -> None:
         """Kill the slot's actor (if it still lives) and start a fresh one in its place."""

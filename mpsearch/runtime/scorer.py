@@ -52,11 +52,13 @@ class Scorer:
             self._ready = (workload, bank, workload.lend_model())
         return self._ready
 
-    def score(self, plan: Plan | Mapping[str, int], split: Split = "evaluation", partial: bool = False, metrics: bool = False):
-        """The loss of ``plan`` on ``split`` (with ``metrics``: the whole :class:`~mpsearch.workload.Evaluation`)."""
+    def score(self, plan: Plan | Mapping[str, int], split: Split = "evaluation", partial: bool = False, metrics: bool = False, batches: tuple[int, int] | None = None):
+        """The loss of ``plan`` on ``split`` (with ``metrics``: the whole :class:`~mpsearch.workload.Evaluation`),
+        or on its batches ``start:stop`` (one stage of a trial)."""
         workload, bank, model = self._loaded()
         bank.apply(model, plan, partial=partial, keep_fp=partial)
-        result = workload.evaluate(model, split, perplexity=metrics)
+        start, stop = batches or (0, None)
+        result = workload.evaluate(model, split, perplexity=metrics, start=start, stop=stop)
         return result if metrics else result.loss
 
     def call(self, fn, *args, **kwargs):
@@ -76,18 +78,20 @@ class Scorer:
     def score_batch(self, jobs: list[tuple[int, Plan]], split: Split, partial: bool) -> list[tuple[int, float]]:
         return [(i, self.score(plan, split, partial)) for i, plan in jobs]
 
-    def evaluate(self, plan: Plan, split: Split = "evaluation") -> dict:
-        """One trial: ``{loss, seconds, worker, error}``. An exception in the evaluation is
-        returned, not raised, so the driver can tell it from a worker that died."""
+    def evaluate(self, plan: Plan, split: Split = "evaluation", batches: tuple[int, int] | None = None) -> dict:
+        """One trial, or one stage of it (the split's batches ``start:stop``): ``{loss, terms,
+        seconds, worker, error}``, ``terms`` being the per-batch sums the driver adds a staged
+        trial up from. An exception in the evaluation is returned, not raised, so the driver can
+        tell it from a worker that died."""
         start = time.perf_counter()
         worker = f"{socket.gethostname()}:{os.getpid()}"
         try:
-            result = self.score(plan, split, metrics=True)
+            result = self.score(plan, split, metrics=True, batches=batches)
         except Exception as e:  # noqa: BLE001 - reported as the trial's failure reason
             from mpsearch.errors import first_line
 
             return {"loss": None, "seconds": time.perf_counter() - start, "worker": worker, "error": f"{type(e).__name__}: {first_line(e)}"}
-        return {"loss": result.loss, "metrics": result.metrics(), "seconds": time.perf_counter() - start, "worker": worker, "error": None}
+        return {"loss": result.loss, "terms": result.terms, "metrics": result.metrics(), "seconds": time.perf_counter() - start, "worker": worker, "error": None}
 
     def adopt(self, snapshot) -> None:
         """Take the batches and reference outputs another scorer computed (before the first plan)."""

@@ -36,10 +36,14 @@ from typing import Any, Iterator
 from mpsearch.errors import MPSearchError, first_line
 from mpsearch.plan import Plan
 from mpsearch.search.allocate import Costs, greedy, ilp
+from mpsearch.search.pruner import PrunerContext, make_pruner, pruner_factory, stage_bounds
 from mpsearch.search.sampler import SamplerContext, make_sampler, sampler_factory
 from mpsearch.search.space import space_for
 from mpsearch.storage.lease import Lease
-from mpsearch.storage.trials import ALSO, BYTES, CACHED, EVAL_S, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, check_study_name, study_meta, study_names
+from mpsearch.storage.trials import (
+    ALSO, BYTES, CACHED, EVAL_S, FIDELITY, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, check_study_name, study_meta, study_names,
+)
+from mpsearch.workload import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,13 @@ class _Flight:
     slot: int
     ref: Any
     started: float
+    stage: int = 0  # the stage in flight (a staged trial; see mpsearch.search.pruner)
+    terms: list = field(default_factory=list)  # the per-batch sums of its stages so far
+    seconds: float = 0.0  # its stages' evaluation time so far
 
+
+_NEXT_STAGE = "next stage"  # _finish: the trial went on to its next stage, still in flight
+_PRUNED = "pruned"
 
 class Search:
     """One search of ``workload``'s spec into ``storage``; :meth:`run` returns the :class:`Outcome`.
@@ -124,7 +134,8 @@ class Search:
         self.fill = spec.search.fill and not pareto
         self.pool = pool
         self.scores: dict[str, dict] = {}  # the sensitivity profiles a run used, by method
-        sampler_factory(spec.search.sampler)  # an unknown sampler is refused before anything starts
+        sampler_factory(spec.search.sampler)  # an unknown sampler or pruner is refused before anything starts
+        pruner_factory(spec.search.pruner)
 
     @property
     def budget(self) -> int:
@@ -155,7 +166,7 @@ class Search:
             return None
         log = TrialLog.open(self.storage, self.study_name)
         self._check_resumed(log, self.meta())
-        return log if log.n_complete() >= self.trials else None
+        return log if log.n_done() >= self.trials else None
 
     def _check_resumed(self, log: TrialLog, meta: dict) -> None:
         found = log.meta
@@ -165,6 +176,20 @@ class Search:
                     f"study {self.study_name!r} was made with another {what} than this spec's; "
                     "resume it with the spec it was made with, or pass --study NAME to start another"
                 )
+
+    def stages(self) -> list[tuple[int, int]]:
+        """``(stop batch, examples scored)`` at the end of each stage of a trial's evaluation; one
+        stage (no pruning) without a pruner, for a ``--pareto`` study (Optuna prunes only single
+        objectives) or with a single evaluation batch."""
+        s = self.spec.search
+        if s.pruner == "none":
+            return []
+        if self.pareto:
+            log.warning("search.pruner = %r is ignored for a --pareto study: Optuna prunes single-objective studies only", s.pruner)
+            return []
+        sizes = [int(next(iter(b.values())).shape[0]) for b in self.workload.batches("evaluation")]
+        bounds = stage_bounds(s.stages, sizes)
+        return bounds if len(bounds) > 1 else []
 
     def _profiles(self, pool) -> dict[str, dict]:
         from mpsearch.sensitivity.analyze import analyze
@@ -240,6 +265,7 @@ class Search:
             s = self.spec.search
             meta = self.meta()
             space = space_for(study_meta(self.storage, self.study_name) or meta, costs, table)  # a resumed study keeps its own
+            stages = self.stages()
             log = TrialLog.create(
                 self.storage,
                 self.study_name,
@@ -247,11 +273,12 @@ class Search:
                 directions=["minimize", "minimize"] if self.pareto else ["minimize"],
                 space=space,
                 sampler=make_sampler(s.sampler, SamplerContext(s.seed, costs, self.budget, space, self.fill)),
+                pruner=make_pruner(s.pruner if stages else "none", PrunerContext(tuple(n for _, n in stages) or (1,))),
                 writes=s.trial_writes,
                 resume=self.resume,
             )
             self._check_resumed(log, meta)
-            loop = _Loop(log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress)
+            loop = _Loop(log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress, stages=stages)
             loop.queue.extend(log.recover())
             present = {name for r in log.records() for name in r.sources}
             loop.queue[:0] = [w for w in self.warm_starts() if not {w.source, *w.also} & present]  # warm starts first
@@ -289,6 +316,7 @@ class _Loop:
     timeout_s: float
     poll_s: float
     progress: bool
+    stages: list[tuple[int, int]] = field(default_factory=list)  # (stop batch, examples) per stage; empty: one pass
     queue: list[Requeue] = field(default_factory=list)
     failures: int = 0  # in a row
     repeat_limit: int = 200  # sampled repeats in a row before the search ends early
@@ -330,54 +358,66 @@ class _Loop:
         from tqdm.auto import tqdm
 
         complete = self.log.complete()
-        done = sum(not r.repeat for r in complete)
+        done = self.log.n_done()
         seen = {r.plan.digest(): list(r.values) for r in complete if r.plan is not None}
+        pruned = {r.plan.digest() for r in self.log.records(("PRUNED",)) if r.plan is not None}
         repeats = 0  # sampled plans in a row that were scored before
         best = min((r.loss for r in complete), default=math.inf)
         bar = tqdm(total=self.target, initial=min(done, self.target), desc=f"search {self.log.name}", unit="trial", disable=not self.progress)
         flights: dict[int, _Flight] = {}  # slot -> in flight
         try:
             while done < self.target or flights:
-                if not flights or not self.synchronous:
-                    for slot in range(self.pool.slots):
-                        if slot in flights or done + len(flights) >= self.target:
-                            continue
-                        trial = self._ask()
-                        try:  # from here the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
-                            cached = seen.get(trial.plan.digest())
-                            if cached is not None and trial.source == SAMPLED:
-                                # The same plan scored before: the sampler learns its value again,
-                                # nothing runs and the study's count of trials does not move.
-                                self.log.tell(trial, cached, {CACHED: True})
-                                repeats += 1
-                                if repeats >= self.repeat_limit:
-                                    log.warning(
-                                        "study %r: the sampler proposed %d plans in a row that were already scored; "
-                                        "stopping at %d trials (the space near the best is used up: try another sampler or budget)",
-                                        self.log.name, repeats, done,
-                                    )
-                                    self.target = done
-                                continue
-                            repeats = 0
-                            flights[slot] = _Flight(trial, slot, self.pool.submit(slot, trial.plan), time.monotonic())
-                        except BaseException:
-                            if slot not in flights:
-                                self._abandon(trial)
-                            raise
-                    if not flights:
+                # Every free slot gets a trial; synchronous rounds stay reproducible, since a round
+                # is told in trial order before any slot is filled again.
+                for slot in range(self.pool.slots):
+                    if slot in flights or done + len(flights) >= self.target:
                         continue
+                    trial = self._ask()
+                    try:  # from here the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
+                        digest = trial.plan.digest()
+                        cached = seen.get(digest)
+                        if (cached is not None or digest in pruned) and trial.source == SAMPLED:
+                            # The same plan scored (or pruned) before: the sampler learns its value
+                            # again, nothing runs and the study's count of trials does not move.
+                            if cached is not None:
+                                self.log.tell(trial, cached, {CACHED: True})
+                            else:
+                                self._prune_again(trial, digest)
+                            repeats += 1
+                            if repeats >= self.repeat_limit:
+                                log.warning(
+                                    "study %r: the sampler proposed %d plans in a row that were already scored; "
+                                    "stopping at %d trials (the space near the best is used up: try another sampler or budget)",
+                                    self.log.name, repeats, done,
+                                )
+                                self.target = done
+                            continue
+                        repeats = 0
+                        flights[slot] = _Flight(trial, slot, self._submit(slot, trial.plan, 0), time.monotonic())
+                    except BaseException:
+                        if slot not in flights:
+                            self._abandon(trial)
+                        raise
+                if not flights:
+                    continue
                 results = self._collect(flights)
                 for slot in sorted(results, key=lambda s: flights[s].trial.number):
                     flight = flights[slot]
                     values = self._finish(flight, results[slot])
+                    if values is _NEXT_STAGE:
+                        continue
                     del flights[slot]  # only now: an interrupt inside _finish still finds it in flight
-                    if values is not None:
-                        self.failures = 0
-                        seen[flight.trial.plan.digest()] = values
-                        done += 1
-                        best = min(best, values[0])
-                        bar.update()
-                        bar.set_postfix(best=f"{best:.5g}")
+                    if values is None:
+                        continue
+                    self.failures = 0
+                    done += 1
+                    bar.update()
+                    if values is _PRUNED:
+                        pruned.add(flight.trial.plan.digest())
+                        continue
+                    seen[flight.trial.plan.digest()] = values
+                    best = min(best, values[0])
+                    bar.set_postfix(best=f"{best:.5g}")
         except BaseException:
             for flight in flights.values():  # interrupted: leave nothing RUNNING
                 self._abandon(flight.trial)
@@ -411,21 +451,55 @@ class _Loop:
             if results and (not self.synchronous or len(results) == len(flights)):
                 return results
 
-    def _finish(self, flight: _Flight, result: dict) -> list[float] | None:
-        """Tell the log; the values of a completed trial, None for a failed one."""
+    def _submit(self, slot: int, plan, stage: int):
+        """The slot's evaluation of ``plan``: whole, or the batches of one stage."""
+        if not self.stages:
+            return self.pool.submit(slot, plan)
+        start = self.stages[stage - 1][0] if stage else 0
+        return self.pool.submit(slot, plan, batches=(start, self.stages[stage][0]))
+
+    def _finish(self, flight: _Flight, result: dict):
+        """Tell the log: the values of a completed trial, None for a failed one, ``_PRUNED``, or
+        ``_NEXT_STAGE`` for a staged trial sent on to its next stage (its flight goes on)."""
         trial = flight.trial
         if "died" in result:
             self._fail(trial, result["died"], rerun=trial.rerun_of is None)  # a plan is run again once
             self.pool.replace(flight.slot)
             return None
-        attrs = {WORKER: result["worker"], EVAL_S: round(result["seconds"], 4), **result.get("metrics", {})}
+        flight.seconds += result["seconds"]
+        attrs = {WORKER: result["worker"], EVAL_S: round(flight.seconds, 4), **result.get("metrics", {})}
         loss = result["loss"]
+        if result["error"] is None and self.stages and loss is not None:
+            # The running loss over the stages so far: the same sums in the same order as one pass.
+            flight.terms.extend(result["terms"])
+            try:
+                running = Evaluation.of_terms(flight.terms)
+            except MPSearchError as e:  # a non-finite running loss
+                self._fail(trial, first_line(e), rerun=False, attrs=attrs)
+                return None
+            step = self.stages[flight.stage][1]
+            self.log.report(trial, running.loss, step)
+            if flight.stage + 1 < len(self.stages):
+                if trial.source == SAMPLED and self.log.should_prune(trial):
+                    self.log.prune(trial, {WORKER: result["worker"], EVAL_S: round(flight.seconds, 4), FIDELITY: step})
+                    return _PRUNED
+                flight.stage += 1
+                flight.ref, flight.started = self._submit(flight.slot, trial.plan, flight.stage), time.monotonic()
+                return _NEXT_STAGE
+            loss, attrs = running.loss, {**attrs, **running.metrics(), FIDELITY: step}
         if result["error"] is not None or loss is None or not math.isfinite(loss):
             self._fail(trial, result["error"] or f"the loss is {loss}", rerun=False, attrs=attrs)
             return None
         values = [loss, float(trial.attrs[BYTES])] if self.pareto else [loss]
         self.log.tell(trial, values, attrs)
         return values
+
+    def _prune_again(self, trial: Running, digest: str) -> None:
+        """A sampled plan that was pruned before: pruned again at once, with its earlier running losses."""
+        earlier = next(r for r in self.log.records(("PRUNED",)) if r.plan is not None and r.plan.digest() == digest)
+        for step, value in sorted(earlier.intermediate.items()):
+            self.log.report(trial, value, step)
+        self.log.prune(trial, {CACHED: True, FIDELITY: max(earlier.intermediate)})
 
 
 def outcome_of(storage, study: str) -> Outcome:

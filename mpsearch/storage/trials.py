@@ -63,6 +63,7 @@ ERROR = "error"
 RERUN = "rerun"  # on a failed trial: its plan is to run again
 RERUN_OF = "rerun_of"
 CACHED = "cached"
+FIDELITY = "fidelity"  # evaluation examples a trial was scored on: all of them, or a pruned trial's stages
 PERPLEXITY = "perplexity"  # a causal LM's, on the evaluation split, beside the loss
 
 STUDY_ATTR = "mpsearch"  # the study's own record (spec, budget, layers, ...), a study user attribute
@@ -160,6 +161,7 @@ class Running:
     plan: Plan
     attrs: dict[str, Any]
     _handle: Any  # the FrozenTrial (batched) or optuna.Trial (optuna) behind it
+    intermediate: dict[int, float] = field(default_factory=dict)  # step (examples scored) -> running loss
 
     @property
     def source(self) -> str:
@@ -194,6 +196,7 @@ class Outcome:
     n_failed: int = 0
     seconds: float = 0.0
     n_repeats: int = 0  # sampled plans scored before: told their value, not counted in n_complete
+    n_pruned: int = 0  # sampled plans stopped after a stage of their evaluation (see search.pruner)
 
     def to_json(self) -> dict:
         doc = {
@@ -201,6 +204,7 @@ class Outcome:
             "n_complete": self.n_complete,
             "n_failed": self.n_failed,
             "n_repeats": self.n_repeats,
+            "n_pruned": self.n_pruned,
             "budget_bytes": self.budget_bytes,
             "best": self.best,
             "baselines": self.baselines,
@@ -289,7 +293,7 @@ class _Window:
         trials = study._get_trials(deepcopy=False, states=None, use_cache=True)
         finished = [t for t in trials if t.state.is_finished()]
         if len(finished) > best + recent:
-            scored = [t for t in finished if t.values]
+            scored = [t for t in finished if t.values and t.state.name == "COMPLETE"]
             keep = {t.number for t in sorted(scored, key=lambda t: tuple(t.values))[:best]}
             keep |= {t.number for t in finished[-recent:]}
             trials = [t for t in trials if not t.state.is_finished() or t.number in keep]
@@ -340,7 +344,7 @@ class _Seen:
         self.trials[trial.number] = trial
         if trial.state.is_finished() and (old is None or not old.state.is_finished()):
             bisect.insort(self.finished, trial.number)
-            if trial.values:
+            if trial.values and trial.state.name == "COMPLETE":  # a pruned trial's partial loss is not comparable
                 bisect.insort(self.ranked, (tuple(trial.values), trial.number))
 
     def window(self, best: int, recent: int) -> list:
@@ -454,6 +458,7 @@ class TrialLog:
         *,
         space: PlanSpace | None = None,
         sampler=None,
+        pruner=None,
         writes: Writes = "batched",
         window: tuple[int, int] | None = (50, 100),
     ) -> "TrialLog":
@@ -470,7 +475,7 @@ class TrialLog:
             raise NotFoundError(f"no study named {name!r} in {shown(storage.url)}; known studies: {known}")
         wrapped = _sampler_for(space, sampler, window)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = storage.retrying(lambda: optuna.load_study(study_name=name, storage=storage.optuna(), sampler=wrapped), "reading")
+        study = storage.retrying(lambda: optuna.load_study(study_name=name, storage=storage.optuna(), sampler=wrapped, pruner=pruner), "reading")
         return cls(storage, study, space, _check_writes(writes), wrapped)
 
     @classmethod
@@ -483,6 +488,7 @@ class TrialLog:
         directions: Sequence[str] = ("minimize",),
         space: PlanSpace | None = None,
         sampler=None,
+        pruner=None,
         writes: Writes = "batched",
         window: tuple[int, int] | None = (50, 100),
         resume: bool = False,
@@ -495,11 +501,11 @@ class TrialLog:
         if exists and not resume:
             raise MPSearchError(f"study {name!r} already exists; pass --resume to continue it, or --study NAME to start another")
         if exists:
-            return cls.open(storage, name, space=space, sampler=sampler, writes=writes, window=window)
+            return cls.open(storage, name, space=space, sampler=sampler, pruner=pruner, writes=writes, window=window)
         wrapped = _sampler_for(space, sampler, window)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = storage.retrying(
-            lambda: optuna.create_study(study_name=name, storage=storage.optuna(), sampler=wrapped, directions=list(directions), load_if_exists=True),
+            lambda: optuna.create_study(study_name=name, storage=storage.optuna(), sampler=wrapped, pruner=pruner, directions=list(directions), load_if_exists=True),
             "writing to",
         )
         if STUDY_ATTR not in storage.retrying(lambda: study.user_attrs, "reading"):
@@ -602,7 +608,52 @@ class TrialLog:
                 done=lambda: self._finished_as(trial.number, "COMPLETE", values),
             )
             study._thread_local.cached_all_trials = None  # as Study.tell does: the next proposal sees this trial
-        self._sampler.seen.put(_finished(trial._handle, TrialState.COMPLETE, values))
+        self._sampler.seen.put(_finished(trial._handle, TrialState.COMPLETE, values, trial.intermediate))
+
+    def report(self, trial: Running, value: float, step: int) -> None:
+        """``trial``'s running loss after ``step`` evaluation examples (one stage of it): Optuna's
+        intermediate value, which the study's pruner reads."""
+        value = float(value)
+        if self.writes == "optuna":
+            self._retry(lambda: self._live[trial.number].report(value, step), "writing to")
+        else:
+            self._retry(lambda: self.study._storage.set_trial_intermediate_value(trial._handle._trial_id, step, value), "writing to")
+        trial.intermediate[step] = value
+
+    def should_prune(self, trial: Running) -> bool:
+        """The study's pruner on ``trial`` as its last report left it."""
+        if self.writes == "optuna":
+            return self._live[trial.number].should_prune()
+        frozen = self._retry(lambda: copy.deepcopy(self.study._storage.get_trial(trial._handle._trial_id)), "reading")
+        return bool(self.study.pruner.prune(self.study, frozen))
+
+    def prune(self, trial: Running, attrs: Mapping[str, Any] | None = None) -> None:
+        """End ``trial`` as PRUNED, its value the running loss of its last report (as Optuna's
+        ``tell`` does): never best, never on a front, kept by a resumed study."""
+        from optuna.trial import TrialState
+
+        step = max(trial.intermediate)
+        values = [trial.intermediate[step]]
+        if self.writes == "optuna":
+            handle = self._live.pop(trial.number)
+            for key, value in (attrs or {}).items():
+                self._retry(lambda k=key, v=value: handle.set_user_attr(k, v), "writing to")
+            self._retry(lambda: self.study.tell(handle, state=TrialState.PRUNED), "writing to", done=lambda: self._finished_as(trial.number, "PRUNED", None))
+            return
+        study = self.study
+        if attrs:
+            self._write(trial._handle._trial_id, attrs=dict(attrs), once=True)
+        frozen = _finished(trial._handle, TrialState.PRUNED, values, trial.intermediate)
+        try:
+            study.sampler.after_trial(study, frozen, TrialState.PRUNED, values)
+        finally:
+            self._retry(
+                lambda: study._storage.set_trial_state_values(trial._handle._trial_id, TrialState.PRUNED, values),
+                "writing to",
+                done=lambda: self._finished_as(trial.number, "PRUNED", values),
+            )
+            study._thread_local.cached_all_trials = None
+        self._sampler.seen.put(frozen)
 
     def fail(self, trial: Running | int, reason: str, rerun: bool = False, attrs: Mapping[str, Any] | None = None, patient: bool = True) -> None:
         """Fail ``trial`` with ``reason``; ``rerun`` marks its plan to run again (a resumed search reads it).
@@ -778,6 +829,11 @@ class TrialLog:
         """The study's count of complete trials: distinct plans scored, no repeats."""
         return sum(not r.repeat for r in self.complete())
 
+    def n_done(self) -> int:
+        """The trials a search's ``--trials`` counts: complete or pruned, no repeats (as Optuna's
+        ``n_trials`` counts pruned trials)."""
+        return sum(not r.repeat for r in self.records(("COMPLETE", "PRUNED")) if r.state == "PRUNED" or r.finite)
+
     def best(self, budget: int | None = None) -> TrialRecord | None:
         """The lowest-loss complete trial within ``budget`` (by default the study's own)."""
         return best_of(self.complete(), self.meta.get("budget_bytes") if budget is None else budget)
@@ -828,6 +884,7 @@ class TrialLog:
             study=self.name,
             n_complete=sum(not r.repeat for r in complete),
             n_repeats=sum(r.repeat for r in complete),
+            n_pruned=sum(r.state == "PRUNED" and not r.repeat for r in records),
             budget_bytes=budget,
             best=None if best is None else {**summary(best), "plan": best.plan.to_json() if best.plan else None},
             baselines=baselines,
@@ -857,14 +914,15 @@ def _check_writes(writes: str) -> Writes:
     return writes  # type: ignore[return-value]
 
 
-def _finished(trial, state, values):
-    """``trial`` (a FrozenTrial) finished in ``state`` with ``values``, as the sampler's window shows it."""
+def _finished(trial, state, values, intermediate: Mapping[int, float] | None = None):
+    """``trial`` (a FrozenTrial) finished in ``state`` with ``values`` (and the running losses it
+    reported), as the sampler's window shows it."""
     from optuna.trial import FrozenTrial
 
     return FrozenTrial(
         number=trial.number, state=state, value=None, values=values, datetime_start=trial.datetime_start, datetime_complete=datetime.now(),
         params=trial.params, distributions=trial.distributions, user_attrs=trial.user_attrs, system_attrs=trial.system_attrs,
-        intermediate_values=trial.intermediate_values, trial_id=trial._trial_id,
+        intermediate_values=dict(intermediate if intermediate is not None else trial.intermediate_values), trial_id=trial._trial_id,
     )
 
 

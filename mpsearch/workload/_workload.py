@@ -31,13 +31,31 @@ AUTO_TOP_K = 256
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A model's loss on a split, and its perplexity there when the model is a causal LM."""
+    """A model's loss on a split, and its perplexity there when the model is a causal LM.
+
+    ``terms`` are the per-batch sums it was folded from, in batch order: ``(total, count, nll,
+    tokens)``. A trial scored in stages (:mod:`mpsearch.search.driver`) gathers its stages' terms
+    and folds them with :meth:`of_terms`, the same sum in the same order, so its full-fidelity
+    loss is exactly the one-pass loss.
+    """
 
     loss: float
     perplexity: float | None = None
+    terms: tuple[tuple[float, float, float, float], ...] = ()
 
     def metrics(self) -> dict[str, float]:
         return {} if self.perplexity is None else {"perplexity": self.perplexity}
+
+    @classmethod
+    def of_terms(cls, terms, which: str = "evaluation") -> "Evaluation":
+        """Σ total / Σ count over ``terms``, and the perplexity when they carry next-token counts."""
+        total, count, nll, tokens = 0.0, 0.0, 0.0, 0.0
+        for t, c, n, k in terms:
+            total, count, nll, tokens = total + t, count + c, nll + n, tokens + k
+        value = total / count if count else math.nan
+        if not math.isfinite(value):
+            raise WorkloadError(f"the loss on the {which} set is {value}; check the data and loss.kind")
+        return cls(value, math.exp(nll / tokens) if tokens else None, tuple(tuple(t) for t in terms))
 
 
 class Workload:
@@ -269,26 +287,22 @@ class Workload:
         """The loss of ``model`` over a whole split: Σ total / Σ count."""
         return self.evaluate(model, which, perplexity=False).loss
 
-    def evaluate(self, model: nn.Module, which: Split = "evaluation", perplexity: bool = True) -> Evaluation:
-        """The loss of ``model`` over a whole split and, for a causal LM, its perplexity on the
-        split's own next tokens (from the same forward passes)."""
+    def evaluate(self, model: nn.Module, which: Split = "evaluation", perplexity: bool = True, start: int = 0, stop: int | None = None) -> Evaluation:
+        """The loss of ``model`` over a whole split (or its batches ``start:stop``, one stage of a
+        trial) and, for a causal LM, its perplexity on the split's own next tokens (from the
+        same forward passes)."""
         from mpsearch.workload.losses import causal_lm_terms
 
         lm = perplexity and self.is_causal_lm
-        total, count, nll, tokens = 0.0, 0.0, 0.0, 0.0
+        terms = []
         refs = self.reference(which)
         with torch.no_grad():
-            for batch, ref in zip(self.batches(which), refs):
+            for batch, ref in list(zip(self.batches(which), refs))[start:stop]:
                 out = self.forward(model, batch)
                 t, c = self.loss_fn(out, ref, batch)
-                total, count = total + float(t), count + float(c)
-                if lm:
-                    t, c = causal_lm_terms(out, None, batch)
-                    nll, tokens = nll + float(t), tokens + float(c)
-        value = total / count if count else math.nan
-        if not math.isfinite(value):
-            raise WorkloadError(f"the loss on the {which} set is {value}; check the data and loss.kind")
-        return Evaluation(value, math.exp(nll / tokens) if lm and tokens else None)
+                n, k = causal_lm_terms(out, None, batch) if lm else (0.0, 0.0)
+                terms.append((float(t), float(c), float(n), float(k)))
+        return Evaluation.of_terms(terms, which)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

@@ -37,6 +37,7 @@ def study_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def workload(study_dir):
     spec = Spec.load(tiny_study(study_dir, bits=MENU)).with_overrides(budget="3.5bpw", search={"trials": 12, "workers": 2, "seed": 0})
+    spec = spec.with_overrides(data={**spec.data.model_dump(), "batch_size": 2})  # 4 evaluation batches: stages for the pruner tests
     return Workload(spec, device="cpu")
 
 
@@ -211,16 +212,16 @@ def test_a_nan_loss_or_an_exception_fails_the_trial_and_the_study_goes_on(worklo
     calls = []
     real = Scorer.score
 
-    def faulty(self, plan, split="evaluation", partial=False, metrics=False):
+    def faulty(self, plan, split="evaluation", partial=False, metrics=False, batches=None):
         if split != "evaluation" or partial:  # the perturbation scan, not a trial
-            return real(self, plan, split, partial, metrics)
+            return real(self, plan, split, partial, metrics, batches)
         calls.append(1)
         if len(calls) == 7:
-            result = real(self, plan, split, partial, metrics)
+            result = real(self, plan, split, partial, metrics, batches)
             return dataclasses.replace(result, loss=float("nan")) if metrics else float("nan")
         if len(calls) == 8:
             raise RuntimeError("simulated evaluation fault")
-        return real(self, plan, split, partial, metrics)
+        return real(self, plan, split, partial, metrics, batches)
 
     monkeypatch.setattr(Scorer, "score", faulty)
     storage = Storage(workload.spec.storage.url)
@@ -271,3 +272,67 @@ def test_no_trial_is_spent_on_a_plan_already_scored(tmp_path):
     plans = [plan_of(t.user_attrs).digest() for t in complete(study)]
     assert result.n_complete == len(plans) == len(set(plans)) == 16 and result.n_repeats == 0
     assert any(t.user_attrs.get("moved") for t in complete(study) if t.user_attrs[ATTR_SOURCE] == SAMPLED)
+
+
+# -- multi-fidelity: trials scored in stages, hopeless plans pruned ---------------------------
+
+
+@pytest.fixture(scope="module")
+def staged(workload):
+    """The module's study (its 8 evaluation sentences in 4 batches), scored in stages of 2, 4 and
+    8 examples and pruned by the race rule."""
+    spec = workload.spec.with_overrides(search={**workload.spec.search.model_dump(), "pruner": "race", "stages": [0.25, 0.5, 1.0], "trials": 16, "workers": 0})
+    return Workload(spec, device="cpu")
+
+
+def staged_run(staged, name: str, **kwargs):
+    storage = Storage(staged.spec.storage.url)
+    result = Search(staged, storage, study=name, **kwargs).run()
+    return result, TrialLog.open(storage, name).records()
+
+
+def test_pruned_trials_keep_their_partial_loss_and_never_become_best(staged):
+    result, records = staged_run(staged, "raced")
+    pruned = [r for r in records if r.state == "PRUNED"]
+    complete_ = [r for r in records if r.state == "COMPLETE"]
+    assert pruned and result.n_pruned == len(pruned)
+    assert result.n_complete + result.n_pruned == 16 == len(complete_) + len(pruned)
+    for r in pruned:  # only sampled plans, stopped before the last stage, stored with the running loss there
+        step = max(r.intermediate)
+        assert r.source == SAMPLED and step < 8 and r.attrs["fidelity"] == step and r.loss == r.intermediate[step]
+    for r in complete_:  # every complete trial went through all three stages
+        assert sorted(r.intermediate) == [2, 4, 8] and r.attrs["fidelity"] == 8 and r.loss == r.intermediate[8]
+    assert result.best["trial"] in {r.number for r in complete_}
+    # However low a pruned trial's partial loss, it is not a candidate for best.
+    from mpsearch.storage.trials import best_of
+
+    lowest = dataclasses.replace(pruned[0], values=(-1.0,))
+    assert best_of([*records, lowest]).number == result.best["trial"]
+
+
+def test_the_stages_of_a_trial_add_up_to_its_full_loss_exactly(staged):
+    _, records = staged_run(staged, "raced-sums", trials=10)
+    done = [r for r in records if r.state == "COMPLETE"]
+    with ScorerPool(staged.spec, 0, workload=staged) as pool:
+        whole = pool.map([r.plan for r in done])  # one pass over the evaluation set
+        stages = [[pool._local.score(r.plan, metrics=True, batches=b) for b in ((0, 1), (1, 2), (2, 4))] for r in done]
+    from mpsearch.workload import Evaluation
+
+    for r, loss, parts in zip(done, whole, stages):
+        assert r.loss == loss  # exactly: the same sums in the same order
+        assert Evaluation.of_terms([t for p in parts for t in p.terms]).loss == loss
+        assert r.intermediate[2] == parts[0].loss  # the first stage's running loss is that stage alone
+
+
+def test_a_resumed_study_keeps_its_pruned_trials(staged):
+    _, before = staged_run(staged, "raced-resume", trials=12)
+    result, after = staged_run(staged, "raced-resume", trials=16, resume=True)
+    kept = {r.number: (r.state, r.values, dict(r.intermediate)) for r in before if r.state == "PRUNED"}
+    assert kept and {r.number: (r.state, r.values, dict(r.intermediate)) for r in after if r.number in kept} == kept
+    assert result.n_complete + result.n_pruned == 16
+
+
+def test_a_seeded_search_with_the_pruner_is_reproducible(staged):
+    runs = [staged_run(staged, name)[1] for name in ("raced-a", "raced-b")]
+    a, b = ([(r.plan, r.state, r.values, dict(r.intermediate)) for r in run] for run in runs)
+    assert a == b and any(state == "PRUNED" for _, state, _, _ in a)

@@ -18,6 +18,7 @@ from mpsearch.errors import MPSearchError
 from mpsearch.plan import Plan
 from mpsearch.quant import LayerTable, Scheme
 from mpsearch.search.allocate import Costs
+from mpsearch.search.pruner import RacePruner
 from mpsearch.search.sampler import SamplerContext, make_sampler
 from mpsearch.search.space import SPACES
 from mpsearch.storage import Storage, TrialLog
@@ -39,20 +40,28 @@ def space(request):
 
 
 def scripted_search(storage: Storage, name: str, writes: str, space) -> TrialLog:
-    """Warm starts, a failure to run again, sampled trials, a driver that stops with a trial
-    running, and the resume that re-runs it: every operation of the trial log, in one script."""
+    """Warm starts, a failure to run again, sampled trials scored in two stages (some pruned after
+    the first), a driver that stops with a trial running, and the resume that re-runs it: every
+    operation of the trial log, in one script."""
     plans, costs, budget = space
     sampler = make_sampler("tpe", SamplerContext(seed=0, costs=costs, budget=budget, space=plans))
-    log = TrialLog.create(storage, name, meta={"budget_bytes": budget}, space=plans, sampler=sampler, writes=writes)
+    log = TrialLog.create(storage, name, meta={"budget_bytes": budget}, space=plans, sampler=sampler, pruner=RacePruner(keep=2), writes=writes)
     loss = lambda plan: float(costs.cost_of(plan))  # noqa: E731 - a deterministic stand-in for an evaluation
     table = plans.table
     for source, plan in (("uniform-4", table.uniform(4)), ("uniform-3", table.uniform(3))):
         trial = log.ask(plan, {"source": source})
+        log.report(trial, 1.5 * loss(trial.plan), 4)
+        log.report(trial, loss(trial.plan), 8)
         log.tell(trial, [loss(trial.plan)], {"worker": "w0", "eval_s": 0.5})
     failed = log.ask(table.uniform(2), {"source": "uniform-2"})
     log.fail(failed, "worker died: RayActorError", rerun=True)
     for _ in range(6):
         trial = log.ask()
+        log.report(trial, 1.5 * loss(trial.plan), 4)
+        if log.should_prune(trial):
+            log.prune(trial, {"worker": "w1", "eval_s": 0.125, "fidelity": 4})
+            continue
+        log.report(trial, loss(trial.plan), 8)
         log.tell(trial, [loss(trial.plan)], {"worker": "w1", "eval_s": 0.25})
     log.ask()  # the driver stops here: this one is left RUNNING
 
@@ -88,7 +97,11 @@ def test_the_batched_and_the_optuna_write_paths_give_the_same_study(backend, tmp
     assert len(a) == len(b) == 12
     assert [comparable(t) for t in a] == [comparable(t) for t in b]
     states = [t.state.name for t in a]
-    assert states.count("COMPLETE") == 10 and states.count("FAIL") == 2  # the failure, and the trial left running
+    assert states.count("FAIL") == 2  # the failure, and the trial left running
+    pruned = [t for t in a if t.state.name == "PRUNED"]
+    assert pruned and states.count("COMPLETE") + len(pruned) == 10
+    for t in pruned:  # stored with its partial loss, the running loss of its one stage
+        assert t.values == [t.intermediate_values[4]] and 8 not in t.intermediate_values
     reruns = [t for t in a if "rerun_of" in t.user_attrs]
     assert sorted(t.user_attrs["rerun_of"] for t in reruns) == [2, 9]  # each run again once
     for t in reruns:
