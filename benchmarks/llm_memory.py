@@ -9,7 +9,10 @@ For each model, in one run:
   Ratio = that peak ÷ (model bytes at its dtype + packed bank bytes). Target ≤ 1.5.
 * **scaling**: in this process, the candidate bank built from scratch and the default sensitivity
   profile (Hessian traces, Gauss–Newton), timed; seconds per quantizable weight, the 4× model's
-  over SmolLM2's. Target ≤ 1.3.
+  over SmolLM2's. Target ≤ 1.3. Both wall seconds and this process's CPU seconds are reported:
+  on a shared machine the CPU seconds are the figure that other load does not move.
+
+``--only memory`` or ``--only scaling`` runs one half.
 
 The data are small (the search's evaluations are not what is measured); the 4× model has random
 weights and SmolLM2's tokenizer. From the repository root (about half an hour on 2 CPU cores):
@@ -119,8 +122,8 @@ def sizes(spec: Path, device: str) -> tuple[int, int, int]:
     return model_bytes, bank_bytes, table.n_weights
 
 
-def scaling(spec: Path, device: str, cache: str) -> tuple[float, float]:
-    """(bank seconds, sensitivity seconds), each from scratch."""
+def scaling(spec: Path, device: str, cache: str) -> tuple[float, float, float, float]:
+    """(bank seconds, sensitivity seconds, bank CPU seconds, sensitivity CPU seconds), each from scratch."""
     from mpsearch.sensitivity.analyze import analyze
     from mpsearch.spec import Spec
     from mpsearch.workload import Workload
@@ -129,14 +132,14 @@ def scaling(spec: Path, device: str, cache: str) -> tuple[float, float]:
     workload.reference("calibration")
     workload.model_key()
     sync = __import__("torch").cuda.synchronize if device == "cuda" else (lambda: None)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     workload.candidate_bank(cache_dir=cache)
     sync()
-    bank = time.perf_counter() - start
-    start = time.perf_counter()
+    bank, bank_cpu = time.perf_counter() - start, time.process_time() - cpu
+    start, cpu = time.perf_counter(), time.process_time()
     analyze(workload, "hessian", None)
     sync()
-    return bank, time.perf_counter() - start
+    return bank, time.perf_counter() - start, bank_cpu, time.process_time() - cpu
 
 
 def main() -> None:
@@ -147,6 +150,7 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--only", choices=["memory", "scaling"], default=None, help="run one half")
     parser.add_argument("--folder", default=None, help="where the specs, random models and databases go (default: a temporary folder)")
     args = parser.parse_args()
     folder = Path(args.folder or tempfile.mkdtemp(prefix="mpsearch-llm-memory-"))
@@ -157,21 +161,28 @@ def main() -> None:
     for name in args.models.split(","):
         spec = write_spec(name, folder, args)
         model_bytes, bank_bytes, weights = sizes(spec, args.device)
-        peak = memory(spec, args)
-        used = peak["gpu"] if args.device == "cuda" else peak["peak_rss"] - peak["runtime_rss"]
-        bank_s, sens_s = scaling(spec, args.device, str(folder / f"fresh-{name}-{time.time_ns()}"))
-        rows[name] = {"weights": weights, "model_bytes": model_bytes, "bank_bytes": bank_bytes, "used": used, "ratio": used / (model_bytes + bank_bytes),
-                      "search_s": peak["seconds"], "bank_s": bank_s, "sensitivity_s": sens_s, "per_weight_ns": (bank_s + sens_s) / weights * 1e9, **peak}
-        r = rows[name]
-        print(f"{name}: {weights / 1e6:.1f} M quantizable weights; model {model_bytes / 2**20:.0f} MiB + bank {bank_bytes / 2**20:.0f} MiB")
-        what = "peak GPU memory" if args.device == "cuda" else f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB − runtime {r['runtime_rss'] / 2**20:.0f} MiB ="
-        print(f"  memory: {what} {used / 2**20:.0f} MiB; ratio {r['ratio']:.2f} (target <= 1.5); search {r['search_s']:.0f} s")
-        print(f"  bank {bank_s:.1f} s + sensitivity {sens_s:.1f} s = {r['per_weight_ns']:.1f} ns per weight")
-    names = list(rows)
+        r = rows[name] = {"weights": weights, "model_bytes": model_bytes, "bank_bytes": bank_bytes}
+        print(f"{name}: {weights / 1e6:.1f} M quantizable weights; model {model_bytes / 2**20:.0f} MiB + bank {bank_bytes / 2**20:.0f} MiB", flush=True)
+        if args.only != "scaling":
+            peak = memory(spec, args)
+            used = peak["gpu"] if args.device == "cuda" else peak["peak_rss"] - peak["runtime_rss"]
+            r.update(used=used, ratio=used / (model_bytes + bank_bytes), search_s=peak["seconds"], **peak)
+            what = "peak GPU memory" if args.device == "cuda" else f"peak RSS {r['peak_rss'] / 2**20:.0f} MiB − runtime {r['runtime_rss'] / 2**20:.0f} MiB ="
+            print(f"  memory: {what} {used / 2**20:.0f} MiB; ratio {r['ratio']:.2f} (target <= 1.5); search {r['search_s']:.0f} s", flush=True)
+        if args.only != "memory":
+            bank_s, sens_s, bank_cpu, sens_cpu = scaling(spec, args.device, str(folder / f"fresh-{name}-{time.time_ns()}"))
+            r.update(bank_s=bank_s, sensitivity_s=sens_s, bank_cpu_s=bank_cpu, sensitivity_cpu_s=sens_cpu,
+                     per_weight_ns=(bank_s + sens_s) / weights * 1e9, per_weight_cpu_ns=(bank_cpu + sens_cpu) / weights * 1e9)
+            print(f"  bank {bank_s:.1f} s + sensitivity {sens_s:.1f} s = {r['per_weight_ns']:.1f} ns per weight "
+                  f"(CPU: {bank_cpu:.1f} s + {sens_cpu:.1f} s = {r['per_weight_cpu_ns']:.1f} ns)", flush=True)
+    names = [n for n in rows if "per_weight_ns" in rows[n]]
     if len(names) > 1:
         a, b = rows[names[0]], rows[names[-1]]
-        print(f"scaling: {names[-1]} / {names[0]} seconds per weight = {b['per_weight_ns'] / a['per_weight_ns']:.2f} (target <= 1.3); "
-              f"bank {b['bank_s'] / b['weights'] / (a['bank_s'] / a['weights']):.2f}, sensitivity {b['sensitivity_s'] / b['weights'] / (a['sensitivity_s'] / a['weights']):.2f}")
+        for label, suffix in (("wall", "_s"), ("CPU", "_cpu_s")):
+            bank = b["bank" + suffix] / b["weights"] / (a["bank" + suffix] / a["weights"])
+            sens = b["sensitivity" + suffix] / b["weights"] / (a["sensitivity" + suffix] / a["weights"])
+            total = (b["bank" + suffix] + b["sensitivity" + suffix]) / b["weights"] / ((a["bank" + suffix] + a["sensitivity" + suffix]) / a["weights"])
+            print(f"scaling ({label} seconds): {names[-1]} / {names[0]} per weight = {total:.2f} (target <= 1.3); bank {bank:.2f}, sensitivity {sens:.2f}")
     print(json.dumps(rows))
 
 

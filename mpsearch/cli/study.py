@@ -50,7 +50,7 @@ def _print_outcome(result) -> None:
 
     best_base = min((b["loss"] for b in result.baselines.values()), default=None)
     table = Table(
-        title=f"study {result.study}: {result.n_complete} complete trials ({result.n_failed} failed), budget {result.budget_bytes:,} bytes",
+        title=f"study {result.study}: {result.n_complete} complete trials ({result.n_failed} failed{f', {result.n_pruned} pruned' if result.n_pruned else ''}), budget {result.budget_bytes:,} bytes",
         title_justify="left",
     )
     rows = ([("best found", result.best)] if result.best else []) + sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"])

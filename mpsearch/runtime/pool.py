@@ -143,9 +143,11 @@ class ScorerPool:
         desc: str = "scoring",
         chunk: int = 1,
         timeout_s: float = 3600.0,
+        batches: tuple[int, int] | None = None,
     ) -> list[float]:
-        """The loss of each plan, in order. An actor that dies is replaced and its chunk scored
-        again, once; a second death of the same chunk, or no answer within ``timeout_s``, ends it."""
+        """The loss of each plan, in order (on the split's batches ``start:stop`` when ``batches``
+        is given). An actor that dies is replaced and its chunk scored again, once; a second
+        death of the same chunk, or no answer within ``timeout_s``, ends it."""
         from tqdm.auto import tqdm
 
         plans = [Plan.coerce(p) for p in plans]
@@ -154,15 +156,15 @@ class ScorerPool:
         try:
             if self._local is not None:
                 for i, plan in enumerate(plans):
-                    losses[i] = self._local.score(plan, split, partial)
+                    losses[i] = self._local.score(plan, split, partial, batches=batches)
                     bar.update()
             else:
-                self._map_on_actors(plans, losses, split, partial, chunk, timeout_s, desc, bar)
+                self._map_on_actors(plans, losses, split, partial, chunk, timeout_s, desc, bar, batches)
         finally:
             bar.close()
         return losses  # type: ignore[return-value]
 
-    def _map_on_actors(self, plans, losses, split, partial, chunk, timeout_s, desc, bar) -> None:
+    def _map_on_actors(self, plans, losses, split, partial, chunk, timeout_s, desc, bar, batches=None) -> None:
         import ray
 
         jobs = [list(enumerate(plans))[k : k + chunk] for k in range(0, len(plans), chunk)]
@@ -173,7 +175,7 @@ class ScorerPool:
         def send(slot: int) -> None:
             if jobs:
                 job = jobs.pop()
-                running[self.actors[slot].score_batch.remote(job, split, partial)] = (slot, job)
+                running[self.actors[slot].score_batch.remote(job, split, partial, batches)] = (slot, job)
 
         for slot in range(len(self.actors)):
             send(slot)

@@ -75,8 +75,8 @@ class Scorer:
                 self.snapshot = None
         return fn(self._workload, *args, **kwargs)
 
-    def score_batch(self, jobs: list[tuple[int, Plan]], split: Split, partial: bool) -> list[tuple[int, float]]:
-        return [(i, self.score(plan, split, partial)) for i, plan in jobs]
+    def score_batch(self, jobs: list[tuple[int, Plan]], split: Split, partial: bool, batches: tuple[int, int] | None = None) -> list[tuple[int, float]]:
+        return [(i, self.score(plan, split, partial, batches=batches)) for i, plan in jobs]
 
     def evaluate(self, plan: Plan, split: Split = "evaluation", batches: tuple[int, int] | None = None) -> dict:
         """One trial, or one stage of it (the split's batches ``start:stop``): ``{loss, terms,

@@ -139,11 +139,12 @@ def greedy(costs: Costs, budget: int) -> Plan:
     return repair(costs, np.zeros(len(costs.names), dtype=np.int64), budget)
 
 
-def ilp(costs: Costs, budget: int, fill: bool = True) -> Plan:
+def ilp(costs: Costs, budget: int, fill: bool = True, allowed: np.ndarray | None = None) -> Plan:
     """The plan of least total cost with ``bytes ≤ budget``, exactly (HiGHS via scipy).
 
     Optimal plans can leave slack that an equal-cost raise would use; ``fill`` raises
-    layers into it (never increasing the cost, since costs are monotone).
+    layers into it (never increasing the cost, since costs are monotone). ``allowed``
+    (layers × widths, bool) restricts the widths each layer may take.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -162,10 +163,41 @@ def ilp(costs: Costs, budget: int, fill: bool = True) -> Plan:
         c=(costs.cost / scale).reshape(n),
         constraints=[LinearConstraint(one_each, 1, 1), LinearConstraint(extra, -np.inf, room)],
         integrality=np.ones(n),
-        bounds=Bounds(0, 1),
+        bounds=Bounds(0, np.ones(n) if allowed is None else np.asarray(allowed, dtype=float).reshape(n)),
         options={"time_limit": 30.0},
     )
     if result.x is None:
         raise BudgetError("budget", f"no plan fits {budget} bytes ({result.message}); raise it")
     index = result.x.reshape(layers, widths).argmax(axis=1).astype(np.int64)
     return repair(costs, index, budget, fill=fill)
+
+
+def relinearised(costs: Costs, plan: PlanLike, down: np.ndarray, up: np.ndarray, budget: int) -> Plan:
+    """The ILP re-solved on local costs around ``plan``: ``down[l]`` and ``up[l]`` are the measured
+    loss changes of moving layer ``l`` alone one step down or up the menu from ``plan`` (NaN where
+    there is no such step). Each layer may stay, or take one of those steps; the plan of least
+    total change that fits ``budget`` is returned (maximal, with ``repair``'s fill on the local
+    costs). Anchored at the current plan, the costs hold the interactions that an ILP on
+    single-layer costs measured from the FP model misses (EvoPress's lesson), to first order.
+    """
+    index = costs.index(plan)
+    layers, widths = costs.cost.shape
+    rows = np.arange(layers)
+    local = np.zeros((layers, widths))
+    allowed = np.zeros((layers, widths), dtype=bool)
+    allowed[rows, index] = True
+    for step, delta in ((-1, np.asarray(down, dtype=float)), (1, np.asarray(up, dtype=float))):
+        j = index + step
+        ok = (j >= 0) & (j < widths) & np.isfinite(delta)
+        allowed[rows[ok], j[ok]] = True
+        local[rows[ok], j[ok]] = delta[ok]
+    # Outside a layer's neighbourhood nothing was measured: no gain is assumed above it, and
+    # the ILP may not go there (the fill may, into slack only, at no assumed gain).
+    pad = float(np.abs(local).max()) or 1.0
+    for i in range(layers):
+        top = int(np.flatnonzero(allowed[i]).max())
+        local[i, top + 1 :] = local[i, top]
+        bottom = int(np.flatnonzero(allowed[i]).min())
+        local[i, :bottom] = local[i, bottom] + pad
+    anchored = Costs(costs.names, costs.menu, costs.nbytes, local, costs.other_bytes)
+    return ilp(anchored, budget, allowed=allowed)

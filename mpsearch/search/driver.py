@@ -35,13 +35,14 @@ from typing import Any, Iterator
 
 from mpsearch.errors import MPSearchError, first_line
 from mpsearch.plan import Plan
-from mpsearch.search.allocate import Costs, greedy, ilp
+from mpsearch.search.allocate import Costs, greedy, ilp, relinearised
 from mpsearch.search.pruner import PrunerContext, make_pruner, pruner_factory, stage_bounds
 from mpsearch.search.sampler import SamplerContext, make_sampler, sampler_factory
 from mpsearch.search.space import space_for
 from mpsearch.storage.lease import Lease
 from mpsearch.storage.trials import (
-    ALSO, BYTES, CACHED, EVAL_S, FIDELITY, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog, check_study_name, study_meta, study_names,
+    ALSO, BYTES, CACHED, EVAL_S, FIDELITY, RELINEARISED, RERUN_OF, SAMPLED, SOURCE, WORKER, Outcome, Requeue, Running, TrialLog,
+    best_of, check_study_name, study_meta, study_names,
 )
 from mpsearch.workload import Evaluation
 
@@ -278,7 +279,10 @@ class Search:
                 resume=self.resume,
             )
             self._check_resumed(log, meta)
-            loop = _Loop(log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress, stages=stages)
+            loop = _Loop(
+                log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress,
+                stages=stages, costs=costs, budget=self.budget, relinearise_every=0 if self.pareto else s.relinearise_every,
+            )
             loop.queue.extend(log.recover())
             present = {name for r in log.records() for name in r.sources}
             loop.queue[:0] = [w for w in self.warm_starts() if not {w.source, *w.also} & present]  # warm starts first
@@ -317,6 +321,9 @@ class _Loop:
     poll_s: float
     progress: bool
     stages: list[tuple[int, int]] = field(default_factory=list)  # (stop batch, examples) per stage; empty: one pass
+    costs: Costs | None = None  # the layers' bytes (re-linearisation)
+    budget: int = 0
+    relinearise_every: int = 0  # K: after every K trials, a re-linearised ILP plan (see _relinearise)
     queue: list[Requeue] = field(default_factory=list)
     failures: int = 0  # in a row
     repeat_limit: int = 200  # sampled repeats in a row before the search ends early
@@ -365,12 +372,19 @@ class _Loop:
         best = min((r.loss for r in complete), default=math.inf)
         bar = tqdm(total=self.target, initial=min(done, self.target), desc=f"search {self.log.name}", unit="trial", disable=not self.progress)
         flights: dict[int, _Flight] = {}  # slot -> in flight
+        every = self.relinearise_every
+        relinearise_at = (done // every + 1) * every if every else math.inf
         try:
             while done < self.target or flights:
+                if done >= relinearise_at:  # due: let the flights land, then measure around the best
+                    if not flights:
+                        self._relinearise(seen, pruned)
+                        relinearise_at = done + every
+                        continue
                 # Every free slot gets a trial; synchronous rounds stay reproducible, since a round
                 # is told in trial order before any slot is filled again.
                 for slot in range(self.pool.slots):
-                    if slot in flights or done + len(flights) >= self.target:
+                    if slot in flights or done + len(flights) >= self.target or done >= relinearise_at:
                         continue
                     trial = self._ask()
                     try:  # from here the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
@@ -493,6 +507,43 @@ class _Loop:
         values = [loss, float(trial.attrs[BYTES])] if self.pareto else [loss]
         self.log.tell(trial, values, attrs)
         return values
+
+    def _relinearise(self, seen: dict, pruned: set) -> None:
+        """Measure the loss change of moving each layer alone one step down or up the menu from the
+        best plan so far (on the first stage's batches when trials are staged: screened), re-solve
+        the ILP on those local costs, and queue its plan like a warm start (source
+        ``relinearised``). A failure costs the proposal, not the search."""
+        best = best_of(self.log.complete(), self.budget)
+        if best is None or best.plan is None or self.costs is None:
+            return
+        import numpy as np
+
+        costs = self.costs
+        index = costs.index(best.plan)
+        moves = [(i, step) for i in range(len(index)) for step in (-1, 1) if 0 <= index[i] + step < len(costs.menu)]
+        plans = [best.plan]
+        for i, step in moves:
+            moved = index.copy()
+            moved[i] += step
+            plans.append(costs.plan(moved))
+        screen = (0, self.stages[0][0]) if self.stages else None
+        try:
+            losses = self.pool.map(plans, batches=screen, progress=self.progress, desc="re-linearising")
+        except Exception as e:  # noqa: BLE001
+            log.warning("study %r: the re-linearisation around trial %d failed (%s); the search goes on", self.log.name, best.number, first_line(e))
+            return
+        down, up = np.full(len(index), np.nan), np.full(len(index), np.nan)
+        for (i, step), loss in zip(moves, losses[1:]):
+            (down if step < 0 else up)[i] = loss - losses[0]
+        plan = relinearised(costs, best.plan, down, up, self.budget)
+        digest = plan.digest()
+        queued = not (digest in seen or digest in pruned or any(q.plan.digest() == digest for q in self.queue))
+        examples = self.stages[0][1] if self.stages else None
+        self.log.record_relinearisation({"after": self.log.n_done(), "anchor": best.number, "evaluations": len(plans), "examples": examples, "digest": digest, "queued": queued})
+        if queued:
+            self.queue.append(Requeue(plan, RELINEARISED))
+        else:  # the first-order model finds no better plan near the best (often: the best itself)
+            log.info("study %r: the re-linearised plan around trial %d was scored already", self.log.name, best.number)
 
     def _prune_again(self, trial: Running, digest: str) -> None:
         """A sampled plan that was pruned before: pruned again at once, with its earlier running losses."""

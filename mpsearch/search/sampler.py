@@ -31,7 +31,7 @@ from optuna.samplers import BaseSampler
 from mpsearch.errors import SpecError
 from mpsearch.registry import Registry
 from mpsearch.search.allocate import Costs, repair_index
-from mpsearch.storage.trials import PROPOSAL
+from mpsearch.storage.trials import PROPOSAL, RERUN_OF, SAMPLED, SEARCHED, SOURCE
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,13 @@ def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:
     return RepairingSampler(sampler_factory(kind)(ctx), ctx.costs, ctx.budget, ctx.space, fill=ctx.fill, seed=ctx.seed)
 
 
-def level_switch(index: np.ndarray, width: int, rng: np.random.Generator) -> np.ndarray:
+def level_switch(index: np.ndarray, width: int, rng: np.random.Generator, most: int | None = None) -> np.ndarray:
     """``index`` (menu positions per layer) after one or more level switches: a layer one step
     up the menu and another one step down, so bytes move between layers rather than appear (a
-    geometric number of switches: one half the time, two a quarter, ...)."""
+    geometric number of switches: one half the time, two a quarter, ..., at most ``most``)."""
     index = np.array(index, copy=True)
-    for _ in range(int(rng.geometric(0.5))):
+    count = int(rng.geometric(0.5))
+    for _ in range(count if most is None else min(count, most)):
         up = np.flatnonzero(index < width)
         down = np.flatnonzero(index > 0)
         if len(up) == 0 or len(down) == 0:
@@ -111,18 +112,21 @@ class LevelSwitchSampler(BaseSampler):
     """An evolutionary local search around the best plans found so far (``sampler = "evo"``).
 
     Each proposal takes a parent among the ``parents`` best complete trials (the better, the
-    likelier), applies one or more *level switches* — one layer up a step of the menu, another
-    down a step, so bytes move between layers rather than appear — and repairs the result to fit
-    and be maximal. A child already evaluated is drawn again (up to ``tries`` times). With
-    nothing complete yet it proposes uniformly random indices, which the repair makes into plans.
+    likelier), applies one to ``switches`` *level switches* — one layer up a step of the menu,
+    another down a step, so bytes move between layers rather than appear — and repairs the
+    result to fit and be maximal. A child already evaluated is drawn again (up to ``tries``
+    times). The first children are one per warm start (every baseline seeds the search, not
+    only the best few); with a pruner on, each child is screened on the first stages before it
+    is scored whole. With nothing complete yet it proposes uniformly random indices, which the
+    repair makes into plans.
     The idea is EvoPress's (Sieberling et al., 2024): the true loss of a plan is not the sum of
     per-layer losses, and a search on real evaluations around the best plan corrects what an
     additive model (the ILP warm start) gets wrong.
     """
 
-    def __init__(self, costs: Costs, budget: int, space, seed: int = 0, parents: int = 4, tries: int = 32, fill: bool = True):
+    def __init__(self, costs: Costs, budget: int, space, seed: int = 0, parents: int = 4, tries: int = 32, fill: bool = True, switches: int = 3):
         self.costs, self.budget, self.space, self.fill = costs, budget, space, fill
-        self.parents, self.tries = parents, tries
+        self.parents, self.tries, self.switches = parents, tries, switches
         self.rng = np.random.default_rng(seed)
 
     def infer_relative_search_space(self, study, trial):
@@ -137,10 +141,16 @@ class LevelSwitchSampler(BaseSampler):
         top = sorted(complete, key=lambda t: tuple(t.values))[: self.parents]
         weights = 1.0 / np.arange(1, len(top) + 1)
         seen = {tuple(self.space.index(t.params)) for t in trials}
+        # Seeding: while there are fewer sampled trials than warm starts, the next warm start is the parent.
+        warm = [t for t in complete if t.user_attrs.get(SOURCE) not in SEARCHED and t.user_attrs.get(RERUN_OF) is None]
+        sampled = sum(t.user_attrs.get(SOURCE) == SAMPLED for t in trials if t.state.is_finished())
         child = None
-        for _ in range(self.tries):
-            parent = top[self.rng.choice(len(top), p=weights / weights.sum())]
-            index = level_switch(self.space.index(parent.params), len(self.costs.menu) - 1, self.rng)
+        for attempt in range(self.tries):
+            if sampled < len(warm) and attempt == 0:
+                parent = warm[sampled]
+            else:
+                parent = top[self.rng.choice(len(top), p=weights / weights.sum())]
+            index = level_switch(self.space.index(parent.params), len(self.costs.menu) - 1, self.rng, most=self.switches)
             child = repair_index(self.costs, index, self.budget, fill=self.fill)
             if tuple(int(x) for x in child) not in seen:
                 break

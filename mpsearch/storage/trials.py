@@ -67,8 +67,11 @@ FIDELITY = "fidelity"  # evaluation examples a trial was scored on: all of them,
 PERPLEXITY = "perplexity"  # a causal LM's, on the evaluation split, beside the loss
 
 STUDY_ATTR = "mpsearch"  # the study's own record (spec, budget, layers, ...), a study user attribute
+RELINEARISED_ATTR = "mpsearch_relinearised"  # what each re-linearisation measured and proposed, a study user attribute
 TEST_ATTR = "mpsearch_test"  # {plan digest: loss on the test split}: the final plans, scored once, a study user attribute
 SAMPLED = "sampler"  # the source of a plan the sampler proposed
+RELINEARISED = "relinearised"  # the source of a plan the ILP gave on costs measured around the best plan
+SEARCHED = (SAMPLED, RELINEARISED)  # sources that are the search's own proposals, not baselines
 STATES = ("COMPLETE", "RUNNING", "WAITING", "PRUNED", "FAIL")
 
 Writes = Literal["batched", "optuna"]
@@ -123,7 +126,7 @@ class TrialRecord:
     @property
     def sources(self) -> list[str]:
         """Every warm start this trial ran for: its source and the ones that gave the same plan."""
-        return [self.source, *self.attrs.get(ALSO, [])] if self.source and self.source != SAMPLED else []
+        return [self.source, *self.attrs.get(ALSO, [])] if self.source and self.source not in SEARCHED else []
 
     @property
     def repeat(self) -> bool:
@@ -850,6 +853,16 @@ class TrialLog:
         """Add test-split losses (by plan digest) to the study's."""
         merged = {**self.test_losses(), **losses}
         self.storage.retrying(lambda: self.study.set_user_attr(TEST_ATTR, merged), "writing to")
+
+    def relinearisations(self) -> list[dict]:
+        """Each re-linearisation of the search, in order: ``after`` (trials done), ``anchor`` (the
+        best trial it measured around), ``evaluations``, ``examples`` (per evaluation),
+        ``digest`` (the ILP's plan) and ``queued`` (False: that plan was scored already)."""
+        return list(self.storage.retrying(lambda: self.study.user_attrs, "reading").get(RELINEARISED_ATTR) or [])
+
+    def record_relinearisation(self, entry: Mapping[str, Any]) -> None:
+        entries = [*self.relinearisations(), dict(entry)]
+        self.storage.retrying(lambda: self.study.set_user_attr(RELINEARISED_ATTR, entries), "writing to")
 
     def final_plans(self, budget: int | None = None) -> list[TrialRecord]:
         """The trials whose plans a search reports: the best within the budget and each warm start's

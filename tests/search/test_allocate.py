@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpsearch.errors import BudgetError
-from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal, repair
+from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal, relinearised, repair
 
 MENU = (2, 3, 4, 8, 16)
 
@@ -91,3 +91,27 @@ def test_the_ilp_solves_200_layers_by_5_widths_in_under_a_second():
         times.append(time.perf_counter() - start)
     assert costs.bytes_of(plan) <= budget
     assert sorted(times)[1] < 1.0, times
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_relinearised_ilp_is_exact_on_the_local_costs_around_a_plan(seed):
+    """Around a plan, each layer may stay or move one step; the measured changes (up: a gain,
+    down: a loss, with noise) are the costs. The result is the brute-force best of the 3⁶
+    neighbour combinations that fit, then filled (a fill is free: no gain is assumed above the
+    measured step)."""
+    costs = random_costs(6, seed)
+    rng = np.random.default_rng(seed)
+    low, high = costs.bytes_of(np.zeros(6, dtype=int)), costs.bytes_of(np.full(6, 4))
+    budget = int(low + (high - low) * rng.uniform(0.2, 0.5))
+    index = costs.index(ilp(costs, budget))
+    down = np.where(index > 0, rng.uniform(0, 1, 6), np.nan)
+    up = np.where(index < 4, -rng.uniform(0, 1, 6), np.nan)
+    gain = lambda choice: sum({-1: down[i], 0: 0.0, 1: up[i]}[int(c)] for i, c in enumerate(choice))  # noqa: E731
+    best = min(
+        (gain(steps) for steps in itertools.product((-1, 0, 1), repeat=6)
+         if all(0 <= index[i] + s <= 4 for i, s in enumerate(steps)) and costs.bytes_of(index + np.array(steps)) <= budget),
+    )
+    result = costs.index(relinearised(costs, costs.plan(index), down, up, budget))
+    assert costs.bytes_of(result) <= budget and is_maximal(costs, result, budget)
+    assert (result >= index - 1).all()
+    assert gain(np.clip(result - index, -1, 1)) == pytest.approx(best, rel=1e-9, abs=1e-12)

@@ -336,3 +336,29 @@ def test_a_seeded_search_with_the_pruner_is_reproducible(staged):
     runs = [staged_run(staged, name)[1] for name in ("raced-a", "raced-b")]
     a, b = ([(r.plan, r.state, r.values, dict(r.intermediate)) for r in run] for run in runs)
     assert a == b and any(state == "PRUNED" for _, state, _, _ in a)
+
+
+def test_a_relinearisation_runs_after_every_k_trials_and_its_plan_is_no_baseline(workload):
+    """After trials 6 and 12 the driver measures single-layer switches around the best plan and
+    re-solves the ILP; a new plan runs next as a trial of source ``relinearised`` (on this tiny
+    study the first-order model may find none better than the best itself: recorded, not run)."""
+    spec = workload.spec.with_overrides(search={**workload.spec.search.model_dump(), "relinearise_every": 6, "trials": 14, "workers": 0})
+    relin = Workload(spec, device="cpu")
+    result, records = staged_run(relin, "relinearised")
+    entries = TrialLog.open(Storage(spec.storage.url), "relinearised").relinearisations()
+    assert [e["after"] for e in entries] == [6, 12] and result.n_complete == 14
+    assert "relinearised" not in result.baselines
+    costs = Costs.of(relin.layer_table(), None)
+    layers = len(costs.names)
+    by_digest = {r.plan.digest(): r for r in records if r.plan is not None}
+    for e in entries:
+        anchor = min((r for r in records if r.finite and r.number < e["after"]), key=lambda r: (r.loss, r.number))  # the best of the trials before
+        assert e["anchor"] == anchor.number
+        assert layers < e["evaluations"] <= 2 * layers + 1  # the anchor and each possible step down or up
+        if e["queued"]:
+            proposed = by_digest[e["digest"]]
+            assert proposed.source == "relinearised" and proposed.state == "COMPLETE" and proposed.bytes <= result.budget_bytes
+            moved = costs.index(proposed.plan) - costs.index(anchor.plan)
+            assert moved.any() and moved.min() >= -1  # at most one step down per layer (up: a step, or more into slack)
+        else:
+            assert e["digest"] in by_digest  # a plan scored already
