@@ -62,6 +62,8 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[loss]\nkind = 'callable'\ncallable = 'just_a_name'", "loss", 'must be "module:function"'),
         ("[model]\nsource = 'hf:no/such/dir'", "model.source", "does not exist"),
         ("[data]\nsource = 'missing.jsonl'", "data.source", "does not exist"),
+        ("[search]\nstages = [0.5, 0.25, 1.0]", "search.stages", "must rise from above 0 to exactly 1.0"),
+        ("[search]\nstages = [0.25, 0.5]", "search.stages", "must rise from above 0 to exactly 1.0"),
     ],
 )
 def test_each_bad_field_is_named_with_what_to_do(text, field, words):
