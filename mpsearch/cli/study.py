@@ -153,7 +153,8 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
         emit_json(result.to_json())
         return
     checked = "" if result.verified_loss is None else f", loaded back at loss {result.verified_loss:.6g}"
-    click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
+    tested = "" if result.test_loss is None else f", test loss {result.test_loss:.6g}"
+    click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}{tested}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
     for name, size, _ in result.files:
         click.echo(f"  {name:<30} {size:>12,} bytes")
 
