@@ -339,14 +339,16 @@ def test_a_seeded_search_with_the_pruner_is_reproducible(staged):
 
 
 def test_a_relinearisation_runs_after_every_k_trials_and_its_plan_is_no_baseline(workload):
-    """After trials 6 and 12 the driver measures single-layer switches around the best plan and
-    re-solves the ILP; a new plan runs next as a trial of source ``relinearised`` (on this tiny
+    """After trials 6 and 12 the driver measures single-layer switches around the best plan (unless
+    it measured around that plan before) and re-solves the ILP; a new plan runs next as a trial of source ``relinearised`` (on this tiny
     study the first-order model may find none better than the best itself: recorded, not run)."""
     spec = workload.spec.with_overrides(search={**workload.spec.search.model_dump(), "relinearise_every": 6, "trials": 14, "workers": 0})
     relin = Workload(spec, device="cpu")
     result, records = staged_run(relin, "relinearised")
     entries = TrialLog.open(Storage(spec.storage.url), "relinearised").relinearisations()
-    assert [e["after"] for e in entries] == [6, 12] and result.n_complete == 14
+    afters = [e["after"] for e in entries]
+    assert afters in ([6], [6, 12]) and result.n_complete == 14  # after 12 only if the best has changed since
+    assert len({e["anchor"] for e in entries}) == len(entries)
     assert "relinearised" not in result.baselines
     costs = Costs.of(relin.layer_table(), None)
     layers = len(costs.names)
