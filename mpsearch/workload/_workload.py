@@ -265,10 +265,19 @@ class Workload:
         if which not in self._reference:
             model, batches, refs = self.fp_model(), self.batches(which), []
             draws = torch.Generator(device=self.device).manual_seed(self.spec.search.seed)  # the tail draws: fixed by the seed
-            with torch.no_grad():
-                for batch in batches:
-                    out = self.forward(model, batch)
-                    refs.append(out.kept(self._reference_top_k(out, len(batches)), draws) if self.loss_fn.reads_top_k else out)
+            # On the CPU the reference is computed on one thread: with more, the logits differ in
+            # their last bits and the tail draws with them, so a scorer in a 1-thread Ray actor and
+            # an export on 2 threads scored the same plan 2e-4 apart (measured on SmolLM2).
+            threads = torch.get_num_threads()
+            if self.device.type == "cpu":
+                torch.set_num_threads(1)
+            try:
+                with torch.no_grad():
+                    for batch in batches:
+                        out = self.forward(model, batch)
+                        refs.append(out.kept(self._reference_top_k(out, len(batches)), draws) if self.loss_fn.reads_top_k else out)
+            finally:
+                torch.set_num_threads(threads)
             self._reference[which] = refs
         return self._reference[which]
 
