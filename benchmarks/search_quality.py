@@ -7,11 +7,15 @@ and the search's best after 50, 100 and 200 trials. The goal: search best <= 0.8
 best baseline at 3.0 bpw.
 
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
-        [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32]
+        [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
 
 Each budget also reports the best and the best baseline on the test split (never searched on),
 which is the figure the targets are judged on, and the search's wall time: compare samplers,
 pruners and re-linearisation at equal time, not equal trials (a pruned trial is cheap).
+
+``--space menu-index`` makes the study as mpsearch 0.1.0 did, each layer's parameter an index
+into the menu instead of its bits on a log scale (:mod:`mpsearch.search.space`): TPE on both,
+same seed, shows whether the encoding Optuna's tools can read costs the sampler anything.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def main() -> None:
     parser.add_argument("--stages", default=None, help="search.stages, comma-separated fractions (e.g. 0.25,1.0)")
     parser.add_argument("--relinearise-every", type=int, default=None)
     parser.add_argument("--storage", default=None, help="default: a fresh SQLite file")
+    parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
     from mpsearch.search.driver import Search
@@ -54,13 +59,16 @@ def main() -> None:
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"
         search = Search(workload, storage, study=name, trials=args.trials, workers=args.workers)
+        if args.space != "log-bits":  # the older encoding, for comparison: the study records it and the search uses it
+            made = search.meta
+            search.meta = lambda made=made: {**made(), "space": args.space}
         start = time.perf_counter()
         result = search.run()
         seconds = time.perf_counter() - start
         trials = TrialLog.open(storage, name).complete()
         s = spec.search
         print(f"\nMiniLM at {budget} = {search.budget:,} bytes, sampler {s.sampler}, pruner {s.pruner} (stages {s.stages}), "
-              f"re-linearised every {s.relinearise_every or '-'}: {len(trials)} complete + {result.n_pruned} pruned trials in {seconds:.0f} s")
+              f"re-linearised every {s.relinearise_every or '-'}, space {args.space}: {len(trials)} complete + {result.n_pruned} pruned trials in {seconds:.0f} s")
         test_base = min((b["test_loss"] for b in result.baselines.values() if "test_loss" in b), default=math.nan)
         if result.best and "test_loss" in result.best:
             print(f"  test split: best {result.best['test_loss']:.5f} vs best baseline {test_base:.5f} = {result.best['test_loss'] / test_base:.3f} x")
@@ -75,6 +83,10 @@ def main() -> None:
                 f"  search best @{k:<4d} loss {best.loss:.5f}  ({best.source}, trial {best.number})"
                 f"  = {best.loss / best_baseline:.3f} x best baseline; best sampled {min((t.loss for t in sampled), default=math.nan):.5f}"
             )
+        sampled = sorted(t.loss for t in trials if t.source == SAMPLED)
+        if sampled:
+            half = sampled[len(sampled) // 2]
+            print(f"  sampled trials: {len(sampled)}, median loss {half:.5f}, best quarter's mean {sum(sampled[: max(1, len(sampled) // 4)]) / max(1, len(sampled) // 4):.5f}")
 
 
 if __name__ == "__main__":

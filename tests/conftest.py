@@ -262,6 +262,12 @@ class RayCluster:
         self.address, self.dashboard = address, dashboard  # GCS HOST:PORT, and the Jobs API URL
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for_port(port: int, alive=lambda: True, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:

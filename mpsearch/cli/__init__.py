@@ -4,7 +4,7 @@ Every command that reports data takes ``--json`` and then prints exactly one JSO
 stdout. A problem with the input is one line on stderr and exit code 2.
 
 The commands live by what they work on: ``model.py`` (a spec's model: ``layers``, ``quantize``,
-``analyze``), ``study.py`` (``search``, ``studies``, ``trials``, ``export``, ``eval``) and
+``analyze``), ``study.py`` (``search``, ``studies``, ``trials``, ``report``, ``export``, ``eval``) and
 ``service.py`` (``submit``, ``jobs``, ``serve``, ``db``). They import the library inside each
 command, so ``mpsearch --help`` starts without loading torch, Ray or Optuna.
 """

@@ -1,4 +1,4 @@
-"""Commands on studies: `search`, `studies`, `trials`, `export`, `eval`."""
+"""Commands on studies: `search`, `studies`, `trials`, `report`, `export`, `eval`."""
 
 from __future__ import annotations
 
@@ -123,6 +123,31 @@ def trials(study: str, storage: str, pareto: bool, as_json: bool) -> None:
             cell(row["duration_s"], ".1f"), row["source"] or "", row["error"] or "",
         )
     wide_console().print(table)
+
+
+@cli.command()
+@click.argument("study")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="The folder to write report.html and the PNG figures into (other files there are left alone).")
+@click.option("--top", "top_k", type=click.IntRange(min=1, max=1000), default=10, show_default=True, help="How many of the best plans the bit-spread figure compares.")
+@storage_option
+@click.option("--force", is_flag=True, help="Replace a report already in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a summary.")
+def report(study: str, out: str, top_k: int, storage: str, force: bool, as_json: bool) -> None:
+    """Write STUDY's report to --out: one self-contained HTML page and its figures as PNG files.
+
+    Loss by trial (best so far, baselines), loss by size (Pareto front, budget), the best plan's
+    bits per layer over each layer's sensitivity, the bits of the top plans, and the baselines.
+    """
+    from mpsearch.report import write_report
+    from mpsearch.storage import Storage
+
+    files = write_report(Storage(storage, create=False), study, out, top_k=top_k, force=force)
+    if as_json:
+        emit_json({"study": study, "out": out, "files": [{"name": n, "bytes": b} for n, b in files]})
+        return
+    click.echo(f"wrote the report of {study} to {out}: open {out.rstrip('/')}/report.html")
+    for name, size in files:
+        click.echo(f"  {name:<20} {size:>12,} bytes")
 
 
 @cli.command()

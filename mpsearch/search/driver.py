@@ -279,6 +279,7 @@ class Search:
                 resume=self.resume,
             )
             self._check_resumed(log, meta)
+            log.record_sensitivity(self.scores)  # what `mpsearch report` shows beside the plan
             loop = _Loop(
                 log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress,
                 stages=stages, costs=costs, budget=self.budget, relinearise_every=0 if self.pareto else s.relinearise_every,

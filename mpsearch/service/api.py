@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -311,6 +311,15 @@ def _study_routes(storage) -> APIRouter:
         from mpsearch.storage.trials import pareto_rows
 
         return pareto_rows(storage, name)
+
+    @router.get("/studies/{name}/report", response_class=HTMLResponse, responses={404: {"model": Detail}})
+    def report(name: str, top: Annotated[int, Query(ge=1, le=1000)] = 10) -> HTMLResponse:
+        """The study's report, the page `mpsearch report` writes: one self-contained HTML page
+        with its figures embedded (loss by trial, loss by size, the best plan over the layers'
+        sensitivity, the bits of the ``top`` best plans) and the baselines."""
+        from mpsearch.report import report_html
+
+        return HTMLResponse(report_html(storage, name, top_k=top))
 
     return router
 

@@ -69,6 +69,7 @@ PERPLEXITY = "perplexity"  # a causal LM's, on the evaluation split, beside the 
 STUDY_ATTR = "mpsearch"  # the study's own record (spec, budget, layers, ...), a study user attribute
 RELINEARISED_ATTR = "mpsearch_relinearised"  # what each re-linearisation measured and proposed, a study user attribute
 TEST_ATTR = "mpsearch_test"  # {plan digest: loss on the test split}: the final plans, scored once, a study user attribute
+SENSITIVITY_ATTR = "mpsearch_sensitivity"  # {method: {layer: {bits: score}}}: the profiles the search ran on, a study user attribute
 SAMPLED = "sampler"  # the source of a plan the sampler proposed
 RELINEARISED = "relinearised"  # the source of a plan the ILP gave on costs measured around the best plan
 SEARCHED = (SAMPLED, RELINEARISED)  # sources that are the search's own proposals, not baselines
@@ -853,6 +854,18 @@ class TrialLog:
         """Add test-split losses (by plan digest) to the study's."""
         merged = {**self.test_losses(), **losses}
         self.storage.retrying(lambda: self.study.set_user_attr(TEST_ATTR, merged), "writing to")
+
+    def sensitivity(self) -> dict[str, dict[str, dict[str, float]]]:
+        """The sensitivity profiles the search's warm starts and costs came from, ``{method:
+        {layer: {bits: score}}}`` (empty for a study made before they were recorded)."""
+        return dict(self.storage.retrying(lambda: self.study.user_attrs, "reading").get(SENSITIVITY_ATTR) or {})
+
+    def record_sensitivity(self, scores: Mapping[str, Mapping[str, Mapping[int, float]]]) -> None:
+        def number(v) -> float | None:  # strict JSON: no NaN or infinity
+            return float(v) if v is not None and math.isfinite(float(v)) else None
+
+        doc = {method: {layer: {str(b): number(v) for b, v in row.items()} for layer, row in layers.items()} for method, layers in scores.items()}
+        self.storage.retrying(lambda: self.study.set_user_attr(SENSITIVITY_ATTR, doc), "writing to")
 
     def relinearisations(self) -> list[dict]:
         """Each re-linearisation of the search, in order: ``after`` (trials done), ``anchor`` (the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import fresh_postgres, tiny_spec_text, wait_for_port
+from conftest import free_port, fresh_postgres, tiny_spec_text, wait_for_port
 
 TOKEN = "t0ken-for-the-api-tests-" + "x" * 16
 
 SPEC = tiny_spec_text((3, 8)) + "[search]\nworkers = 0\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -73,7 +66,7 @@ def wait_job(client: httpx.Client, job_id: str, states: set[str], timeout_s: flo
 def test_every_endpoint_but_health_needs_the_token(server):
     assert server.client(None).get("/health").json() == {"status": "ok"}
     for client in (server.client(None), server.client("wrong-token-of-enough-length")):
-        for method, path in (("GET", "/jobs"), ("GET", "/studies"), ("POST", "/jobs"), ("GET", "/exports/1/files/plan.json"), ("POST", "/jobs/x/cancel")):
+        for method, path in (("GET", "/jobs"), ("GET", "/studies"), ("POST", "/jobs"), ("GET", "/exports/1/files/plan.json"), ("POST", "/jobs/x/cancel"), ("GET", "/studies/x/report")):
             response = client.request(method, path, json={})
             assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", (method, path)
     assert server.client().get("/studies").status_code == 200
@@ -100,6 +93,15 @@ def test_submit_poll_read_export_and_download(server):
     assert best["best"]["loss"] == min(t["loss"] for t in trials if t["state"] == "COMPLETE") and best["best"]["bytes"] <= best["budget_bytes"]
     assert api.get("/studies/api-study/pareto").status_code == 400  # one objective: no front
     assert api.get("/studies/nope/trials").status_code == 404
+
+    # The report page, as `mpsearch report` writes it: every figure embedded, no server path.
+    page = api.get("/studies/api-study/report", params={"top": 3})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:300]
+    for stem in ("loss_by_trial", "loss_by_size", "best_plan", "top_k_bits"):
+        assert f'<img id="{stem}" src="data:image/png;base64,' in page.text
+    assert "top 3 plans" in page.text and str(server.root) not in page.text
+    missing = api.get("/studies/nope/report")
+    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
 
     # The search job's own export is listed with download URLs, not the server's folder.
     assert [f["name"] for f in done["result"]["export"]["files"]] and "out" not in done["result"]["export"]
@@ -216,6 +218,7 @@ def test_schema_fuzzing_finds_no_server_error(tmp_path):
                 "POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel", "GET /studies",
                 "GET /studies/{name}/trials", "GET /studies/{name}/best", "GET /studies/{name}/pareto",
                 "POST /studies/{name}/export", "GET /exports/{export_id}/files/{file}", "GET /jobs/{job_id}/logs",
+                "GET /studies/{name}/report",
             }
             failures, calls = [], []
             for operation in operations:
