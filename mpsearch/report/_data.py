@@ -51,17 +51,28 @@ class StudyData:
         """Complete, finite, each plan once (a repeat told its value again is not a trial)."""
         return [r for r in self.records if r.finite and not r.repeat]
 
-    @property
-    def weights(self) -> float | None:
-        """Quantizable weights, from any trial's bytes and bpw (bpw = bytes × 8 / weights)."""
+    def ledger(self) -> tuple[float, float] | None:
+        """``(other bytes, quantizable weights)`` from the trials: a plan's bytes are the model's
+        (every other tensor included) and its bpw counts the quantized layers only, so
+        ``bytes = other + bpw × weights / 8``; two trials of different sizes fix both."""
+        sized = {}
         for r in self.complete:
-            if r.bytes and r.attrs.get(BPW):
-                return r.bytes * 8 / r.attrs[BPW]
-        return None
+            if r.bytes is not None and r.attrs.get(BPW):
+                sized.setdefault(r.bytes, float(r.attrs[BPW]))
+        if len(sized) < 2:
+            return None
+        (b1, p1), (b2, p2) = min(sized.items()), max(sized.items())
+        if p2 == p1:
+            return None
+        weights = (b2 - b1) * 8 / (p2 - p1)
+        return b1 - p1 * weights / 8, weights
 
     def bpw(self, nbytes: int | None) -> float | None:
-        n = self.weights
-        return None if nbytes is None or not n else nbytes * 8 / n
+        ledger = self.ledger()
+        if nbytes is None or ledger is None:
+            return None
+        other, weights = ledger
+        return (nbytes - other) * 8 / weights
 
     def front(self) -> list[TrialRecord]:
         return pareto_front(r for r in self.complete if r.bytes is not None)

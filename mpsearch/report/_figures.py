@@ -95,11 +95,12 @@ def loss_by_size(data: StudyData) -> Figure:
         b = data.best
         ax.scatter([b.bytes / MIB], [b.loss], marker="*", s=160, color="#55a868", edgecolor="black", zorder=5, label=f"best: trial {b.number}")
     _log_if_wide(ax, [r.loss for r in done], wide=5.0)
-    weights = data.weights
-    if weights:
-        top = ax.secondary_xaxis("top", functions=(lambda m: m * MIB * 8 / weights, lambda b: b * weights / 8 / MIB))
-        top.set_xlabel("bits per quantizable weight")
-    ax.set_xlabel("quantized layers' size (MiB, scales and zero points included)")
+    ledger = data.ledger()
+    if ledger:
+        other, weights = ledger
+        top = ax.secondary_xaxis("top", functions=(lambda m: (m * MIB - other) * 8 / weights, lambda b: (other + b * weights / 8) / MIB))
+        top.set_xlabel("bits per quantizable weight (scales and zero points included)")
+    ax.set_xlabel("model size (MiB): the quantized layers and every other tensor")
     ax.set_ylabel("loss (evaluation split)")
     ax.set_title(f"{data.name}: loss by size", loc="left")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -17,7 +17,7 @@ from mpsearch.report._data import SENSITIVITY_LABELS, StudyData, gather
 # (file stem, heading, what it shows), in page order.
 FIGURES = (
     ("loss_by_trial", "Loss by trial", "Every complete trial's loss on the evaluation split by trial number; the green step is the best so far within the budget, the lines are the baselines (warm starts)."),
-    ("loss_by_size", "Loss by size", "Loss against the quantized layers' size for every complete trial, the (loss, bytes) Pareto front and the budget."),
+    ("loss_by_size", "Loss by size", "Loss against the model's size (bits per quantizable weight on the top axis) for every complete trial, the (loss, bytes) Pareto front and the budget."),
     ("best_plan", "The best plan", "Bits per layer of the best plan within the budget, grouped by block (block names above), over each layer's sensitivity."),
     ("top_k_bits", "Where the search is sure", "For each layer, the share of the top plans within the budget that give it each bit-width; a dark single cell is a settled layer, a spread column an open one."),
 )

@@ -71,6 +71,8 @@ def test_the_figures_draw_the_study_s_own_numbers(study):
     best = result["best"]
     assert data.best.number == best["trial"] and len(data.top) == 5
     assert [r.loss for r in data.top] == sorted(r.loss for r in data.top)
+    # A plan's bytes are the whole model's and its bpw the quantized layers': one affine ledger.
+    assert all(data.bpw(r.bytes) == pytest.approx(r.attrs["bpw"], rel=1e-9) for r in data.complete)
 
     # The best-so-far line ends at the best loss; one dashed line per baseline, at its loss.
     ax = figures.loss_by_trial(data).axes[0]
