@@ -130,6 +130,10 @@ class LayersSection(_Section):
     include: list[str] = ["*"]
     exclude: list[str] = []
     embeddings: bool = False
+    # A layer whose output no term of the loss reads (mpsearch.workload.reach): "exclude" leaves
+    # it out of the plan at the model's own dtype, as `exclude` would; "search" keeps it in, where
+    # it costs nothing at the smallest width (and the output it feeds degrades).
+    unseen: Literal["exclude", "search"] = "exclude"
 
 
 class BudgetSection(_Section):

@@ -26,7 +26,7 @@ LAYERS = [
     {"runtime"},
     {"sensitivity"},
     {"search"},
-    {"export"},
+    {"export", "report"},
     {"service"},
     {"cli"},
 ]

@@ -93,3 +93,11 @@ def show_progress() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return sys.stderr.isatty()
+
+
+def unseen_warning(names: list[str]) -> str:
+    """The line `layers`, `analyze` and `search` print for searched layers the loss cannot see."""
+    return (
+        f"the loss cannot see {', '.join(names)}: its sensitivity is exactly 0, so the search gives it the smallest width "
+        "and whatever reads its output degrades (layers.unseen = \"exclude\" keeps it at the model's dtype)"
+    )

@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from mpsearch.cli import cli
-from mpsearch.cli._common import RegistryChoice, cell, device_option, emit_json, finite, load_spec, show_progress, spec_storage_option, wide_console
+from mpsearch.cli._common import (
+    RegistryChoice, cell, device_option, emit_json, finite, load_spec, show_progress, spec_storage_option, unseen_warning, wide_console,
+)
 from mpsearch.errors import MPSearchError
 
 
@@ -125,10 +127,22 @@ def analyze(spec, method, mode, estimator, tol, max_probes, workers, address, st
     if plot_path is not None:
         plot(profile, plot_path, workload.layer_table().menu)
         click.echo(f"plot written to {plot_path}", err=True)
+    table = workload.layer_table()
     if as_json:
-        emit_json(profile.to_json())
+        emit_json({**profile.to_json(), "unseen": list(table.unseen)})
         return
-    _print_profile(profile, workload.layer_table().menu)
+    _print_profile(profile, table.menu)
+    _print_unseen(table)
+
+
+def _print_unseen(table) -> None:
+    """Name the layers the loss cannot see: left out of the plan, or searched at no cost."""
+    left = [name for name in table.unseen if name not in table.names]
+    searched = [name for name in table.unseen if name in table.names]
+    if left:
+        click.echo(f"left out of the plan, the loss cannot see them: {', '.join(left)} (they stay at the model's dtype; layers.unseen = \"search\" puts them in)")
+    if searched:
+        click.echo(unseen_warning(searched))
 
 
 def _print_profile(profile, menu) -> None:
@@ -194,7 +208,10 @@ def _print_layers(doc: dict) -> None:
     for rule, number in rules.items():
         console.print(f"[{number}] {rule}", markup=False)
     for item in doc["excluded"]:
-        console.print(f"not quantized: {item['name']} — {item['reason']}")
+        console.print(f"not quantized: {item['name']} — {item['reason']}", markup=False)
+    searched = [name for name in doc.get("unseen", []) if name in {row["name"] for row in doc["layers"]}]
+    if searched:
+        console.print(unseen_warning(searched), markup=False)
     for row in doc["layers"]:
         if "note" in row:
             console.print(f"{row['name']}: {row['note']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mpsearch.cli import cli
-from mpsearch.cli._common import cell, device_option, emit_json, load_spec, show_progress, spec_storage_option, storage_option, wide_console
+from mpsearch.cli._common import cell, device_option, emit_json, load_spec, show_progress, spec_storage_option, storage_option, unseen_warning, wide_console
 
 
 @cli.command()
@@ -69,6 +69,10 @@ def _print_outcome(result) -> None:
         for row in result.pareto:
             front.add_row(str(row["trial"]), f"{row['loss']:.6g}", f"{row['bytes']:,}", f"{row['bpw']:.4g}")
         wide_console().print(front)
+    if result.unseen and result.searched_unseen:
+        click.echo(unseen_warning(result.unseen))
+    elif result.unseen:
+        click.echo(f"left out of the plan, the loss cannot see them: {', '.join(result.unseen)} (at the model's dtype; layers.unseen = \"search\" puts them in)")
 
 
 @cli.command()

@@ -131,6 +131,7 @@ class LayerTable:
     menu: tuple[int, ...] = BIT_MENU
     other_bytes: int = 0
     excluded: list[dict] = field(default_factory=list)
+    unseen: tuple[str, ...] = ()  # layers the loss cannot see, in the table or left out (mpsearch.workload.reach)
 
     def __post_init__(self):
         self._by_name = {layer.name: layer for layer in self.layers}
@@ -146,12 +147,15 @@ class LayerTable:
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
         embeddings: bool = False,
+        unseen: Sequence[str] = (),
+        leave_unseen: bool = False,
     ) -> "LayerTable":
         """Find the quantizable layers of ``model``.
 
         A weight shared by several modules becomes one layer (the first name, with the
         others as aliases). A weight tied to a module that is not quantizable, and every
-        layer left out by the patterns, is listed in ``excluded`` with the reason.
+        layer left out by the patterns, is listed in ``excluded`` with the reason; so is each
+        of ``unseen`` (layers the loss cannot see) when ``leave_unseen``.
         Raises :class:`SpecError` when an include pattern matches no layer.
         """
         types = MATMUL_TYPES + ((nn.Embedding,) if embeddings else ())
@@ -160,6 +164,8 @@ class LayerTable:
         layers, excluded, quantized_keys = [], [], set()
         for key, members in _weights(model, types).items():
             reason = selection.left_out([n for n, _ in members], [(n, m) for n, m in owners.get(key, []) if not isinstance(m, types)])
+            if not reason and leave_unseen and members[0][0] in unseen:
+                reason = UNSEEN_RULE
             if reason:
                 excluded.append({"name": members[0][0], "reason": reason})
                 continue
@@ -173,9 +179,13 @@ class LayerTable:
             excluded += [{"name": name, "reason": EMBEDDING_RULE} for name in tables.values()]
         selection.check_used()
         if not layers:
+            if leave_unseen and unseen:
+                raise SpecError("layers", "the loss cannot see any of the layers left after include/exclude; check loss.kind, or set layers.unseen = \"search\"")
             raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
         other_bytes = sum(t.numel() * t.element_size() for t in other_tensors(model, quantized_keys).values())
-        return cls(layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded)
+        return cls(
+            layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded, unseen=tuple(unseen)
+        )
 
     # -- the ledger ------------------------------------------------------------------
 
@@ -277,6 +287,7 @@ class LayerTable:
             "menu": list(self.menu),
             "total_bytes": {str(b): self.bytes(self.uniform(b)) for b in self.menu},
             "excluded": self.excluded,
+            "unseen": list(self.unseen),
         }
 
 
@@ -298,6 +309,10 @@ def _owners(model: nn.Module) -> dict[tuple, list[tuple[str, nn.Module]]]:
     return owners
 
 
+UNSEEN_RULE = (
+    "the loss cannot see it (no term of the loss reads its output, so its sensitivity is exactly 0); it stays at the model's dtype. "
+    'layers.unseen = "search" puts it in the plan'
+)
 EMBEDDING_RULE = "an embedding (a table lookup, not a matmul); set layers.embeddings = true to quantize it"
 
 

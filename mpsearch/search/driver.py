@@ -258,7 +258,7 @@ class Search:
         table = self.workload.layer_table()
         Costs.of(table, None).check_budget(self.budget)
         if (done := self._already_done()) is not None:  # nothing to run: no Ray, no bank, no profiles
-            return done.outcome(self.budget, time.perf_counter() - start)
+            return self._named_unseen(done.outcome(self.budget, time.perf_counter() - start))
         with Lease(self.storage, self.study_name), self._scorers() as pool:
             pool.prepare(progress=self.progress)  # the bank (the disk cache the others read) and the reference, on the first scorer
             self.scores = self._profiles(pool)
@@ -289,7 +289,13 @@ class Search:
             loop.queue[:0] = [w for w in self.warm_starts() if not {w.source, *w.also} & present]  # warm starts first
             loop.run()
             self._score_test(log, pool)
-            return log.outcome(self.budget, time.perf_counter() - start)
+            return self._named_unseen(log.outcome(self.budget, time.perf_counter() - start))
+
+    def _named_unseen(self, outcome: Outcome) -> Outcome:
+        table = self.workload.layer_table()
+        outcome.unseen = list(table.unseen)
+        outcome.searched_unseen = any(name in table.names for name in table.unseen)
+        return outcome
 
     def _score_test(self, trials: TrialLog, pool) -> None:
         """The best plan and every baseline, scored once on the test split (never searched on), so

@@ -201,6 +201,8 @@ class Outcome:
     seconds: float = 0.0
     n_repeats: int = 0  # sampled plans scored before: told their value, not counted in n_complete
     n_pruned: int = 0  # sampled plans stopped after a stage of their evaluation (see search.pruner)
+    unseen: list[str] = field(default_factory=list)  # layers the loss cannot see (the layer table's)
+    searched_unseen: bool = False  # whether they were in the plan (layers.unseen = "search") or left out
 
     def to_json(self) -> dict:
         doc = {
@@ -216,6 +218,8 @@ class Outcome:
         }
         if self.pareto:
             doc["pareto"] = self.pareto
+        if self.unseen:
+            doc["unseen"] = {"layers": self.unseen, "policy": "search" if self.searched_unseen else "exclude"}
         return doc
 
 

@@ -6,6 +6,7 @@ import copy
 import inspect
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -67,8 +68,8 @@ class Workload:
 
     >>> from mpsearch.spec import Spec
     >>> w = Workload(Spec.from_toml('[data]\\ncalibration = 4\\nevaluation = 4'), device="cpu")
-    >>> len(w.layer_table().layers)
-    37
+    >>> len(w.layer_table().layers), w.layer_table().unseen  # the mean-pooled loss never reads the pooler
+    (36, ('pooler.dense',))
     >>> w.loss(w.fp_model()) < 1e-6
     True
 
@@ -89,6 +90,7 @@ class Workload:
         self._banks: dict[tuple, CandidateBank] = {}
         self._model_key: str | None = None
         self._top_k: int | None = spec.loss.top_k
+        self._unseen: list[str] | None = None
 
     # -- the model ---------------------------------------------------------------------
 
@@ -150,17 +152,26 @@ class Workload:
         return self._fp_model
 
     def layer_table(self) -> LayerTable:
+        """The quantizable layers. Those the loss cannot see are found first and, as
+        ``layers.unseen`` says, left out of the plan or kept in it; the table names them."""
         if self._table is None:
             s = self.spec
-            self._table = LayerTable.from_model(
-                self.loaded.model,
-                s.scheme,
-                menu=s.quant.bits,
-                include=s.layers.include,
-                exclude=s.layers.exclude,
-                embeddings=s.layers.embeddings,
+            table = partial(
+                LayerTable.from_model, self.loaded.model, s.scheme, menu=s.quant.bits,
+                include=s.layers.include, exclude=s.layers.exclude, embeddings=s.layers.embeddings,
             )
+            unseen = self.unseen_layers(table().names)
+            self._table = table(unseen=unseen, leave_unseen=s.layers.unseen == "exclude")
         return self._table
+
+    def unseen_layers(self, names: list[str]) -> list[str]:
+        """The layers among ``names`` the loss cannot see (:mod:`mpsearch.workload.reach`):
+        one forward and backward pass, once; a worker takes them from the driver's snapshot."""
+        if self._unseen is None:
+            from mpsearch.workload.reach import unseen_layers
+
+            self._unseen = unseen_layers(self, names)
+        return [name for name in names if name in self._unseen]
 
     def candidate_bank(
         self,
@@ -219,6 +230,7 @@ class Workload:
             "batches": {split: [cpu(b) for b in self.batches(split)] for split in SPLITS},
             "reference": {split: [None if r is None else r.map(lambda t: t.cpu()) for r in self.reference(split)] for split in SPLITS},
             "model_key": self.model_key(),
+            "unseen": list(self.layer_table().unseen),
         }
 
     def adopt(self, snapshot: dict) -> "Workload":
@@ -230,6 +242,8 @@ class Workload:
             if any(r is not None for r in refs)
         }
         self._model_key = snapshot.get("model_key", self._model_key)
+        if "unseen" in snapshot:
+            self._unseen = list(snapshot["unseen"])
         return self
 
     def calibration_batches(self) -> list[Batch]:

@@ -193,8 +193,8 @@ def test_gptq_layers_the_calibration_pass_cannot_see_fall_back_to_rtn_and_say_so
 def test_a_bank_refuses_a_model_on_another_device_or_of_another_shape(rtn_workload):
     bank = rtn_workload.candidate_bank(bits=[4], cache_dir=None)
     model = rtn_workload.build_model()
-    model.pooler.dense = nn.Linear(384, 10)
-    with pytest.raises(MPSearchError, match=r"layer 'pooler.dense' is \(10, 384\) on cpu, the bank's is \(384, 384\) on cpu"):
+    model.encoder.layer[5].output.dense = nn.Linear(1536, 10)
+    with pytest.raises(MPSearchError, match=r"layer 'encoder.layer.5.output.dense' is \(10, 1536\) on cpu, the bank's is \(384, 1536\) on cpu"):
         bank.apply(model, rtn_workload.layer_table().uniform(4))
 
 

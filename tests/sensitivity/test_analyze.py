@@ -19,10 +19,13 @@ from conftest import tiny_study, write_spec
 
 @pytest.fixture(scope="module")
 def tiny(minilm_spec):
-    """MiniLM with 16 calibration sentences of up to 32 tokens, rtn: a scan takes seconds."""
+    """MiniLM with 16 calibration sentences of up to 32 tokens, rtn: a scan takes seconds. The
+    pooler, which the loss cannot see, is searched (layers.unseen), so the methods' exact 0 on it
+    is checked."""
     spec = minilm_spec.with_overrides(
         data={**minilm_spec.data.model_dump(), "calibration": 16, "evaluation": 8, "max_length": 32, "batch_size": 8},
         quant={**minilm_spec.quant.model_dump(), "method": "rtn", "bits": [2, 3, 4, 8]},
+        layers={**minilm_spec.layers.model_dump(), "unseen": "search"},
     )
     return Workload(spec, device="cpu")
 

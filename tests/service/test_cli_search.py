@@ -37,6 +37,8 @@ def test_search_json_follows_the_design_and_a_second_run_needs_resume(tmp_path):
     assert set(best) >= {"trial", "loss", "bytes", "bpw", "plan"} and best["bytes"] <= doc["budget_bytes"]
     assert set(doc["baselines"]) == {"ilp-perturbation", "ilp-hessian", "greedy", "uniform-3", "uniform-2"}
     assert all(set(b) >= {"loss", "bytes", "bpw"} for b in doc["baselines"].values())
+    # The pooler, which the mean-pooled loss never reads, is named and left out of every plan.
+    assert doc["unseen"] == {"layers": ["pooler.dense"], "policy": "exclude"} and "pooler.dense" not in json.dumps(best["plan"])
     # The best plan and every baseline are scored once more, on the test split no trial was selected on.
     for row in [best, *doc["baselines"].values()]:
         assert row["test_loss"] > 0 and row["test_loss"] != row["loss"]

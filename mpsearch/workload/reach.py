@@ -10,7 +10,8 @@ The test is one forward and one backward pass on the first calibration batch. Ea
 gets a small fixed nudge plus a zero tensor autograd tracks; the loss's gradient with respect to
 that tensor is the gradient with respect to the layer's output. The nudge matters: at the FP model
 a distillation loss sits at its minimum, where every gradient is zero. Off it, a layer the loss
-reads has a non-zero gradient; one whose output never reaches the loss has none at all.
+reads has a non-zero gradient; one whose output never reaches the loss has none at all. A loss
+with no gradient (``error-rate``'s argmax, a user's loss that detaches) names no layer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ NUDGE = 1e-2  # of each output's standard deviation
 
 def unseen_layers(workload, names: Sequence[str]) -> list[str]:
     """The layers among ``names`` (module names of the workload's model) that the loss cannot see."""
+    if not workload.loss_fn.differentiable:  # an argmax loss has no gradient anywhere: nothing can be told apart
+        return []
     model = workload.fp_model()
     modules = dict(model.named_modules())
     probes: dict[str, list[torch.Tensor]] = {name: [] for name in names}
@@ -48,8 +51,9 @@ def unseen_layers(workload, names: Sequence[str]) -> list[str]:
             p.requires_grad_(False)  # gradients of the outputs only: no weight gradients are kept
         with torch.enable_grad():
             total, _ = workload.loss_terms(model, "calibration", 0)
-            if total.requires_grad:
-                total.backward()
+            if not total.requires_grad:  # a user's loss that detaches: no layer can be told apart either
+                return []
+            total.backward()
     finally:
         for handle in handles:
             handle.remove()
