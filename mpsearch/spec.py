@@ -184,7 +184,9 @@ class SearchSection(_Section):
         return value
 
 
-_LATER_FIELDS = (("loss", "top_k"), ("data", "test"))  # fields added since mpsearch 0.1.0, keyed only when set
+# Fields added since mpsearch 0.1.0, keyed only when they differ from the value that behaves as
+# that version did (a study made then keeps its digest, and resumes).
+_LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"))
 
 
 class StorageSection(_Section):
@@ -300,8 +302,8 @@ class Spec(_Section):
         """The sections a study's losses depend on, as the digest and stored profiles key them."""
         dumped = self.model_dump(mode="json")
         keyed = {k: dumped[k] for k in ("model", "data", "loss", "quant", "layers")}
-        for section, field in _LATER_FIELDS:
-            if keyed[section].get(field) is None:
+        for section, field, as_before in _LATER_FIELDS:
+            if keyed[section].get(field) == as_before:
                 keyed[section].pop(field, None)
         return keyed
 

@@ -107,7 +107,10 @@ def study_spec(log, spec=None):
     if spec is None:
         if "spec" not in meta:
             raise MPSearchError(f"study {log.name!r} does not record its spec (made by an older mpsearch); pass --spec SPEC, the spec it ran with")
-        spec = Spec.from_dict(meta["spec"], base_dir=Path(meta["base_dir"]))
+        raw = dict(meta["spec"])
+        # A study made before layers.unseen existed searched every layer: that is "search".
+        raw["layers"] = {"unseen": "search", **(raw.get("layers") or {})}
+        spec = Spec.from_dict(raw, base_dir=Path(meta["base_dir"]))
     if meta.get("spec_digest") not in (None, spec.digest()):
         raise MPSearchError(f"the spec differs from the one study {log.name!r} ran with (model, data, loss, quant or layers); pass the spec it ran with")
     return spec

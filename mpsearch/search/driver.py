@@ -171,6 +171,12 @@ class Search:
 
     def _check_resumed(self, log: TrialLog, meta: dict) -> None:
         found = log.meta
+        unseen = self.workload.layer_table().unseen
+        if unseen and found.get("layers") != meta["layers"] and set(found.get("layers") or []) == set(meta["layers"]) | set(unseen):
+            raise MPSearchError(
+                f"study {self.study_name!r} searched {', '.join(unseen)}, which this spec leaves out because the loss cannot see it; "
+                'to resume it, add layers.unseen = "search" to the spec (the study was made before layers.unseen existed, or with it)'
+            )
         for key, what in _RESUME_KEYS:
             if found.get(key) != meta[key]:
                 raise MPSearchError(

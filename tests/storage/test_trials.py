@@ -183,9 +183,13 @@ def test_old_studies_list_export_and_resume_with_this_mpsearch(old_db, tmp_path)
     doc = json.loads(exported.stdout)
     assert doc["trial"] == 0 and doc["verified_loss"] == pytest.approx(doc["loss"], rel=1e-4)
 
-    # Resumed, the old study gains trials in the new format beside its old ones.
+    # Resumed, the old study gains trials in the new format beside its old ones. It searched the
+    # pooler, which the loss cannot see and this version leaves out by default: the spec says to keep it.
     spec = tmp_path / "study.toml"
     shutil.copy(OLD_DB.with_suffix(".toml"), spec)
+    refused = run("search", str(spec), "--trials", "11", "--workers", "0", "--resume")
+    assert refused.returncode == 2 and 'add layers.unseen = "search"' in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    spec.write_text(spec.read_text() + '[layers]\nunseen = "search"\n')
     resumed = run("search", str(spec), "--trials", "11", "--workers", "0", "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads(resumed.stdout)["n_complete"] == 11
