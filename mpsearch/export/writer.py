@@ -196,10 +196,13 @@ def _build(workload, chosen, progress: bool) -> _Built:
         for l in table.layers
     ]
     layers_meta = [
-        {"name": e.name, "bits": c.bits, "rows": e.rows, "cols": e.cols, "group_size": c.group_size, "symmetric": c.symmetric, "shape": e.shape}
+        {"name": e.name, "kind": e.kind, "bits": c.bits, "rows": e.rows, "cols": e.cols, "group_size": c.group_size, "symmetric": c.symmetric, "shape": e.shape}
         for e, c in ((e, resolved[e.name]) for e in entries)
     ]
-    header = {"format": TENSOR_FORMAT, "format_version": TENSOR_VERSION, "layers": json.dumps(layers_meta)}
+    header = {
+        "format": TENSOR_FORMAT, "format_version": TENSOR_VERSION, "layers": json.dumps(layers_meta),
+        "shared": json.dumps(_shared_names(workload.fp_model(), tensors)),
+    }
     return _Built(resolved, tensors, tensor_bytes, entries, header)
 
 
@@ -322,6 +325,21 @@ def _publish(storage, tmp: Path, out: Path, study: str, trial: int, plan: Plan, 
     return export_id
 
 
+_GPTQ_ONLY = {"damp", "act_order"}  # settings of gptq alone: an rtn export does not list them
+
+
+def _shared_names(model, stored: dict) -> dict[str, list[str]]:
+    """``{stored name: [its other state-dict names]}`` for each stored tensor the model holds under
+    several names (a tied, unquantized weight such as GPT-2's ``lm_head.weight``; a quantized
+    layer's other names are its ``aliases`` in plan.json)."""
+    from mpsearch.quant.layers import tensor_key
+
+    names: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        names.setdefault(tensor_key(t), []).append(name)
+    return {group[0]: group[1:] for group in names.values() if len(group) > 1 and group[0] in stored}
+
+
 def _resolved(table, plan: Plan, bank) -> Plan:
     """``plan`` with every choice written out: bits, group size, symmetric, method (``fp16`` at 16 bits)."""
     scheme = table.scheme
@@ -357,7 +375,7 @@ def _provenance(workload, log, trial, test_loss: float | None = None) -> Provena
         test_loss=test_loss,
         loss_kind=spec.loss.kind,
         budget_bytes=log.meta.get("budget_bytes"),
-        scheme=spec.quant.model_dump(mode="json"),
+        scheme=spec.quant.model_dump(mode="json", exclude=_GPTQ_ONLY if spec.quant.method != "gptq" else None),
         mpsearch_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

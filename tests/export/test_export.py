@@ -135,6 +135,14 @@ def test_an_export_loads_runs_and_is_exactly_the_size_of_its_plan(which, request
     tensor_bytes = sum(end - start for start, end in (t["data_offsets"] for t in header.values()))
     assert tensor_bytes == table.bytes(plan) == doc.totals.bytes == result.bytes == doc.files[MODEL_FILE].tensor_bytes
     assert meta["format"] == "mpsearch-packed" and meta["format_version"] == "1"
+    # Each layer's module kind (a GPT-2 Conv1D needs a transpose) and the other names of a tied,
+    # unquantized tensor (GPT-2's lm_head is wte) are in the file itself, not only in plan.json.
+    assert {m["name"]: m["kind"] for m in json.loads(meta["layers"])} == {e.name: e.kind for e in doc.layers}
+    kinds = {"minilm": {"Linear"}, "gpt2": {"Conv1D"}}[which]
+    assert {e.kind for e in doc.layers} == kinds
+    assert json.loads(meta["shared"]) == ({"transformer.wte.weight": ["lm_head.weight"]} if which == "gpt2" else {})
+    # gptq's own settings are listed for gptq only.
+    assert ("damp" in doc.provenance.scheme) == ("act_order" in doc.provenance.scheme) == (table.scheme.method == "gptq")
     assert doc.totals.bpw == pytest.approx(table.bpw(plan))
     assert doc.plan[table.names[4]].method == "fp16" and doc.plan[table.names[0]].method == table.scheme.method
 
@@ -230,6 +238,15 @@ def test_format_md_is_enough_to_decode_the_weights_without_mpsearch(gpt2, tmp_pa
     assert set(namespace["weights"]) == set(doc.plan) and any(e.rule for e in doc.layers)
     for name, w in namespace["weights"].items():
         np.testing.assert_array_equal(w.astype(np.float32), loaded[name].matrix().numpy(), err_msg=name)
+    # Its reader needs no safetensors package and reads bfloat16 scales, which NumPy has no type for.
+    from safetensors.torch import save_file
+
+    mixed = {"scales": torch.randn(4, 3, dtype=torch.bfloat16), "codes": torch.arange(5, dtype=torch.uint8), "bias": torch.randn(3)}
+    save_file(mixed, tmp_path / "bf16.safetensors", metadata={"format": "test"})
+    read, metadata = namespace["read_safetensors"](tmp_path / "bf16.safetensors")
+    assert metadata == {"format": "test"} and set(read) == set(mixed)
+    for name, t in mixed.items():
+        np.testing.assert_array_equal(read[name], t.float().numpy() if t.is_floating_point() else t.numpy(), err_msg=name)
 
 
 # -- bad input: one clear error, nothing left behind ----------------------------------------------
