@@ -6,6 +6,7 @@ import click
 
 from mpsearch.cli import cli
 from mpsearch.cli._common import cell, device_option, emit_json, load_spec, show_progress, spec_storage_option, storage_option, unseen_warning, wide_console
+from mpsearch.export.targets import TARGETS
 
 
 @cli.command()
@@ -163,20 +164,26 @@ def report(study: str, out: str, top_k: int, storage: str, force: bool, as_json:
 @click.option("--spec", "spec_path", default=None, type=click.Path(dir_okay=False), help="The spec the study ran with (default: the one stored with the study).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--no-verify", is_flag=True, help="Skip loading the export back and checking its loss against the trial's.")
+@click.option(
+    "--target", type=click.Choice(TARGETS), default="mpsearch", show_default=True,
+    help="Also write this deployment format: compressed-tensors adds a Hugging Face folder that transformers loads.",
+)
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a summary.")
-def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify, device, as_json) -> None:
+def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify, target, device, as_json) -> None:
     """Write a trial of STUDY to --out: packed model.safetensors, plan.json, FORMAT.md and deployment configs.
 
     The folder is built beside --out and renamed into place once the export has been loaded
-    back and its loss checked against the trial's, and it is recorded in the database.
+    back and its loss checked against the trial's, and it is recorded in the database. With
+    --target compressed-tensors, --out/compressed-tensors/ is a Hugging Face model folder whose
+    outputs in transformers are checked against mpsearch's loader before anything is kept.
     """
     from mpsearch.export import export_study
     from mpsearch.storage import Storage
 
     result = export_study(
         Storage(storage, create=False), study, out, trial=trial, pareto_index=pareto_index,
-        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=show_progress(),
+        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=show_progress(), target=target,
     )
     if as_json:
         emit_json(result.to_json())
@@ -185,7 +192,11 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
     tested = "" if result.test_loss is None else f", test loss {result.test_loss:.6g}"
     click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}{tested}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
     for name, size, _ in result.files:
-        click.echo(f"  {name:<30} {size:>12,} bytes")
+        click.echo(f"  {name:<40} {size:>12,} bytes")
+    for name, info in result.targets.items():
+        dense = f", {len(info['dense'])} written dense (see README.md)" if info["dense"] else ""
+        vllm = f"; vLLM cannot run {len(info['vllm_problems'])} of its layers (README.md)" if info["vllm_problems"] else ""
+        click.echo(f"{name}: {info['folder']}, {info['quantized']} quantized layers{dense}{vllm}")
 
 
 @cli.command(name="eval")

@@ -38,6 +38,7 @@ import torch
 from mpsearch.errors import MPSearchError
 from mpsearch.export import configs
 from mpsearch.export.document import DataInfo, FileInfo, LayerEntry, ModelInfo, PlanDocument, Provenance, Totals
+from mpsearch.export.targets import TARGETS
 from mpsearch.export.loader import MODEL_FILE, PLAN_FILE, TENSOR_FORMAT, TENSOR_VERSION, ExportError, load_quantized, sha256_of
 from mpsearch.plan import FLOAT_BITS, LayerChoice, Plan
 from mpsearch.quant.apply import packed_tensors
@@ -59,6 +60,7 @@ class ExportResult:
     export_id: int | None
     files: list[tuple[str, int, str]] = field(default_factory=list)
     test_loss: float | None = None
+    targets: dict[str, dict] = field(default_factory=dict)  # target -> what it wrote (TargetReport.to_json)
 
     def to_json(self) -> dict:
         return {
@@ -72,6 +74,7 @@ class ExportResult:
             "bpw": self.bpw,
             "export_id": self.export_id,
             "files": [{"name": n, "size": s, "sha256": h} for n, s, h in self.files],
+            "targets": self.targets,
         }
 
 
@@ -139,11 +142,15 @@ def export_study(
     force: bool = False,
     verify: bool = True,
     progress: bool = False,
+    target: str = "mpsearch",
 ) -> ExportResult:
-    """Export one trial of ``study_name``; see the module docstring."""
+    """Export one trial of ``study_name``; see the module docstring. ``target`` adds a
+    deployment format beside mpsearch's own (:mod:`mpsearch.export.targets`)."""
     from mpsearch.storage.trials import TrialLog
     from mpsearch.workload import Workload
 
+    if target not in TARGETS:
+        raise MPSearchError(f"--target {target!r} is not a deployment target; choose one of {', '.join(TARGETS)}")
     out = Path(out).absolute()
     _check_out(out, force)
     log = TrialLog.open(storage, study_name)
@@ -157,12 +164,36 @@ def export_study(
         test_loss = _test_loss(workload, chosen.plan)
         doc = _write_folder(tmp, built, workload, log, chosen, test_loss)
         verified = _verify(tmp, workload, chosen) if verify else None
-        files = [(p.name, p.stat().st_size, doc.files[MODEL_FILE].sha256 if p.name == MODEL_FILE else sha256_of(p)) for p in sorted(tmp.iterdir())]
+        targets = {}
+        if target == "compressed-tensors":
+            doc, targets[target] = _compressed_tensors(tmp, doc, workload, verify)
+        files = [
+            (p.relative_to(tmp).as_posix(), p.stat().st_size, doc.files[MODEL_FILE].sha256 if p.name == MODEL_FILE and p.parent == tmp else sha256_of(p))
+            for p in sorted(tmp.rglob("*")) if p.is_file()
+        ]
         export_id = _publish(storage, tmp, out, study_name, chosen.number, chosen.plan, doc.totals.bytes, doc.totals.bpw, files)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files, test_loss)
+    return ExportResult(out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files, test_loss, targets)
+
+
+def _compressed_tensors(tmp: Path, doc: PlanDocument, workload, verify: bool) -> tuple[PlanDocument, dict]:
+    """Write ``tmp/compressed-tensors/`` from the export just written (loaded back by mpsearch's
+    loader), check transformers' outputs against it, and record its model file in plan.json."""
+    from mpsearch.export.targets import compressed_tensors as ct
+
+    quantized = load_quantized(tmp, workload.build_model(), device=workload.device)
+    report = ct.write(tmp / ct.FOLDER, doc, quantized, workload.fp_model(), workload.loaded.tokenizer)
+    if verify:
+        report.max_rel_diff = ct.check(tmp / ct.FOLDER, quantized, workload)
+    model_file = tmp / ct.FOLDER / MODEL_FILE
+    info = FileInfo(bytes=model_file.stat().st_size, tensor_bytes=report.tensor_bytes, sha256=sha256_of(model_file))
+    doc = doc.model_copy(update={"files": {**doc.files, f"{ct.FOLDER}/{MODEL_FILE}": info}})
+    doc.write(tmp / PLAN_FILE)
+    with (tmp / "README.md").open("a", encoding="utf-8") as f:
+        f.write(ct.readme_section(report, doc))
+    return doc, report.to_json()
 
 
 def _test_loss(workload, plan: Plan) -> float | None:
@@ -253,6 +284,7 @@ def _umask() -> int:
 
 # What an export folder holds; --force replaces a folder with nothing else in it.
 EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md"})
+EXPORT_FOLDERS = frozenset(TARGETS) - {"mpsearch"}  # each other target writes a folder of its name
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -263,7 +295,7 @@ def _check_out(out: Path, force: bool) -> None:
         return
     if not force:
         raise MPSearchError(f"--out {str(out)!r} exists and is not empty; pass --force to replace it, or another folder")
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not (p.name in EXPORT_FILES and p.is_file() or p.name in EXPORT_FOLDERS and p.is_dir()))
     if foreign or not _is_export(out / PLAN_FILE):
         what = f"holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}" if foreign else "has no mpsearch plan.json"
         raise MPSearchError(

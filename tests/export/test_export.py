@@ -73,19 +73,17 @@ def run_study(folder: Path, spec: Spec, name: str) -> Study:
     return Study(workload, storage, name, add_trial(workload, storage, name, mixed_plan(workload.layer_table())))
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> Study:
-    folder = tmp_path_factory.mktemp("export-minilm")
+def minilm_study(folder: Path, name: str = "minilm-mixed", **quant) -> Study:
+    """The tiny MiniLM spec over the whole menu at 5.0 bpw, 6 trials, plus the mixed plan."""
     spec = Spec.load(tiny_study(folder, bits=MENU)).with_overrides(budget="5.0bpw", search={"trials": 6, "workers": 0, "seed": 0})
-    return run_study(folder, spec, "minilm-mixed")
+    return run_study(folder, spec.with_overrides(quant=quant) if quant else spec, name)
 
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory, tiny_gpt2_dir) -> Study:
-    folder = tmp_path_factory.mktemp("export-gpt2")
+def gpt2_study(folder: Path, model_dir: Path) -> Study:
+    """A tiny GPT-2 (Conv1D layers, tied lm_head), gptq, asymmetric, ragged groups of 48."""
     path = write_spec(folder, f"""
         [model]
-        source = "hf:{tiny_gpt2_dir}"
+        source = "hf:{model_dir}"
         [data]
         calibration = 8
         evaluation = 8
@@ -104,6 +102,16 @@ def gpt2(tmp_path_factory, tiny_gpt2_dir) -> Study:
         url = "sqlite:///{folder / 'mpsearch.db'}"
     """)
     return run_study(folder, Spec.load(path), "gpt2-mixed")
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory) -> Study:
+    return minilm_study(tmp_path_factory.mktemp("export-minilm"))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory, tiny_gpt2_dir) -> Study:
+    return gpt2_study(tmp_path_factory.mktemp("export-gpt2"), tiny_gpt2_dir)
 
 
 def fake_quantized(study: Study, plan: Plan):
