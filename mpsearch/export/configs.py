@@ -41,7 +41,11 @@ _ROLES = {
 _TOP = {
     "lm_head": "output", "embed_out": "output",
     "model.embed_tokens": "token_embd", "transformer.wte": "token_embd", "embeddings.word_embeddings": "token_embd",
+    "embeddings.position_embeddings": "position_embd", "transformer.wpe": "position_embd",
+    "embeddings.token_type_embeddings": "token_types",
 }
+# ggml's names for the dtypes a tensor the plan leaves alone is kept in.
+GGML_FLOAT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def gguf_tensor(name: str) -> str | None:
@@ -60,31 +64,40 @@ def gguf_tensor(name: str) -> str | None:
     return None
 
 
-def llama_cpp_tensor_types(doc: PlanDocument) -> tuple[str, list[str]]:
-    """The ``--tensor-type-file`` text, and the layers it could not name."""
-    groups: dict[tuple[str, int], list[str]] = defaultdict(list)  # (role, bits) -> block numbers
-    singles: list[tuple[str, int]] = []
+def llama_cpp_tensor_types(doc: PlanDocument, unplanned: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """The ``--tensor-type-file`` text, and the layers it could not name.
+
+    ``unplanned`` maps each weight the plan leaves alone (an excluded ``lm_head``, the token
+    embeddings) to the dtype the export keeps it in; those get a line too, at that dtype, so
+    llama-quantize does not quantize them to its base type.
+    """
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)  # (role, type) -> block numbers
+    singles: list[tuple[str, str]] = []
     unnamed = []
-    for layer, choice in doc.entries():
-        tensor = gguf_tensor(layer.name)
+    wanted = [(layer.name, GGUF_TYPES[choice.bits]) for layer, choice in doc.entries()]
+    wanted += [(name, GGML_FLOAT[dtype]) for name, dtype in (unplanned or {}).items()]
+    for name, kind in wanted:
+        tensor = gguf_tensor(name)
         if tensor is None:
-            unnamed.append(layer.name)
+            unnamed.append(name)
         elif tensor.startswith("blk."):
             _, block, role = tensor.split(".", 2)
-            groups[(role, choice.bits)].append(block)
+            groups[(role, kind)].append(block)
         else:
-            singles.append((tensor, choice.bits))
+            singles.append((tensor, kind))
     lines = []
-    for (role, bits), blocks in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[1][0]))):
+    for (role, kind), blocks in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[1][0]))):
         numbers = sorted(set(blocks), key=int)
         which = numbers[0] if len(numbers) == 1 else "(" + "|".join(numbers) + ")"
-        lines.append(rf"^blk\.{which}\.{role}\.weight$={GGUF_TYPES[bits]}")
-    lines += [rf"^{re.escape(tensor)}\.weight$={GGUF_TYPES[bits]}" for tensor, bits in singles]
+        lines.append(rf"^blk\.{which}\.{role}\.weight$={kind}")
+    lines += [rf"^{re.escape(tensor)}\.weight$={kind}" for tensor, kind in singles]
     return "".join(line + "\n" for line in lines), unnamed
 
 
-def quantization_config(doc: PlanDocument) -> dict:
-    """A Hugging Face-style per-module quantization config of the plan."""
+def quantization_config(doc: PlanDocument, unplanned: dict[str, str] | None = None) -> dict:
+    """A Hugging Face-style per-module quantization config of the plan; ``unplanned`` (module ->
+    dtype) are the weights the plan leaves alone, not converted and stated with their dtype."""
+    unplanned = unplanned or {}
     plan = doc.plan
     quantized = [name for name in plan if plan[name].bits != 16]
     scheme = doc.provenance.scheme
@@ -104,9 +117,10 @@ def quantization_config(doc: PlanDocument) -> dict:
         "desc_act": False,  # act_order only changes the order GPTQ visits columns; codes stay in column order
         "method": scheme.get("method"),
         "scale_dtype": scheme.get("scale_dtype"),
-        "modules_to_not_convert": [name for name in plan if plan[name].bits == 16],
+        "modules_to_not_convert": [name for name in plan if plan[name].bits == 16] + sorted(unplanned),
         "dynamic": dynamic,
         "modules": {name: {"bits": c.bits, "group_size": c.group_size, "sym": c.symmetric, "method": c.method} for name, c in plan.layers.items()},
+        "unquantized": dict(sorted(unplanned.items())),  # module -> the dtype its weight keeps
     }
 
 

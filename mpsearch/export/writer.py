@@ -257,12 +257,26 @@ def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: fl
     )
     doc.write(tmp / PLAN_FILE)
     shutil.copyfile(FORMAT_DOC, tmp / "FORMAT.md")
-    llama, unnamed = configs.llama_cpp_tensor_types(doc)
+    unplanned = _unplanned(workload.fp_model(), table)
+    llama, unnamed = configs.llama_cpp_tensor_types(doc, unplanned)
     (tmp / "llama_cpp_tensor_types.txt").write_text(llama, encoding="utf-8")
-    (tmp / "quantization_config.json").write_text(json.dumps(configs.quantization_config(doc), indent=2) + "\n", encoding="utf-8")
+    (tmp / "quantization_config.json").write_text(json.dumps(configs.quantization_config(doc, unplanned), indent=2) + "\n", encoding="utf-8")
     baselines = {k: v for k, v in log.outcome().baselines.items() if k != chosen.source}
     (tmp / "README.md").write_text(configs.readme(doc, baselines, unnamed), encoding="utf-8")
     return doc
+
+
+def _unplanned(model, table) -> dict[str, str]:
+    """Each weight-matrix module the plan leaves alone (excluded, unseen, embeddings), with the dtype
+    the export keeps it in: the deployment configs state them too."""
+    from mpsearch.quant.layers import Conv1D
+
+    planned = {name for layer in table.layers for name in (layer.name, *layer.aliases)}
+    kinds = (torch.nn.Linear, torch.nn.Embedding) + ((Conv1D,) if Conv1D is not None else ())
+    return {
+        name: str(m.weight.dtype).removeprefix("torch.")
+        for name, m in model.named_modules() if isinstance(m, kinds) and name not in planned
+    }
 
 
 def _verify(tmp: Path, workload, chosen) -> float:

@@ -192,7 +192,12 @@ def test_the_best_trial_is_the_default_fits_the_budget_and_sits_next_to_its_base
     assert "uniform-4" in readme and f"trial {result.trial}" in readme
     assert readme.count("| `") == len(minilm.workload.layer_table().names)  # one table row per layer
     lines = (out / "llama_cpp_tensor_types.txt").read_text().splitlines()
-    assert lines and all(re.fullmatch(r"\^\S+\\\.weight\$=(q2_K|q3_K|q4_K|q8_0|f16)", line) for line in lines)
+    assert lines and all(re.fullmatch(r"\^\S+\\\.weight\$=(q2_K|q3_K|q4_K|q8_0|f16|f32)", line) for line in lines)
+    # Every weight the plan leaves alone is stated too, at the dtype the export keeps it in (FP32),
+    # so llama-quantize does not quantize it to its base type.
+    rules = [line.rsplit("=", 1) for line in lines]
+    for tensor in ("token_embd.weight", "position_embd.weight", "token_types.weight"):
+        assert [kind for pattern, kind in rules if re.search(pattern, tensor)] == ["f32"], tensor
     # Each GGUF tensor of the six BERT blocks is matched by exactly one line, with the plan's type.
     doc = read_plan(out)
     types = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
@@ -208,6 +213,8 @@ def test_the_best_trial_is_the_default_fits_the_budget_and_sits_next_to_its_base
         assert hits == [types[choice.bits]], entry.name
     config = json.loads((out / "quantization_config.json").read_text())
     assert {name: m["bits"] for name, m in config["modules"].items()} == doc.plan.bits()
+    left = {"pooler.dense", "embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"}
+    assert config["unquantized"] == dict.fromkeys(sorted(left), "float32") and left <= set(config["modules_to_not_convert"])
     for name, bits in doc.plan.bits().items():
         override = config["dynamic"].get(f"+:^{re.escape(name)}$")
         if bits == 16:
