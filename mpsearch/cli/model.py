@@ -1,4 +1,4 @@
-"""Commands on a spec's model: `layers`, `quantize`, `analyze`."""
+"""Commands on a spec's model: `layers`, `quantize`, `analyze`; and `toolchain` (the runtimes exports are checked with)."""
 
 from __future__ import annotations
 
@@ -230,3 +230,26 @@ def _db(x: float | None) -> str:
     return "exact" if x is None else f"{x:.1f}"
 
 
+
+
+@cli.group()
+def toolchain() -> None:
+    """Build the runtimes mpsearch checks its exports with (into mpsearch's cache, once)."""
+
+
+@toolchain.command(name="llama.cpp")
+@click.option("--jobs", type=click.IntRange(min=1), default=None, help="Parallel compile jobs (default: the CPU count).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (the tools' paths) instead of lines.")
+def llama_cpp(jobs: int | None, as_json: bool) -> None:
+    """Build llama.cpp's llama-quantize, llama-embedding and llama-perplexity from the source the
+    pinned llama-cpp-python sdist vendors; a finished build is reused at once."""
+    from mpsearch.export.targets import llama_cpp as toolchain_llama
+
+    found = toolchain_llama.build(jobs=jobs, progress=show_progress() and not as_json, log=(lambda _: None) if as_json else click.echo)
+    if as_json:
+        emit_json(found.to_json())
+        return
+    click.echo(f"llama.cpp {found.version} (from llama-cpp-python's sdist) is built in {found.root}")
+    for name, path in found.to_json()["tools"].items():
+        click.echo(f"  {name:<18} {path}")
+    click.echo(f"  {'convert':<18} {found.convert_script}")
