@@ -9,7 +9,8 @@ compares it with the FP32 model, in one process, at the same moment:
 * CPU forward latency: quantized / FP32, medians of ``--repeats`` runs taken in
   alternation, at batch 1 and at the study's evaluation batch, on the study's own
   sentences. Every forward of the loaded model decodes its packed weights; the time that
-  takes is measured on its own too.
+  takes is measured on its own too. The same export loaded with ``decode_cache=True``
+  (each weight decoded once, then kept) is timed in the same alternation, with its memory.
 
     .venv/bin/python benchmarks/export_runtime.py [--storage sqlite:///mpsearch.db] [--study minilm-4bpw] [--repeats 15]
 """
@@ -66,6 +67,7 @@ def main() -> None:
 
     fp = workload.build_model()
     quantized = load_quantized(out, workload.build_model())
+    cached = load_quantized(out, workload.build_model(), decode_cache=True)
     table = workload.layer_table()
     fp_bytes, q_bytes = resident_bytes(fp), resident_bytes(quantized)
     fp_layers = sum(layer.n * 4 for layer in table.layers)
@@ -80,17 +82,20 @@ def main() -> None:
     print(f"\nCPU forward latency, {args.threads} threads, median of {args.repeats} (runs alternate):")
     with torch.inference_mode():
         for label, batch in ((f"batch 1 x {single['input_ids'].shape[1]} tokens", single), (f"batch {full['input_ids'].shape[0]} x {full['input_ids'].shape[1]} tokens", full)):
-            for _ in range(2):  # warm up both
-                workload.forward(fp, batch)
-                workload.forward(quantized, batch)
-            a, b = [], []
+            for _ in range(2):  # warm up all three (the cached one decodes here)
+                for model in (fp, quantized, cached):
+                    workload.forward(model, batch)
+            a, b, c = [], [], []
             for _ in range(args.repeats):
                 a.append(ms(lambda: workload.forward(fp, batch)))
                 b.append(ms(lambda: workload.forward(quantized, batch)))
-            fa, qb = statistics.median(a), statistics.median(b)
-            print(f"  {label:28s} FP32 {fa:8.1f} ms   quantized {qb:8.1f} ms   ratio {qb / fa:.2f}")
+                c.append(ms(lambda: workload.forward(cached, batch)))
+            fa, qb, qc = statistics.median(a), statistics.median(b), statistics.median(c)
+            print(f"  {label:28s} FP32 {fa:8.1f} ms   quantized {qb:8.1f} ms (ratio {qb / fa:.2f})   decode_cache {qc:8.1f} ms (ratio {qc / fa:.2f})")
         decode = statistics.median(ms(lambda: [m.matrix() for m in modules]) for _ in range(args.repeats))
         print(f"  decoding every packed weight once: {decode:.1f} ms ({len(modules)} layers)")
+    held = resident_bytes(cached) + sum(m.__dict__["_decoded"].numel() * m.__dict__["_decoded"].element_size() for m in cached.modules() if "_decoded" in m.__dict__)
+    print(f"\nwith decode_cache, after a forward: {held:,} B held, ratio {held / fp_bytes:.3f} of the FP32 model (packed buffers kept too)")
 
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from mpsearch.errors import MPSearchError, first_line
 from mpsearch.export.document import PlanDocument
 from mpsearch.quant.layers import QuantLayer, tensor_key
-from mpsearch.quant.modules import QuantizedModule
+from mpsearch.quant.modules import QuantizedModule, set_decode_cache
 
 MODEL_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
@@ -71,7 +71,8 @@ def sha256_of(path: Path) -> str:
 
 
 def load_quantized(
-    folder: str | Path, model: nn.Module | None = None, *, device: str | torch.device = "cpu", trust_code: bool = False
+    folder: str | Path, model: nn.Module | None = None, *, device: str | torch.device = "cpu", trust_code: bool = False,
+    decode_cache: bool = False,
 ) -> nn.Module:
     """The exported model, quantized layers packed in memory, on ``device``, in eval mode.
 
@@ -79,6 +80,10 @@ def load_quantized(
     used and it is modified in place); without one, the model is rebuilt from the source
     that ``plan.json`` records. A ``python:`` source would import (run) the module that
     plan.json names, so that needs ``trust_code=True``, as transformers' ``trust_remote_code``.
+
+    ``decode_cache=True`` keeps each layer's decoded weight after its first forward
+    (:func:`~mpsearch.quant.modules.set_decode_cache`): FP speed, at the FP model's memory for the
+    quantized layers. Off (the default), every forward decodes and the memory saving is real.
     """
     folder = Path(folder)
     doc = read_plan(folder)
@@ -95,6 +100,7 @@ def load_quantized(
         model = load_model(info.source, Path(info.base_dir), info.dtype).model
     _replace_layers(model, doc)
     _fill(model, path, folder)
+    set_decode_cache(model, decode_cache)
     return model.to(device).eval()
 
 

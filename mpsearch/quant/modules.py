@@ -75,10 +75,27 @@ class QuantizedModule(nn.Module):
         q = QuantizedWeight(codes, self.scales, getattr(self, "zeros", None), self.bits, self.group_size)
         return q.dequantize(dtype)
 
+    # Opt-in (see :func:`set_decode_cache`): keep the decoded matrix after its first use. The layer
+    # then runs as fast as the FP one, at the FP layer's memory; off, the saving is real in use.
+    decode_cache = False
+
+    def decoded(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`matrix`, or with ``decode_cache`` on, the one decoded at the first call (again
+        after a change of dtype or device)."""
+        if not self.decode_cache:
+            return self.matrix(dtype)
+        cached = self.__dict__.get("_decoded")
+        device = (self.weight if self.bits == FLOAT_BITS else self.scales).device
+        if cached is None or cached.dtype != dtype or cached.device != device:
+            with torch.no_grad():
+                cached = self.matrix(dtype)
+            self.__dict__["_decoded"] = cached  # a plain attribute: not in the state dict, never saved
+        return cached
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "embedding":  # integer input: decode into the dtype the FP layer had
-            return F.embedding(x, self.matrix(self.compute_dtype), *(getattr(self, a) for a in _EMBEDDING_ATTRS))
-        w = self.matrix(x.dtype)
+            return F.embedding(x, self.decoded(self.compute_dtype), *(getattr(self, a) for a in _EMBEDDING_ATTRS))
+        w = self.decoded(x.dtype)
         if self.op == "linear":
             return F.linear(x, w, self.bias)
         return self._wrapped._conv_forward(self, x, w.reshape(self.weight_shape), self.bias)
@@ -86,6 +103,20 @@ class QuantizedModule(nn.Module):
     def extra_repr(self) -> str:
         what = "fp16" if self.bits == FLOAT_BITS else f"{self.bits}-bit, group {self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'}"
         return f"{self.layer_name}: {self.rows}×{self.cols} {self.op}, {what}"
+
+
+def set_decode_cache(model: nn.Module, on: bool = True) -> int:
+    """Turn the decoded-weight cache of every :class:`QuantizedModule` in ``model`` on or off (and
+    drop what it held); returns how many modules it set. With it on, a loaded export runs at FP
+    speed and holds its quantized layers decoded (the FP model's memory for those layers); the
+    packed buffers stay, so :func:`set_decode_cache(model, False)` gives the memory back."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedModule):
+            module.decode_cache = on
+            module.__dict__.pop("_decoded", None)
+            count += 1
+    return count
 
 
 def _op(module: nn.Module) -> tuple[str, type | None]:

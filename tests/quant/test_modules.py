@@ -8,7 +8,7 @@ from torch import nn
 
 from mpsearch.quant import CandidateBank, LayerTable, Scheme
 from mpsearch.quant.layers import tensor_key
-from mpsearch.quant.modules import QuantizedModule
+from mpsearch.quant.modules import QuantizedModule, set_decode_cache
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -82,3 +82,33 @@ def test_a_packed_module_decodes_the_candidate_the_bank_swaps_in():
         q = swap(nn.Sequential(nn.Linear(256, 96)), table, bank, {"0": bits})[0]
         assert torch.equal(q.matrix(), bank.candidate("0", bits).dequantized(table.layer("0")))
         assert ("fp16" if bits == 16 else f"{bits}-bit, group 64") in repr(q)
+
+
+def test_the_decode_cache_gives_the_same_outputs_and_decodes_once():
+    """Opt-in: the decoded weight is kept after the first forward; off, nothing is kept."""
+    torch.manual_seed(0)
+    model = Mixed()
+    table = LayerTable.from_model(model, Scheme(group_size=32), embeddings=True)
+    plan = dict(zip(table.names, (2, 3, 4, 8, 16)))
+    bank = CandidateBank.build(model, table)
+    ids, signal = torch.randint(0, 50, (3, 7)), torch.randn(2, 3, 16)
+    torch.manual_seed(0)
+    packed = swap(Mixed(), table, bank, plan)
+    keys = set(packed.state_dict())
+    with torch.no_grad():
+        plain = packed(ids, signal)
+    modules = [m for m in packed.modules() if isinstance(m, QuantizedModule)]
+    assert not any("_decoded" in m.__dict__ for m in modules)
+    assert set_decode_cache(packed, True) == len(table.names)
+    with torch.no_grad():
+        first = packed(ids, signal)
+        kept = [m.__dict__["_decoded"] for m in modules]
+        second = packed(ids, signal)
+    assert all(m.__dict__["_decoded"] is k for m, k in zip(modules, kept))  # decoded once, reused
+    for a, b, c in zip(plain, first, second):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert set(packed.state_dict()) == keys  # the cache is never saved
+    wide = modules[1].decoded(torch.float64)  # another dtype: decoded again, the same values
+    assert wide.dtype == torch.float64 and modules[1].__dict__["_decoded"] is wide and torch.equal(wide.float(), kept[1])
+    set_decode_cache(packed, False)
+    assert not any("_decoded" in m.__dict__ for m in modules)
