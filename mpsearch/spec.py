@@ -189,6 +189,12 @@ class SearchSection(_Section):
 _LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"))
 
 
+class ExportSection(_Section):
+    refine: Literal["none", "sequential"] = Field(
+        "none", description="sequential: re-quantize the chosen plan with GPTQ in forward order at export, kept only if the evaluation loss drops",
+    )
+
+
 class StorageSection(_Section):
     url: str = DEFAULT_STORAGE
 
@@ -205,6 +211,7 @@ class Spec(_Section):
     layers: LayersSection = LayersSection()
     budget: BudgetSection = BudgetSection(bpw=4.0)
     search: SearchSection = SearchSection()
+    export: ExportSection = ExportSection()
     storage: StorageSection = StorageSection()
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 

@@ -10,7 +10,8 @@ or ``fp16`` at 16 bits), plus what a reader needs beside it:
 * ``totals``: ``bytes`` (= bytes(plan), the tensor bytes of ``model.safetensors``),
   ``quantized_bytes``, ``other_bytes``, ``bpw`` and ``n_weights``;
 * ``provenance``: the model source and digest, the calibration and evaluation data digests, the
-  study, trial number and its loss, the budget, and the mpsearch version;
+  study, trial number and its loss, the budget, the mpsearch version, and ``refinement`` (the
+  losses before and after ``export --refine sequential``, and whether its weights were kept);
 * ``files``: the size and sha256 of ``model.safetensors``, checked on load.
 
 Readers accept the ``format_version`` they know (2; version 1, written by mpsearch 0.1.0, is
@@ -83,6 +84,20 @@ class Provenance(_Doc):
     scheme: dict
     mpsearch_version: str
     created_at: str
+    refinement: Refinement | None = None  # export --refine; the file holds the refined weights when kept
+
+
+class Refinement(_Doc):
+    """What ``export --refine`` did: the losses before (the plan's candidates) and after, and
+    whether the refined weights were kept (only when the evaluation loss went down)."""
+
+    method: str  # "sequential-gptq"
+    kept: bool
+    loss_before: float
+    loss_after: float
+    test_loss_before: float | None = None
+    test_loss_after: float | None = None
+    seconds: float
 
 
 class FileInfo(_Doc):

@@ -8,7 +8,8 @@ from mpsearch.export.loader import ExportError, load_quantized, read_plan
 
 
 def evaluate_export(folder: str | Path, workload) -> dict:
-    """``{loss, bytes, bpw, trial, recorded_loss, model_bytes}`` of the export in ``folder``.
+    """``{loss, bytes, bpw, trial, recorded_loss, model_bytes}`` of the export in ``folder``
+    (``recorded_loss``: the trial's, or the refined weights' after ``export --refine``).
 
     The spec's model must be the one the export was made from (same weights digest): the
     loss compares the loaded model against that model's own outputs. ``model_bytes`` is
@@ -29,9 +30,15 @@ def evaluate_export(folder: str | Path, workload) -> dict:
         "bytes": doc.totals.bytes,
         "bpw": doc.totals.bpw,
         "trial": doc.provenance.trial,
-        "recorded_loss": doc.provenance.loss,
+        "recorded_loss": _recorded(doc),
         "model_bytes": resident_bytes(model),
     }
+
+
+def _recorded(doc) -> float:
+    """The loss the export's weights were recorded at: the refined ones' when a refinement was kept."""
+    refinement = doc.provenance.refinement
+    return refinement.loss_after if refinement is not None and refinement.kept else doc.provenance.loss
 
 
 def resident_bytes(model) -> int:

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,7 +38,7 @@ import torch
 
 from mpsearch.errors import MPSearchError
 from mpsearch.export import configs
-from mpsearch.export.document import DataInfo, FileInfo, LayerEntry, ModelInfo, PlanDocument, Provenance, Totals
+from mpsearch.export.document import DataInfo, FileInfo, LayerEntry, ModelInfo, PlanDocument, Provenance, Refinement, Totals
 from mpsearch.export.targets import TARGETS
 from mpsearch.export.loader import MODEL_FILE, PLAN_FILE, TENSOR_FORMAT, TENSOR_VERSION, ExportError, load_quantized, sha256_of
 from mpsearch.plan import FLOAT_BITS, LayerChoice, Plan
@@ -61,6 +62,7 @@ class ExportResult:
     files: list[tuple[str, int, str]] = field(default_factory=list)
     test_loss: float | None = None
     targets: dict[str, dict] = field(default_factory=dict)  # target -> what it wrote (TargetReport.to_json)
+    refinement: dict | None = None  # export --refine: losses before and after, and whether it was kept
 
     def to_json(self) -> dict:
         return {
@@ -75,6 +77,7 @@ class ExportResult:
             "export_id": self.export_id,
             "files": [{"name": n, "size": s, "sha256": h} for n, s, h in self.files],
             "targets": self.targets,
+            "refinement": self.refinement,
         }
 
 
@@ -143,14 +146,20 @@ def export_study(
     verify: bool = True,
     progress: bool = False,
     target: str = "mpsearch",
+    refine: str | None = None,
 ) -> ExportResult:
     """Export one trial of ``study_name``; see the module docstring. ``target`` adds a
-    deployment format beside mpsearch's own (:mod:`mpsearch.export.targets`)."""
+    deployment format beside mpsearch's own (:mod:`mpsearch.export.targets`). ``refine =
+    "sequential"`` re-quantizes the plan in forward order (:mod:`mpsearch.quant.refine`) and
+    keeps the result only if its evaluation loss is lower than the trial's; None takes the spec's
+    ``export.refine``."""
     from mpsearch.storage.trials import TrialLog
     from mpsearch.workload import Workload
 
     if target not in TARGETS:
         raise MPSearchError(f"--target {target!r} is not a deployment target; choose one of {', '.join(TARGETS)}")
+    if refine is not None and refine not in REFINEMENTS:
+        raise MPSearchError(f"--refine {refine!r} is not a refinement; choose one of {', '.join(REFINEMENTS)}")
     out = Path(out).absolute()
     _check_out(out, force)
     log = TrialLog.open(storage, study_name)
@@ -160,10 +169,15 @@ def export_study(
     tmp = _staging(out)  # before any work: a folder that cannot be written is found at once
     try:
         workload = Workload(study_spec(log, spec), device=device)
+        refine = refine or workload.spec.export.refine
         built = _build(workload, chosen, progress)
         test_loss = _test_loss(workload, chosen.plan)
-        doc = _write_folder(tmp, built, workload, log, chosen, test_loss)
-        verified = _verify(tmp, workload, chosen) if verify else None
+        refinement = None
+        if refine == "sequential":
+            built, refinement = _refine(workload, built, chosen, test_loss, progress)
+        doc = _write_folder(tmp, built, workload, log, chosen, test_loss, refinement)
+        expected = refinement.loss_after if refinement is not None and refinement.kept else chosen.loss
+        verified = _verify(tmp, workload, chosen, expected) if verify else None
         targets = {}
         if target == "compressed-tensors":
             doc, targets[target] = _compressed_tensors(tmp, doc, workload, verify)
@@ -175,7 +189,44 @@ def export_study(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExportResult(out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files, test_loss, targets)
+    return ExportResult(
+        out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files, test_loss, targets,
+        refinement.model_dump(mode="json") if refinement is not None else None,
+    )
+
+
+REFINEMENTS = ("none", "sequential")
+
+
+def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: bool) -> tuple[_Built, Refinement]:
+    """Sequential GPTQ of the plan (:mod:`mpsearch.quant.refine`), scored on the evaluation and
+    test splits; its tensors replace the bank's only when the evaluation loss went down."""
+    from mpsearch.quant.refine import sequential_forms
+
+    start = time.perf_counter()
+    has_test = bool(workload.batches("test"))
+    workload.reference("evaluation")  # from the FP model, before any weight changes
+    if has_test:
+        workload.reference("test")
+    model = workload.build_model()
+    forms, methods = sequential_forms(model, workload.layer_table(), built.plan.bits(), workload.calibration_batches(), workload.forward, progress)
+    after = workload.loss(model)
+    refinement = Refinement(
+        method="sequential-gptq", kept=after < chosen.loss, loss_before=chosen.loss, loss_after=after,
+        test_loss_before=test_loss, test_loss_after=workload.loss(model, "test") if has_test else None, seconds=time.perf_counter() - start,
+    )
+    del model
+    if not refinement.kept:
+        return built, refinement
+    tensors = dict(built.tensors)
+    for name, form in forms.items():
+        for suffix, t in form.items():
+            key = f"{name}.{suffix}"
+            old = tensors[key]
+            assert t.shape == old.shape and t.dtype == old.dtype, key  # the same layout: bytes(plan) unchanged
+            tensors[key] = t
+    plan = Plan(layers={name: c.model_copy(update={"method": methods[name]}) for name, c in built.plan.layers.items()})
+    return _Built(plan, tensors, built.tensor_bytes, built.entries, built.header), refinement
 
 
 def _compressed_tensors(tmp: Path, doc: PlanDocument, workload, verify: bool) -> tuple[PlanDocument, dict]:
@@ -237,7 +288,7 @@ def _build(workload, chosen, progress: bool) -> _Built:
     return _Built(resolved, tensors, tensor_bytes, entries, header)
 
 
-def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: float | None = None) -> PlanDocument:
+def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: float | None = None, refinement: Refinement | None = None) -> PlanDocument:
     """``model.safetensors``, ``plan.json`` and the deployment configs, in ``tmp``."""
     from mpsearch.quant.tensorfile import save_tensors
 
@@ -252,7 +303,7 @@ def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: fl
             bytes=table.bytes(built.plan), quantized_bytes=table.quantized_bytes(built.plan), other_bytes=table.other_bytes,
             bpw=table.bpw(built.plan), n_weights=table.n_weights,
         ),
-        provenance=_provenance(workload, log, chosen, test_loss),
+        provenance=_provenance(workload, log, chosen, test_loss, refinement),
         files={MODEL_FILE: FileInfo(bytes=model_path.stat().st_size, tensor_bytes=built.tensor_bytes, sha256=sha256_of(model_path))},
     )
     doc.write(tmp / PLAN_FILE)
@@ -279,12 +330,14 @@ def _unplanned(model, table) -> dict[str, str]:
     }
 
 
-def _verify(tmp: Path, workload, chosen) -> float:
-    """The export's loss, loaded back from its packed file; it must be the trial's."""
+def _verify(tmp: Path, workload, chosen, expected: float) -> float:
+    """The export's loss, loaded back from its packed file; it must be ``expected`` (the trial's,
+    or the refined weights' when a refinement was kept)."""
     verified = workload.loss(load_quantized(tmp, workload.build_model(), device=workload.device))
-    if not math.isclose(verified, chosen.loss, rel_tol=VERIFY_RTOL, abs_tol=1e-12):
+    if not math.isclose(verified, expected, rel_tol=VERIFY_RTOL, abs_tol=1e-12):
+        what = f"trial {chosen.number}'s recorded {expected:.6g}" if expected == chosen.loss else f"the refined weights' {expected:.6g}"
         raise ExportError(
-            f"the exported model's loss {verified:.6g} differs from trial {chosen.number}'s recorded {chosen.loss:.6g}: "
+            f"the exported model's loss {verified:.6g} differs from {what}: "
             "the model or evaluation data changed since the study ran; nothing was written"
         )
     return verified
@@ -400,7 +453,7 @@ def _resolved(table, plan: Plan, bank) -> Plan:
     return Plan(layers=choices)
 
 
-def _provenance(workload, log, trial, test_loss: float | None = None) -> Provenance:
+def _provenance(workload, log, trial, test_loss: float | None = None, refinement: Refinement | None = None) -> Provenance:
     from mpsearch import __version__
     from mpsearch.hashing import batches_digest, model_digest
 
@@ -424,4 +477,5 @@ def _provenance(workload, log, trial, test_loss: float | None = None) -> Provena
         scheme=spec.quant.model_dump(mode="json", exclude=_GPTQ_ONLY if spec.quant.method != "gptq" else None),
         mpsearch_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        refinement=refinement,
     )

@@ -344,7 +344,7 @@ def _quantize_all(model, table: LayerTable, modules, bits: Sequence[int], method
             elif method.needs_calibration and layer.name not in notes:
                 notes[layer.name] = f"{table.scheme.method} saw no input to this layer in the calibration pass; it is quantized with rtn"
             for b in bits:
-                fresh[b][layer.name] = {k: t.cpu() for k, t in _packed_form(method.quantize, w, b, layer, table, curvature).items()}
+                fresh[b][layer.name] = {k: t.cpu() for k, t in packed_form(method.quantize, w, b, layer, table, curvature).items()}
             del w, curvature
             trim()  # the quantizer's temporaries go back at once: left to pile up, they outgrow the bank
             bar.update()
@@ -365,7 +365,7 @@ def _candidates(table: LayerTable, modules, forms, bits: Sequence[int]) -> dict[
     return candidates
 
 
-def _packed_form(quantize, w: torch.Tensor, bits: int, layer: QuantLayer, table: LayerTable, curvature) -> dict[str, torch.Tensor]:
+def packed_form(quantize, w: torch.Tensor, bits: int, layer: QuantLayer, table: LayerTable, curvature) -> dict[str, torch.Tensor]:
     if bits == FLOAT_BITS:
         return {"weight": w.to(torch.float16).contiguous()}
     q = quantize(w, bits, layer.group_size, table.scheme, curvature)

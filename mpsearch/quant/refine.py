@@ -1,0 +1,74 @@
+"""Sequential GPTQ: the chosen plan re-quantized in forward order (``export --refine sequential``).
+
+The candidate bank quantizes every layer from the FP model's inputs. That is right for the
+search, where a candidate must not depend on the other layers' bits, but it leaves out the
+error compensation GPTQ was made for: a layer fed by already-quantized layers sees other
+inputs than the FP model gives it. Here each layer of the plan, in the table's (forward)
+order, gets its ``XᵀX`` from the model whose earlier layers already hold their refined
+quantized weights, is quantized by GPTQ at its planned bits (from its FP weight), and then
+holds that quantized weight for the layers after it.
+
+A calibration pass per layer would cost as many forwards as the model has layers; each pass
+here stops once the layer has run (:func:`~mpsearch.quant.calibration.input_moments` with
+``stop_early``), so the whole refinement costs about half that. A 16-bit layer is rounded to
+fp16 and a layer whose inputs cannot be collected keeps rtn, as in the bank.
+
+The result is each layer's packed form, in the bank's layout, so the export writes it like
+any candidate. Whether it is kept is the caller's choice: the export keeps it only when the
+evaluation loss improves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mpsearch.quant.apply import module_layout, quantizer
+from mpsearch.quant.bank import Candidate, packed_form
+from mpsearch.quant.calibration import input_moments, unsupported_reason
+from mpsearch.quant.gptq import Curvature
+from mpsearch.quant.layers import LayerTable, weight_matrix
+from mpsearch.quant.scheme import FLOAT_BITS
+
+
+def sequential_forms(
+    model: nn.Module,
+    table: LayerTable,
+    bits: Mapping[str, int],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    forward: Callable[[nn.Module, Mapping[str, torch.Tensor]], object],
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """Each layer's packed form, refined in forward order (see the module docstring), and the
+    method that made it (``gptq``; ``rtn`` where the layer's inputs cannot be collected; ``fp16``).
+
+    ``model`` is an FP model of ``table``; it is changed in place and ends holding the refined
+    weights (decoded), so the caller can score it at once.
+    """
+    from tqdm.auto import tqdm
+
+    gptq = quantizer("gptq")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    scheme = table.scheme
+    forms: dict[str, dict[str, torch.Tensor]] = {}
+    methods: dict[str, str] = {}
+    for layer in tqdm(table.layers, desc="sequential gptq", unit="layer", disable=not progress, leave=False):
+        module = modules[layer.name]
+        b = bits[layer.name]
+        curvature = None
+        if b != FLOAT_BITS and unsupported_reason(module) is None:
+            moment = input_moments(model, table, batches, forward, layers=[layer], share=False, stop_early=not layer.aliases).get(layer.name)
+            if moment is not None:
+                curvature = Curvature.from_moment(moment.xtx, scheme.damp, scheme.act_order)
+        w = weight_matrix(module).detach().to(torch.float32)
+        form = packed_form(gptq.quantize, w, b, layer, table, curvature)
+        forms[layer.name] = {k: t.cpu() for k, t in form.items()}
+        methods[layer.name] = "fp16" if b == FLOAT_BITS else "gptq" if curvature is not None else "rtn"
+        decoded = Candidate(bits=b, packed=form, nbytes=0, mse=math.nan, sqnr=math.nan).dequantized(layer)
+        with torch.no_grad():
+            module.weight.data.copy_(module_layout(module, decoded.to(module.weight.device)))
+        del w, curvature
+    return forms, methods

@@ -1,0 +1,63 @@
+"""``export --refine sequential`` on a real MiniLM study: kept when the evaluation loss drops,
+the plan's own candidates written when it does not, and the losses recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpsearch.export import export_study, read_plan
+from mpsearch.export.loader import MODEL_FILE, file_layout, sha256_of
+
+from test_export import Study, add_trial, minilm_study, mpsearch
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory) -> Study:
+    return minilm_study(tmp_path_factory.mktemp("refine-minilm"), "minilm-gptq", method="gptq")
+
+
+def test_a_refinement_that_lowers_the_loss_is_kept_and_recorded(minilm, tmp_path):
+    out = tmp_path / "refined"
+    spec = minilm.workload.spec.base_dir / "study.toml"
+    url = minilm.storage.url.render_as_string(hide_password=False)
+    run = mpsearch("export", minilm.name, "--storage", url, "--out", str(out), "--trial", str(minilm.mixed), "--refine", "sequential", "--json")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    r = result["refinement"]
+    # Measured on this study: 0.0269 -> 0.0261 at 4.0 bpw (all gptq), test 0.0268 -> 0.0256.
+    assert r["method"] == "sequential-gptq" and r["kept"] and r["loss_after"] < r["loss_before"] == result["loss"]
+    assert r["test_loss_before"] == pytest.approx(result["test_loss"]) and r["test_loss_after"] is not None
+    assert result["verified_loss"] == pytest.approx(r["loss_after"], rel=1e-4)  # the file holds the refined weights
+    doc = read_plan(out)
+    assert doc.provenance.refinement.kept and doc.provenance.refinement.loss_after == r["loss_after"]
+    header = file_layout(out / MODEL_FILE)
+    header.pop("__metadata__")
+    assert sum(end - start for start, end in (t["data_offsets"] for t in header.values())) == doc.totals.bytes  # bytes(plan) unchanged
+    scored = mpsearch("eval", str(out), str(spec), "--json")
+    assert scored.returncode == 0, scored.stderr
+    scored = json.loads(scored.stdout)
+    assert scored["recorded_loss"] == r["loss_after"] and scored["loss"] == pytest.approx(r["loss_after"], rel=1e-4)
+
+
+def test_a_refinement_that_does_not_help_falls_back_to_the_plans_candidates(minilm, tmp_path):
+    """At 16 bits everywhere the refined weights are the fp16 candidates themselves: the loss
+    cannot drop, so the plain export's file is written, byte for byte."""
+    trial = add_trial(minilm.workload, minilm.storage, minilm.name, minilm.workload.layer_table().uniform(16))
+    plain = export_study(minilm.storage, minilm.name, tmp_path / "plain", trial=trial, verify=False)
+    refined = export_study(minilm.storage, minilm.name, tmp_path / "refined", trial=trial, refine="sequential")
+    r = refined.refinement
+    assert not r["kept"] and r["loss_after"] >= r["loss_before"]
+    assert sha256_of(tmp_path / "refined" / MODEL_FILE) == sha256_of(tmp_path / "plain" / MODEL_FILE)
+    assert refined.verified_loss == pytest.approx(plain.loss, rel=1e-4)
+    assert read_plan(tmp_path / "refined").provenance.refinement.kept is False
+
+
+def test_the_spec_turns_it_on_without_changing_the_study(minilm, tmp_path):
+    spec = minilm.workload.spec.with_overrides(export={"refine": "sequential"})
+    assert spec.digest() == minilm.workload.spec.digest()  # not a new study: only the export changes
+    result = export_study(minilm.storage, minilm.name, tmp_path / "e", trial=minilm.mixed, spec=spec, verify=False)
+    assert result.refinement is not None and result.refinement["method"] == "sequential-gptq"
+    bad = mpsearch("export", minilm.name, "--storage", minilm.storage.url.render_as_string(hide_password=False), "--out", str(tmp_path / "b"), "--refine", "qat")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "b").exists()
