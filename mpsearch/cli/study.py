@@ -173,9 +173,14 @@ def report(study: str, out: str, top_k: int, storage: str, force: bool, as_json:
     help="sequential: re-quantize the plan with GPTQ in forward order, each layer from the inputs of the already quantized "
     "layers before it; kept only if the evaluation loss drops (default: the spec's export.refine, none).",
 )
+@click.option(
+    "--repair", "repair_steps", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Tune the scales, norms and biases (codes fixed) for this many Adam steps by distillation on the calibration split; "
+    "kept only if the evaluation loss drops.",
+)
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a summary.")
-def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify, target, refine, device, as_json) -> None:
+def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify, target, refine, repair_steps, device, as_json) -> None:
     """Write a trial of STUDY to --out: packed model.safetensors, plan.json, FORMAT.md and deployment configs.
 
     The folder is built beside --out and renamed into place once the export has been loaded
@@ -188,7 +193,7 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
 
     result = export_study(
         Storage(storage, create=False), study, out, trial=trial, pareto_index=pareto_index,
-        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=show_progress(), target=target, refine=refine,
+        spec=load_spec(spec_path) if spec_path else None, device=device, force=force, verify=not no_verify, progress=show_progress(), target=target, refine=refine, repair_steps=repair_steps,
     )
     if as_json:
         emit_json(result.to_json())
@@ -196,11 +201,12 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
     checked = "" if result.verified_loss is None else f", loaded back at loss {result.verified_loss:.6g}"
     tested = "" if result.test_loss is None else f", test loss {result.test_loss:.6g}"
     click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}{tested}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
-    r = result.refinement
-    if r is not None:
+    for label, r in (("sequential gptq", result.refinement), (f"repair, {result.repair and result.repair['steps']} steps", result.repair)):
+        if r is None:
+            continue
         test = "" if r["test_loss_after"] is None else f", test {r['test_loss_before']:.6g} -> {r['test_loss_after']:.6g}"
-        verdict = "kept" if r["kept"] else "not kept: the plan's candidates are written"
-        click.echo(f"sequential gptq ({r['seconds']:.0f} s): loss {r['loss_before']:.6g} -> {r['loss_after']:.6g}{test}; {verdict}")
+        verdict = "kept" if r["kept"] else "not kept: the weights before it are written"
+        click.echo(f"{label} ({r['seconds']:.0f} s): loss {r['loss_before']:.6g} -> {r['loss_after']:.6g}{test}; {verdict}")
     for name, size, _ in result.files:
         click.echo(f"  {name:<40} {size:>12,} bytes")
     for name, info in result.targets.items():

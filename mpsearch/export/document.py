@@ -85,19 +85,22 @@ class Provenance(_Doc):
     mpsearch_version: str
     created_at: str
     refinement: Refinement | None = None  # export --refine; the file holds the refined weights when kept
+    repair: Refinement | None = None  # export --repair, after any refinement; its tuned scales and norms when kept
 
 
 class Refinement(_Doc):
-    """What ``export --refine`` did: the losses before (the plan's candidates) and after, and
-    whether the refined weights were kept (only when the evaluation loss went down)."""
+    """What ``export --refine`` or ``--repair`` did: the losses before and after, and whether the
+    new weights were kept (only when the evaluation loss went down)."""
 
-    method: str  # "sequential-gptq"
+    method: str  # "sequential-gptq" or "repair"
     kept: bool
     loss_before: float
     loss_after: float
     test_loss_before: float | None = None
     test_loss_after: float | None = None
     seconds: float
+    steps: int | None = None  # repair: Adam steps over the calibration batches
+    seed: int | None = None  # repair: torch.manual_seed before the first step
 
 
 class FileInfo(_Doc):

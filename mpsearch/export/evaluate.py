@@ -36,9 +36,11 @@ def evaluate_export(folder: str | Path, workload) -> dict:
 
 
 def _recorded(doc) -> float:
-    """The loss the export's weights were recorded at: the refined ones' when a refinement was kept."""
-    refinement = doc.provenance.refinement
-    return refinement.loss_after if refinement is not None and refinement.kept else doc.provenance.loss
+    """The loss the export's weights were recorded at: after the last refinement or repair kept."""
+    for step in (doc.provenance.repair, doc.provenance.refinement):
+        if step is not None and step.kept:
+            return step.loss_after
+    return doc.provenance.loss
 
 
 def resident_bytes(model) -> int:

@@ -63,6 +63,7 @@ class ExportResult:
     test_loss: float | None = None
     targets: dict[str, dict] = field(default_factory=dict)  # target -> what it wrote (TargetReport.to_json)
     refinement: dict | None = None  # export --refine: losses before and after, and whether it was kept
+    repair: dict | None = None  # export --repair: the same
 
     def to_json(self) -> dict:
         return {
@@ -78,6 +79,7 @@ class ExportResult:
             "files": [{"name": n, "size": s, "sha256": h} for n, s, h in self.files],
             "targets": self.targets,
             "refinement": self.refinement,
+            "repair": self.repair,
         }
 
 
@@ -147,12 +149,14 @@ def export_study(
     progress: bool = False,
     target: str = "mpsearch",
     refine: str | None = None,
+    repair_steps: int = 0,
 ) -> ExportResult:
     """Export one trial of ``study_name``; see the module docstring. ``target`` adds a
     deployment format beside mpsearch's own (:mod:`mpsearch.export.targets`). ``refine =
     "sequential"`` re-quantizes the plan in forward order (:mod:`mpsearch.quant.refine`) and
     keeps the result only if its evaluation loss is lower than the trial's; None takes the spec's
-    ``export.refine``."""
+    ``export.refine``. ``repair_steps > 0`` then tunes scales, norms and biases by distillation on
+    the calibration split (:mod:`mpsearch.quant.repair`), kept only if the evaluation loss drops."""
     from mpsearch.storage.trials import TrialLog
     from mpsearch.workload import Workload
 
@@ -175,8 +179,14 @@ def export_study(
         refinement = None
         if refine == "sequential":
             built, refinement = _refine(workload, built, chosen, test_loss, progress)
-        doc = _write_folder(tmp, built, workload, log, chosen, test_loss, refinement)
         expected = refinement.loss_after if refinement is not None and refinement.kept else chosen.loss
+        expected_test = refinement.test_loss_after if refinement is not None and refinement.kept else test_loss
+        repaired = None
+        if repair_steps:
+            built, repaired = _repair(workload, built, expected, expected_test, repair_steps, progress)
+            if repaired.kept:
+                expected = repaired.loss_after
+        doc = _write_folder(tmp, built, workload, log, chosen, test_loss, refinement, repaired)
         verified = _verify(tmp, workload, chosen, expected) if verify else None
         targets = {}
         if target == "compressed-tensors":
@@ -191,7 +201,7 @@ def export_study(
         raise
     return ExportResult(
         out, study_name, chosen.number, chosen.loss, verified, doc.totals.bytes, doc.totals.bpw, export_id, files, test_loss, targets,
-        refinement.model_dump(mode="json") if refinement is not None else None,
+        refinement.model_dump(mode="json") if refinement is not None else None, repaired.model_dump(mode="json") if repaired is not None else None,
     )
 
 
@@ -227,6 +237,48 @@ def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: 
             tensors[key] = t
     plan = Plan(layers={name: c.model_copy(update={"method": methods[name]}) for name, c in built.plan.layers.items()})
     return _Built(plan, tensors, built.tensor_bytes, built.entries, built.header), refinement
+
+
+def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps: int, progress: bool) -> tuple[_Built, Refinement]:
+    """A short distillation of the plan's scales, norms and biases (:mod:`mpsearch.quant.repair`),
+    from what the export holds now; its tensors replace those only when the evaluation loss drops."""
+    from mpsearch.quant.repair import decode_into, repair
+
+    table = workload.layer_table()
+    bits = built.plan.bits()
+    forms = {layer.name: {k.removeprefix(layer.name + "."): t for k, t in built.tensors.items() if k.rsplit(".", 1)[0] == layer.name and k.rsplit(".", 1)[1] in _FORM_KEYS} for layer in table.layers}
+    has_test = bool(workload.batches("test"))
+    for split in ("calibration", "evaluation", *(("test",) if has_test else ())):
+        workload.reference(split)  # from the FP model, before any weight changes
+
+    def step_loss(model, index: int):
+        total, count = workload.loss_terms(model, "calibration", index)
+        return total / count
+
+    seed = workload.spec.search.seed
+    done = repair(workload.build_model(), table, bits, forms, step_loss, len(workload.calibration_batches()), steps, seed=seed, progress=progress)
+    model = decode_into(workload.build_model(), table.layers, bits, done.forms)
+    model.load_state_dict(done.tensors, strict=False)
+    after = workload.loss(model)
+    result = Refinement(
+        method="repair", kept=after < loss, loss_before=loss, loss_after=after, test_loss_before=test_loss,
+        test_loss_after=workload.loss(model, "test") if has_test else None, seconds=done.seconds, steps=len(done.curve), seed=seed,
+    )
+    if not result.kept:
+        return built, result
+    tensors = dict(built.tensors)
+    for name, form in done.forms.items():
+        for suffix, t in form.items():
+            key = f"{name}.{suffix}"
+            assert t.shape == tensors[key].shape and t.dtype == tensors[key].dtype, key
+            tensors[key] = t
+    for name, t in done.tensors.items():
+        if name in tensors:  # a tied tensor is stored once, under its first name
+            tensors[name] = t.to(tensors[name].dtype)
+    return _Built(built.plan, tensors, built.tensor_bytes, built.entries, built.header), result
+
+
+_FORM_KEYS = {"qweight", "scales", "zeros", "weight"}
 
 
 def _compressed_tensors(tmp: Path, doc: PlanDocument, workload, verify: bool) -> tuple[PlanDocument, dict]:
@@ -288,7 +340,9 @@ def _build(workload, chosen, progress: bool) -> _Built:
     return _Built(resolved, tensors, tensor_bytes, entries, header)
 
 
-def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: float | None = None, refinement: Refinement | None = None) -> PlanDocument:
+def _write_folder(
+    tmp: Path, built: _Built, workload, log, chosen, test_loss: float | None = None, refinement: Refinement | None = None, repaired: Refinement | None = None,
+) -> PlanDocument:
     """``model.safetensors``, ``plan.json`` and the deployment configs, in ``tmp``."""
     from mpsearch.quant.tensorfile import save_tensors
 
@@ -303,7 +357,7 @@ def _write_folder(tmp: Path, built: _Built, workload, log, chosen, test_loss: fl
             bytes=table.bytes(built.plan), quantized_bytes=table.quantized_bytes(built.plan), other_bytes=table.other_bytes,
             bpw=table.bpw(built.plan), n_weights=table.n_weights,
         ),
-        provenance=_provenance(workload, log, chosen, test_loss, refinement),
+        provenance=_provenance(workload, log, chosen, test_loss, refinement, repaired),
         files={MODEL_FILE: FileInfo(bytes=model_path.stat().st_size, tensor_bytes=built.tensor_bytes, sha256=sha256_of(model_path))},
     )
     doc.write(tmp / PLAN_FILE)
@@ -453,7 +507,7 @@ def _resolved(table, plan: Plan, bank) -> Plan:
     return Plan(layers=choices)
 
 
-def _provenance(workload, log, trial, test_loss: float | None = None, refinement: Refinement | None = None) -> Provenance:
+def _provenance(workload, log, trial, test_loss: float | None = None, refinement: Refinement | None = None, repaired: Refinement | None = None) -> Provenance:
     from mpsearch import __version__
     from mpsearch.hashing import batches_digest, model_digest
 
@@ -478,4 +532,5 @@ def _provenance(workload, log, trial, test_loss: float | None = None, refinement
         mpsearch_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         refinement=refinement,
+        repair=repaired,
     )

@@ -20,17 +20,17 @@ evaluation loss improves.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from mpsearch.quant.apply import module_layout, quantizer
-from mpsearch.quant.bank import Candidate, packed_form
+from mpsearch.quant.apply import quantizer
+from mpsearch.quant.bank import packed_form
 from mpsearch.quant.calibration import input_moments, unsupported_reason
 from mpsearch.quant.gptq import Curvature
 from mpsearch.quant.layers import LayerTable, weight_matrix
+from mpsearch.quant.repair import decode_into
 from mpsearch.quant.scheme import FLOAT_BITS
 
 
@@ -67,8 +67,6 @@ def sequential_forms(
         form = packed_form(gptq.quantize, w, b, layer, table, curvature)
         forms[layer.name] = {k: t.cpu() for k, t in form.items()}
         methods[layer.name] = "fp16" if b == FLOAT_BITS else "gptq" if curvature is not None else "rtn"
-        decoded = Candidate(bits=b, packed=form, nbytes=0, mse=math.nan, sqnr=math.nan).dequantized(layer)
-        with torch.no_grad():
-            module.weight.data.copy_(module_layout(module, decoded.to(module.weight.device)))
+        decode_into(model, [layer], bits, {layer.name: form})
         del w, curvature
     return forms, methods

@@ -61,3 +61,29 @@ def test_the_spec_turns_it_on_without_changing_the_study(minilm, tmp_path):
     assert result.refinement is not None and result.refinement["method"] == "sequential-gptq"
     bad = mpsearch("export", minilm.name, "--storage", minilm.storage.url.render_as_string(hide_password=False), "--out", str(tmp_path / "b"), "--refine", "qat")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_repair_is_kept_when_it_helps_reproducible_and_recorded(minilm, tmp_path):
+    runs = [export_study(minilm.storage, minilm.name, tmp_path / f"r{i}", trial=minilm.mixed, repair_steps=12) for i in range(2)]
+    r = runs[0].repair
+    assert r["method"] == "repair" and r["steps"] == 12 and r["seed"] == minilm.workload.spec.search.seed
+    assert r["kept"] and r["loss_after"] < r["loss_before"] == runs[0].loss and r["test_loss_after"] is not None
+    assert runs[0].verified_loss == pytest.approx(r["loss_after"], rel=1e-4)  # the file holds the tuned scales and norms
+    # Seeded: the same steps give the same file, byte for byte.
+    assert runs[1].repair == {**r, "seconds": runs[1].repair["seconds"]}
+    assert sha256_of(tmp_path / "r0" / MODEL_FILE) == sha256_of(tmp_path / "r1" / MODEL_FILE)
+    doc = read_plan(tmp_path / "r0")
+    assert doc.provenance.repair.kept and doc.provenance.refinement is None
+    header = file_layout(tmp_path / "r0" / MODEL_FILE)
+    header.pop("__metadata__")
+    assert sum(end - start for start, end in (t["data_offsets"] for t in header.values())) == doc.totals.bytes
+
+
+def test_a_repair_that_does_not_help_is_not_kept(minilm, tmp_path):
+    """At 16 bits everywhere the loss is at its floor: a step can only raise it, so the file is the plain export's."""
+    trial = add_trial(minilm.workload, minilm.storage, minilm.name, minilm.workload.layer_table().uniform(16))
+    plain = export_study(minilm.storage, minilm.name, tmp_path / "plain", trial=trial, verify=False)
+    repaired = export_study(minilm.storage, minilm.name, tmp_path / "repaired", trial=trial, repair_steps=2)
+    assert not repaired.repair["kept"] and repaired.repair["loss_after"] >= repaired.repair["loss_before"]
+    assert sha256_of(tmp_path / "repaired" / MODEL_FILE) == sha256_of(tmp_path / "plain" / MODEL_FILE)
+    assert repaired.verified_loss == pytest.approx(plain.loss, rel=1e-4)
