@@ -2,7 +2,7 @@
 run on MiniLM: the GGUF it converts embeds like the FP model, and llama-quantize writes the
 types an export's tensor-type file states.
 
-The build takes about 15 minutes on 2 cores, so these tests use the one in mpsearch's cache:
+The build takes minutes (4 on 2 idle cores), so these tests use the one in mpsearch's cache:
 without it they skip, unless ``MPSEARCH_REQUIRE_LLAMA_CPP=1`` (set by ``.ci/run``, which builds it
 first), where a missing build fails them.
 """
@@ -111,3 +111,13 @@ def test_a_missing_build_is_named_with_the_command_that_makes_it(tmp_path, monke
     with pytest.raises(llama_cpp.ToolchainError, match="mpsearch toolchain llama.cpp"):
         llama_cpp.tools()
     assert not (tmp_path / "empty").exists()  # looking builds nothing
+
+
+def test_a_float_base_type_applies_no_line_of_the_file(llama, minilm_f32, tmp_path):
+    """Why the docs say to give llama-quantize a quantized base type: with f32 the file is ignored."""
+    types = tmp_path / "types.txt"
+    types.write_text("^blk\\.0\\.attn_q\\.weight$=q8_0\n")
+    ignored = llama_cpp.tensor_types(llama_cpp.quantize(llama, minilm_f32, tmp_path / "f32.gguf", "f32", types))
+    applied = llama_cpp.tensor_types(llama_cpp.quantize(llama, minilm_f32, tmp_path / "q4.gguf", "q4_0", types))
+    assert ignored["blk.0.attn_q.weight"] == "F32" and applied["blk.0.attn_q.weight"] == "Q8_0"
+    assert applied["blk.1.attn_q.weight"] == "Q4_0"  # what the file leaves unnamed gets the base type

@@ -10,7 +10,7 @@ version (:data:`LLAMA_CPP_PYTHON`), into mpsearch's cache
    and its ``gguf-py`` come from there too);
 3. CMake configures a static release build without OpenSSL, tests or the server, for any
    x86-64 (``GGML_NATIVE=OFF``: the cache may be shared by machines of one kind), and builds
-   :data:`TOOLS` with a progress bar (about 15 minutes on 2 cores);
+   :data:`TOOLS` with a progress bar (4 minutes on 2 cores here);
 4. the tools are copied to ``bin/`` and ``BUILT.json`` is written last, so a build that was
    interrupted is started again, never half-used. A lock file keeps two builds apart.
 
@@ -103,7 +103,7 @@ def tools(version: str = LLAMA_CPP_PYTHON) -> LlamaCpp:
     """The built llama.cpp, or an error that says how to build it."""
     found = built(version)
     if found is None:
-        raise ToolchainError(f"llama.cpp {version} is not built in {str(cache_root())!r}; run `mpsearch toolchain llama.cpp` once (about 15 minutes on 2 cores)")
+        raise ToolchainError(f"llama.cpp {version} is not built in {str(cache_root())!r}; run `mpsearch toolchain llama.cpp` once (a few minutes)")
     return found
 
 
