@@ -23,7 +23,7 @@ export MPSEARCH_CACHE_DIR=/tmp/mpsearch-banks MPSEARCH_MODEL_CACHE=/tmp/mpsearch
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA here'; print(torch.cuda.get_device_name(), torch.__version__)" | tee "$OUT/gpu.txt"
 
 echo "== 1. CUDA tests" | tee -a "$OUT/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda.py tests/quant/test_modules.py 2>&1 | tail -5 | tee -a "$OUT/gpu.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_cuda.py tests/quant/test_modules.py tests/quant/test_refine.py tests/quant/test_repair.py 2>&1 | tail -5 | tee -a "$OUT/gpu.txt"
 
 echo "== 2. the SmolLM2 study on cuda" | tee -a "$OUT/gpu.txt"
 WORK=$(mktemp -d)
