@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mpsearch.quant import quantize_rtn, weight_matrix
@@ -20,6 +20,7 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 
 @settings(max_examples=150, deadline=None)
+@example(bits=8, symmetric=True, scale_dtype="bfloat16", cols=75, group=-1, skew=1.9553277474055988, seed=27513)
 @given(
     bits=st.sampled_from([2, 3, 4, 8]),
     symmetric=st.booleans(),
@@ -36,8 +37,11 @@ def test_error_is_at_most_half_a_step(bits, symmetric, scale_dtype, cols, group,
     g = q.group_size
     step = q.scales.float().repeat_interleave(g, dim=1)[:, :cols]
     err = (q.dequantize() - w).abs()
-    # Only float32 rounding of w/s stands between the error and the exact bound.
-    assert torch.all(err <= step / 2 * (1 + 1e-5))
+    # Only float32 rounding stands between the error and the exact half step: of w/s (the code
+    # value, up to 2**b in size, so off by up to 2**b · 2**-24 code steps) and of s·(q − offset)
+    # when decoding (as much again). A relative 1e-5 was too tight at 8 bits: hypothesis found
+    # 1.0000136 half steps (the @example below), within this bound.
+    assert torch.all(err <= step * (0.5 + 2.0 ** (bits - 23)))
 
 
 def test_zero_is_exact_and_an_all_zero_group_stays_zero():
