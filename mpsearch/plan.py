@@ -8,7 +8,8 @@ output prints it. Its JSON form is::
 
 The layers are in the model's order. A choice holds the bits and, where a layer departs from
 the study's scheme, its own ``group_size``, ``symmetric`` and ``method``; a field left out
-means "the study's scheme". Exports write every field out (see ``resolved``).
+means "the study's scheme". Exports write every field out (see ``resolved``); a gguf-target
+export writes each layer's llama.cpp ``type`` too.
 
 >>> plan = Plan.of_bits({"fc1": 4, "fc2": 16})
 >>> plan.bits()
@@ -17,10 +18,10 @@ means "the study's scheme". Exports write every field out (see ``resolved``).
 True
 >>> plan.to_json()
 {'format_version': 1, 'layers': {'fc1': {'bits': 4}, 'fc2': {'bits': 16}}}
->>> Plan.of_bits({"fc1": 5})
+>>> Plan.of_bits({"fc1": 7})
 Traceback (most recent call last):
 ...
-mpsearch.errors.MPSearchError: plan: layer 'fc1' has 5 bits; a plan's bits are 2, 3, 4, 8 or 16
+mpsearch.errors.MPSearchError: plan: layer 'fc1' has 7 bits; a plan's bits are 2, 3, 4, 5, 6, 8 or 16
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ from mpsearch.errors import MPSearchError
 PLAN_VERSION = 1
 
 BIT_MENU = (2, 3, 4, 8, 16)
-"""Every bit-width mpsearch knows: integer codes at 2, 3, 4 and 8 bits, fp16 at 16."""
+"""Every bit-width mpsearch's own packing knows: integer codes at 2, 3, 4 and 8 bits, fp16 at 16."""
+
+PLAN_BITS = (2, 3, 4, 5, 6, 8, 16)
+"""Every level a plan may hold: :data:`BIT_MENU`, and 5 and 6 for llama.cpp's Q5/Q6 types (the
+gguf target, :mod:`mpsearch.quant.gguf`)."""
 
 FLOAT_BITS = 16
 
@@ -50,12 +55,13 @@ class LayerChoice(BaseModel):
     group_size: int | None = None
     symmetric: bool | None = None
     method: str | None = None
+    type: str | None = None  # the gguf target's llama.cpp type (Q4_K, IQ4_NL, ...), written out by its exports
 
     @field_validator("bits")
     @classmethod
     def _bits(cls, value: int) -> int:
-        if value not in BIT_MENU:
-            raise ValueError(f"{value} bits; a plan's bits are 2, 3, 4, 8 or 16")
+        if value not in PLAN_BITS:
+            raise ValueError(f"{value} bits; a plan's bits are 2, 3, 4, 5, 6, 8 or 16")
         return value
 
     def to_json(self) -> dict[str, Any]:
@@ -80,7 +86,7 @@ class Plan(BaseModel):
             try:
                 layers[name] = LayerChoice(bits=int(b) if not isinstance(b, bool) else b)
             except ValidationError:
-                raise MPSearchError(f"plan: layer {name!r} has {b} bits; a plan's bits are 2, 3, 4, 8 or 16") from None
+                raise MPSearchError(f"plan: layer {name!r} has {b} bits; a plan's bits are 2, 3, 4, 5, 6, 8 or 16") from None
         return cls(layers=layers)
 
     @classmethod

@@ -8,10 +8,12 @@ A minimal spec (every section has defaults; see ``studies/minilm.toml`` for all 
 >>> spec = Spec.from_toml('budget = "4.0bpw"\\n[model]\\nsource = "minilm"\\n')
 >>> spec.budget.to_budget()
 Budget(unit='bpw', value=4.0)
->>> Spec.from_toml('[quant]\\nbits = [2, 5]\\n')
+>>> Spec.from_toml('[quant]\\nbits = [2, 7]\\n')
 Traceback (most recent call last):
 ...
-mpsearch.errors.SpecError: quant.bits: 5 is not a supported bit-width; choose from 2, 3, 4, 8, 16
+mpsearch.errors.SpecError: quant.bits: 7 is not a supported bit-width; choose from 2, 3, 4, 8, 16 (and 5, 6 with target.format = "gguf")
+>>> Spec.from_toml('[target]\\nformat = "gguf"\\n').quant.bits  # llama.cpp's levels, Q2_K to Q6_K, Q8_0, F16
+(2, 3, 4, 5, 6, 8, 16)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mpsearch.errors import MPSearchError, SpecError
 from mpsearch.hashing import json_digest
 from mpsearch.quant.apply import QUANTIZERS
 from mpsearch.quant.budget import Budget
+from mpsearch.plan import PLAN_BITS
 from mpsearch.quant.scheme import BIT_MENU, Scheme
 
 FORMAT_VERSION = 1
@@ -94,8 +97,8 @@ class QuantSection(_Section):
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"expected a non-empty list of bit-widths from {', '.join(map(str, BIT_MENU))}")
         for b in value:
-            if isinstance(b, bool) or not isinstance(b, int) or b not in BIT_MENU:
-                raise ValueError(f"{b!r} is not a supported bit-width; choose from {', '.join(map(str, BIT_MENU))}")
+            if isinstance(b, bool) or not isinstance(b, int) or b not in PLAN_BITS:
+                raise ValueError(f"{b!r} is not a supported bit-width; choose from {', '.join(map(str, BIT_MENU))} (and 5, 6 with target.format = \"gguf\")")
         if len(set(value)) != len(value):
             raise ValueError("lists a bit-width twice")
         return tuple(sorted(value))
@@ -195,6 +198,14 @@ class ExportSection(_Section):
     )
 
 
+class TargetSection(_Section):
+    format: Literal["mpsearch", "gguf"] = Field(
+        "mpsearch",
+        description="whose types the candidates are: mpsearch's own packing, or llama.cpp's (gguf: quantized by llama-quantize, "
+        "bytes of the GGUF, exported as one .gguf); default quant.bits for gguf: 2, 3, 4, 5, 6, 8, 16",
+    )
+
+
 class StorageSection(_Section):
     url: str = DEFAULT_STORAGE
 
@@ -212,6 +223,7 @@ class Spec(_Section):
     budget: BudgetSection = BudgetSection(bpw=4.0)
     search: SearchSection = SearchSection()
     export: ExportSection = ExportSection()
+    target: TargetSection = TargetSection()
     storage: StorageSection = StorageSection()
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
 
@@ -224,6 +236,18 @@ class Spec(_Section):
             return {"bytes": int(b.value) if b.unit == "bytes" else None, "mib": b.value if b.unit == "mib" else None,
                     "bpw": b.value if b.unit == "bpw" else None}
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_menu(cls, raw: Any):
+        # The gguf target's default menu is llama.cpp's levels, 5 and 6 included.
+        if isinstance(raw, dict) and isinstance(raw.get("target"), dict) and raw["target"].get("format") == "gguf":
+            quant = raw.get("quant")
+            if quant is None or (isinstance(quant, dict) and "bits" not in quant):
+                from mpsearch.quant.gguf import GGUF_LEVELS
+
+                raw = {**raw, "quant": {**(quant or {}), "bits": list(GGUF_LEVELS)}}
+        return raw
 
     # -- loading ------------------------------------------------------------------------
 
@@ -263,6 +287,7 @@ class Spec(_Section):
         except RecursionError:
             raise MPSearchError("the spec nests arrays or tables too deeply to read; a study spec is a few flat tables") from None
         spec._check_paths()
+        spec._check_target()
         return spec
 
     def with_overrides(self, **sections: dict) -> "Spec":
@@ -293,6 +318,11 @@ class Spec(_Section):
             if p.stat().st_size == 0:
                 raise SpecError(field, f"data file {str(p)!r} is empty; it needs at least one example")
 
+    def _check_target(self) -> None:
+        odd = [b for b in self.quant.bits if b not in BIT_MENU]
+        if odd and self.target.format != "gguf":
+            raise SpecError("quant.bits", f"{odd[0]} bits are llama.cpp's Q{odd[0]} types: set target.format = \"gguf\", or choose from {', '.join(map(str, BIT_MENU))}")
+
     @property
     def scheme(self) -> Scheme:
         return self.quant.to_scheme()
@@ -312,6 +342,8 @@ class Spec(_Section):
         for section, field, as_before in _LATER_FIELDS:
             if keyed[section].get(field) == as_before:
                 keyed[section].pop(field, None)
+        if self.target.format != "mpsearch":  # a later section: it counts only when set
+            keyed["target"] = dumped["target"]
         return keyed
 
 

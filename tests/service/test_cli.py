@@ -99,7 +99,7 @@ CASES = {
     "not toml": ("[model\n", ".*study.toml is not valid TOML: .*line 1"),
     "unknown field": ("[quant]\ngroupsize = 64\n", "quant.groupsize: unknown field"),
     "wrong type": ("[data]\nbatch_size = 'many'\n", "data.batch_size: expected an integer"),
-    "bits outside the menu": ("[quant]\nbits = [2, 4, 6]\n", "quant.bits: 6 is not a supported bit-width"),
+    "bits outside the menu": ("[quant]\nbits = [2, 4, 7]\n", "quant.bits: 7 is not a supported bit-width"),
     "model path missing": ("[model]\nsource = 'hf:./no-model-here'\n", "model.source: model directory .* does not exist"),
     "empty data file": ("[data]\nsource = 'empty.txt'\n", "data.source: data file .* is empty"),
     "budget below all-2-bit": ("[budget]\nbpw = 1.0\n", "budget.bpw: 1bpw .* is below the smallest plan, all 2-bit"),
