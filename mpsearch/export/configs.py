@@ -20,48 +20,12 @@ import re
 from collections import Counter, defaultdict
 
 from mpsearch.export.document import PlanDocument
+from mpsearch.quant.gguf import gguf_tensor
 
 GGUF_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
 
-# The block index and the module path inside a block, for the usual transformer layouts.
-_BLOCK = re.compile(r"^(?:.*\.)?(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
-
-# Module path inside a block → GGUF tensor role (llama.cpp's names: blk.N.<role>.weight).
-_ROLES = {
-    # LLaMA, Mistral, Qwen, Gemma
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    # BERT and its kin
-    "attention.self.query": "attn_q", "attention.self.key": "attn_k", "attention.self.value": "attn_v",
-    "attention.output.dense": "attn_output", "intermediate.dense": "ffn_up", "output.dense": "ffn_down",
-    # GPT-2
-    "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
-}
-# Whole-model tensors.
-_TOP = {
-    "lm_head": "output", "embed_out": "output",
-    "model.embed_tokens": "token_embd", "transformer.wte": "token_embd", "embeddings.word_embeddings": "token_embd",
-    "embeddings.position_embeddings": "position_embd", "transformer.wpe": "position_embd",
-    "embeddings.token_type_embeddings": "token_types",
-}
 # ggml's names for the dtypes a tensor the plan leaves alone is kept in.
 GGML_FLOAT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-
-
-def gguf_tensor(name: str) -> str | None:
-    """The GGUF tensor a module's weight becomes, or None where llama.cpp has no known name.
-
-    >>> gguf_tensor("encoder.layer.3.attention.self.query"), gguf_tensor("transformer.h.0.mlp.c_fc")
-    ('blk.3.attn_q', 'blk.0.ffn_up')
-    >>> gguf_tensor("pooler.dense") is None
-    True
-    """
-    if name in _TOP:
-        return _TOP[name]
-    m = _BLOCK.match(name)
-    if m and m.group(2) in _ROLES:
-        return f"blk.{m.group(1)}.{_ROLES[m.group(2)]}"
-    return None
 
 
 def llama_cpp_tensor_types(doc: PlanDocument, unplanned: dict[str, str] | None = None) -> tuple[str, list[str]]:
@@ -126,26 +90,8 @@ def quantization_config(doc: PlanDocument, unplanned: dict[str, str] | None = No
 
 def readme(doc: PlanDocument, baselines: dict[str, dict], unnamed: list[str]) -> str:
     """The export's short README: what it is, how it compares, and every layer's bits."""
-    p, t = doc.provenance, doc.totals
-    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
     lines = [
-        f"# {p.study}, trial {p.trial}",
-        "",
-        f"A mixed-precision plan for `{p.model.source}` ({p.model.architecture}), exported by mpsearch {p.mpsearch_version}.",
-        f"Loss ({p.loss_kind}) {p.loss:.6g} at {t.bytes:,} bytes ({mib(t.bytes)}), {t.bpw:.4f} bits per weight"
-        + (f", within a budget of {p.budget_bytes:,} bytes." if p.budget_bytes else "."),
-        "",
-        "| plan | loss | bytes | bpw |",
-        "|---|---|---|---|",
-        f"| **this export** ({p.trial_source or 'sampled'}) | {p.loss:.6g} | {t.bytes:,} | {t.bpw:.4f} |",
-    ]
-    for name, row in sorted(baselines.items(), key=lambda kv: kv[1]["loss"]):
-        lines.append(f"| {name} | {row['loss']:.6g} | {row['bytes']:,} | {row['bpw']:.4f} |")
-    counts = Counter(c.bits for c in doc.plan.layers.values())
-    lines += [
-        "",
-        "Layers per bit-width: " + ", ".join(f"{b} bits: {counts[b]}" for b in sorted(counts)) + ".",
-        "",
+        readme_summary(doc, baselines),
         "Files: `model.safetensors` (packed weights, see `FORMAT.md`), `plan.json` (the plan and its provenance),",
         "`quantization_config.json` (per-module config), `llama_cpp_tensor_types.txt`",
         "(`llama-quantize --tensor-type-file llama_cpp_tensor_types.txt MODEL-F16.gguf OUT.gguf q4_K`).",
@@ -161,3 +107,26 @@ def readme(doc: PlanDocument, baselines: dict[str, dict], unnamed: list[str]) ->
     ]
     lines += [f"| `{layer.name}` | {c.bits} | {c.group_size or '-'} | {c.method} | {layer.bytes:,} |" for layer, c in doc.entries()]
     return "\n".join(lines) + "\n"
+
+
+def readme_summary(doc: PlanDocument, baselines: dict[str, dict]) -> str:
+    """The README's opening: what the export is, and its loss and size beside the study's baselines."""
+    p, t = doc.provenance, doc.totals
+    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    lines = [
+        f"# {p.study}, trial {p.trial}",
+        "",
+        f"A mixed-precision plan for `{p.model.source}` ({p.model.architecture}), exported by mpsearch {p.mpsearch_version}.",
+        f"Loss ({p.loss_kind}) {p.loss:.6g} at {t.bytes:,} bytes ({mib(t.bytes)}), {t.bpw:.4f} bits per weight"
+        + (f", within a budget of {p.budget_bytes:,} bytes." if p.budget_bytes else "."),
+        "",
+        "| plan | loss | bytes | bpw |",
+        "|---|---|---|---|",
+        f"| **this export** ({p.trial_source or 'sampled'}) | {p.loss:.6g} | {t.bytes:,} | {t.bpw:.4f} |",
+    ]
+    for name, row in sorted(baselines.items(), key=lambda kv: kv[1]["loss"]):
+        lines.append(f"| {name} | {row['loss']:.6g} | {row['bytes']:,} | {row['bpw']:.4f} |")
+    counts = Counter(c.type or c.bits for c in doc.plan.layers.values())
+    per = "Layers per type: " if any(c.type for c in doc.plan.layers.values()) else "Layers per bit-width: "
+    lines += ["", per + ", ".join(f"{b}{'' if isinstance(b, str) else ' bits'}: {counts[b]}" for b in sorted(counts, key=str)) + ".", ""]
+    return "\n".join(lines)

@@ -68,13 +68,14 @@ def default_cache_dir() -> Path | None:
 
 @dataclass
 class Candidate:
-    """One layer at one bit-width, packed."""
+    """One layer at one bit-width, packed (or, for the gguf target, as llama.cpp's blocks)."""
 
     bits: int
-    packed: dict[str, torch.Tensor]  # suffix ("qweight", "scales", "zeros" or "weight") -> tensor
+    packed: dict[str, torch.Tensor]  # suffix ("qweight", "scales", "zeros", "weight", or gguf "blocks") -> tensor
     nbytes: int
     mse: float
     sqnr: float
+    type: str | None = None  # the gguf target's llama.cpp type (Q4_K, ...)
 
     def quantized_weight(self, group_size: int, rows: int, cols: int) -> QuantizedWeight:
         codes = unpack(self.packed["qweight"], self.bits, rows * cols).reshape(rows, cols)
@@ -82,8 +83,12 @@ class Candidate:
 
     def dequantized(self, layer: QuantLayer) -> torch.Tensor:
         """The (rows × cols) float32 matrix this candidate stands for, on the bank's device."""
-        if self.bits == FLOAT_BITS:
+        if "weight" in self.packed:
             return self.packed["weight"].to(torch.float32)
+        if "blocks" in self.packed:
+            from mpsearch.quant.gguf import dequantize
+
+            return dequantize(self.packed["blocks"], self.type, layer.rows, layer.cols)
         return self.quantized_weight(layer.group_size, layer.rows, layer.cols).dequantize()
 
 
@@ -126,6 +131,7 @@ class CandidateBank:
         device: str | torch.device | None = None,
         moment_bytes: int = MOMENT_BYTES,
         progress: bool = False,
+        source_dir: str | Path | None = None,
     ) -> "CandidateBank":
         """Quantize every layer of ``table`` in the FP ``model`` at each of ``bits`` (the menu).
 
@@ -133,7 +139,8 @@ class CandidateBank:
         they would take more than half of its free memory). ``batches`` and ``forward`` feed the
         calibration pass of methods that need one (``gptq``). With ``cache_dir``, each bit-width's
         candidates are read from, or written to, that folder. ``model_key``: the model's hash, when
-        the caller has it already.
+        the caller has it already. For the gguf target (``table.target``) the candidates are
+        llama.cpp's (:mod:`mpsearch.quant.gguf`), made from the Hugging Face folder ``source_dir``.
         """
         method = quantizer(table.scheme.method)
         bits = tuple(sorted(set(bits if bits is not None else table.menu)))
@@ -147,13 +154,23 @@ class CandidateBank:
         modules = dict(model.named_modules())
         model_device = next(iter(modules[table.layers[0].name].parameters())).device
         home = torch.device(device) if device is not None else _home(model_device, table, bits)
-        key = _cache_key(model, table, batches if method.needs_calibration else None, model_key)
+        gguf = table.target == "gguf"
+        if gguf and source_dir is None:
+            raise MPSearchError("the gguf target's bank is made by llama.cpp from the model's Hugging Face folder; build it from a Workload")
+        key = _cache_key(model, table, batches if method.needs_calibration and not gguf else None, model_key)
         folder = Path(cache_dir) if cache_dir is not None else None
-        forms = {b: found for b in bits if folder is not None and (found := _read_cache(folder, key, b, table, home)) is not None}
-        notes = _fallback_notes(table, modules, method)
-        missing = [b for b in bits if b not in forms]
+        levels = sorted({table.layer_level(n, b) for n in table.names for b in bits})  # the gguf target's aliases need their level
+        forms = {b: found for b in levels if folder is not None and (found := _read_cache(folder, key, b, table, home)) is not None}
+        notes = {} if gguf else _fallback_notes(table, modules, method)
+        missing = [b for b in levels if b not in forms]
         if missing:
-            fresh = _quantize_all(model, table, modules, missing, method, batches, forward, notes, moment_bytes, progress)
+            if gguf:
+                from mpsearch.quant.gguf import build_candidates
+
+                weights = {layer.name: weight_matrix(modules[layer.name]).detach() for layer in table.layers}
+                fresh = build_candidates(Path(source_dir), table, weights, tuple(missing), progress)
+            else:
+                fresh = _quantize_all(model, table, modules, missing, method, batches, forward, notes, moment_bytes, progress)
             for b in missing:
                 if folder is not None:
                     _write_cache(folder, key, b, fresh[b])
@@ -180,7 +197,8 @@ class CandidateBank:
 
     def memory(self) -> dict[str, int]:
         """Bytes the bank holds: its packed candidates, and nothing else."""
-        packed = sum(t.numel() * t.element_size() for c in self.candidates.values() for t in c.packed.values())
+        unique = {id(c): c for c in self.candidates.values()}.values()  # the gguf target's aliases once
+        packed = sum(t.numel() * t.element_size() for c in unique for t in c.packed.values())
         return {"packed": packed, "total": packed}
 
     def tensors(self, plan: Plan | Mapping[str, int]) -> dict[str, torch.Tensor]:
@@ -288,7 +306,7 @@ def _home(model_device: torch.device, table: LayerTable, bits: Sequence[int]) ->
     """Where the packed candidates live: with the model, or on the host when a GPU lacks room."""
     if model_device.type != "cuda":
         return model_device
-    need = sum(layer.bytes(b, table.scheme) for layer in table.layers for b in bits)
+    need = sum(table.layer_bytes(layer.name, b) for layer in table.layers for b in bits)
     free, _total = torch.cuda.mem_get_info(model_device)
     return model_device if need < free // 2 else torch.device("cpu")
 
@@ -354,14 +372,20 @@ def _quantize_all(model, table: LayerTable, modules, bits: Sequence[int], method
 
 
 def _candidates(table: LayerTable, modules, forms, bits: Sequence[int]) -> dict[tuple[str, int], Candidate]:
-    """Each (layer, bits) with its exact bytes and its error against the FP weight."""
+    """Each (layer, bits) with its exact bytes and its error against the FP weight. A level a
+    layer cannot take (gguf target) is the very candidate of the level it takes instead."""
     candidates = {}
     for layer in table.layers:
         w = weight_matrix(modules[layer.name]).detach().to(torch.float32)
+        made: dict[int, Candidate] = {}
         for b in bits:
-            cand = Candidate(bits=b, packed=forms[b][layer.name], nbytes=layer.bytes(b, table.scheme), mse=math.nan, sqnr=math.nan)
-            cand.mse, cand.sqnr = _errors(w, cand.dequantized(layer).to(w.device))
-            candidates[(layer.name, b)] = cand
+            level = table.layer_level(layer.name, b)
+            if level not in made:
+                nbytes = table.layer_bytes(layer.name, level)
+                cand = Candidate(bits=level, packed=forms[level][layer.name], nbytes=nbytes, mse=math.nan, sqnr=math.nan, type=table.type_of(layer.name, level))
+                cand.mse, cand.sqnr = _errors(w, cand.dequantized(layer).to(w.device))
+                made[level] = cand
+            candidates[(layer.name, b)] = made[level]
     return candidates
 
 
@@ -394,6 +418,10 @@ def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, t
         "model": model_key or model_digest(model),
         "data": batches_digest(batches) if batches is not None else None,
     }
+    if table.target != "mpsearch":  # a later field: banks of mpsearch's own packing keep their keys
+        from mpsearch.export.targets.llama_cpp import LLAMA_CPP_PYTHON
+
+        parts["target"] = {"format": table.target, "llama.cpp": LLAMA_CPP_PYTHON, "types": table.types}
     return json_digest(parts)
 
 
@@ -413,7 +441,7 @@ def _read_cache(folder: Path, key: str, bits: int, table: LayerTable, device: to
             if meta.get("key") != key or meta.get("bits") != str(bits):
                 raise ValueError("its metadata names another bank")
             forms: dict[str, dict[str, torch.Tensor]] = {}
-            for layer in table.layers:
+            for layer in _own_layers(table, bits):
                 expected = _expected_shapes(layer, bits, table)
                 form = {}
                 for suffix, (shape, dtype) in expected.items():
@@ -428,9 +456,16 @@ def _read_cache(folder: Path, key: str, bits: int, table: LayerTable, device: to
         return None
 
 
+def _own_layers(table: LayerTable, bits: int) -> list[QuantLayer]:
+    """The layers a cache file of ``bits`` holds: those that take that level (all, but for gguf)."""
+    return [layer for layer in table.layers if table.layer_level(layer.name, bits) == bits]
+
+
 def _expected_shapes(layer: QuantLayer, bits: int, table: LayerTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if bits == FLOAT_BITS:
         return {"weight": ((layer.rows, layer.cols), torch.float16)}
+    if table.target == "gguf":
+        return {"blocks": ((layer.rows, table.layer_bytes(layer.name, bits) // layer.rows), torch.uint8)}
     from mpsearch.quant.packing import packed_nbytes
     from mpsearch.quant.scheme import SCALE_DTYPES
 

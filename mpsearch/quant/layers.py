@@ -132,9 +132,15 @@ class LayerTable:
     other_bytes: int = 0
     excluded: list[dict] = field(default_factory=list)
     unseen: tuple[str, ...] = ()  # layers the loss cannot see, in the table or left out (mpsearch.workload.reach)
+    target: str = "mpsearch"  # whose types the candidates are: mpsearch's packing, or llama.cpp's ("gguf")
+    types: dict[str, dict[int, str]] = field(default_factory=dict)  # gguf: each layer's {level: llama.cpp type}
 
     def __post_init__(self):
         self._by_name = {layer.name: layer for layer in self.layers}
+        if self.target == "gguf" and not self.types:
+            from mpsearch.quant.gguf import layer_types
+
+            self.types = {layer.name: layer_types(layer.cols, self.menu) for layer in self.layers}
 
     # -- discovery -------------------------------------------------------------------
 
@@ -149,6 +155,7 @@ class LayerTable:
         embeddings: bool = False,
         unseen: Sequence[str] = (),
         leave_unseen: bool = False,
+        target: str = "mpsearch",
     ) -> "LayerTable":
         """Find the quantizable layers of ``model``.
 
@@ -156,7 +163,9 @@ class LayerTable:
         others as aliases). A weight tied to a module that is not quantizable, and every
         layer left out by the patterns, is listed in ``excluded`` with the reason; so is each
         of ``unseen`` (layers the loss cannot see) when ``leave_unseen``.
-        Raises :class:`SpecError` when an include pattern matches no layer.
+        With ``target = "gguf"`` a layer must also be a tensor llama.cpp's converter writes, with
+        a type of the menu for its row length (:mod:`mpsearch.quant.gguf`); the others are listed
+        in ``excluded`` too. Raises :class:`SpecError` when an include pattern matches no layer.
         """
         types = MATMUL_TYPES + ((nn.Embedding,) if embeddings else ())
         owners = _owners(model)
@@ -166,6 +175,8 @@ class LayerTable:
             reason = selection.left_out([n for n, _ in members], [(n, m) for n, m in owners.get(key, []) if not isinstance(m, types)])
             if not reason and leave_unseen and members[0][0] in unseen:
                 reason = UNSEEN_RULE
+            if not reason and target == "gguf":
+                reason = _gguf_rule(members[0][0], weight_matrix(members[0][1]).shape[1], menu)
             if reason:
                 excluded.append({"name": members[0][0], "reason": reason})
                 continue
@@ -184,7 +195,8 @@ class LayerTable:
             raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
         other_bytes = sum(t.numel() * t.element_size() for t in other_tensors(model, quantized_keys).values())
         return cls(
-            layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded, unseen=tuple(unseen)
+            layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded, unseen=tuple(unseen),
+            target=target,
         )
 
     # -- the ledger ------------------------------------------------------------------
@@ -203,8 +215,32 @@ class LayerTable:
         except KeyError:
             raise MPSearchError(f"no quantizable layer named {name!r}; `mpsearch layers` lists them") from None
 
+    def levels(self, name: str) -> tuple[int, ...]:
+        """The menu's levels layer ``name`` can take (all of them, but for the gguf target)."""
+        self.layer(name)
+        return tuple(sorted(self.types[name])) if self.target == "gguf" else self.menu
+
+    def layer_level(self, name: str, bits: int) -> int:
+        """The level the layer takes for ``bits``: ``bits``, or the next one up it can take."""
+        if self.target != "gguf":
+            return bits
+        from mpsearch.quant.gguf import effective_level
+
+        return effective_level(self.types[name], bits)
+
+    def type_of(self, name: str, bits: int) -> str | None:
+        """The llama.cpp type layer ``name`` takes for ``bits`` (gguf target), else None."""
+        return self.types[name][self.layer_level(name, bits)] if self.target == "gguf" else None
+
     def layer_bytes(self, name: str, bits: int) -> int:
-        return self.layer(name).bytes(bits, self.scheme)
+        """Exact bytes of layer ``name`` at ``bits`` (at the level it takes for them)."""
+        layer = self.layer(name)
+        if self.target != "gguf":
+            return layer.bytes(bits, self.scheme)
+        from mpsearch.quant.gguf import type_bytes
+
+        kind = self.type_of(name, bits)
+        return 2 * layer.n if kind == "F16" else type_bytes(kind, layer.rows, layer.cols)
 
     def check_plan(self, plan: Plan | Mapping[str, int]) -> dict[str, int]:
         """The plan's ``{layer: bits}``, once it names exactly this table's layers with bits of its menu."""
@@ -214,16 +250,17 @@ class LayerTable:
         if missing or extra:
             what = f"missing {missing[:3]}" if missing else f"unknown {extra[:3]}"
             raise MPSearchError(f"plan does not match the model's layers ({what}); plans come from `mpsearch layers` names")
-        bad = {n: b for n, b in bits.items() if b not in self.menu}
+        bad = {n: b for n, b in bits.items() if b not in self.levels(n)}
         if bad:
             name, b = next(iter(bad.items()))
-            raise MPSearchError(f"plan gives {name!r} {b} bits, which is not in the bit menu {list(self.menu)}")
+            menu = "the bit menu" if self.target != "gguf" else f"the levels llama.cpp's types give this layer (rows of {self.layer(name).cols})"
+            raise MPSearchError(f"plan gives {name!r} {b} bits, which is not in {menu} {list(self.levels(name))}")
         return bits
 
     def quantized_bytes(self, plan: Plan | Mapping[str, int]) -> int:
         """Bytes of the quantizable layers alone: codes, scales and zero points."""
         bits = self.check_plan(plan)
-        return sum(layer.bytes(bits[layer.name], self.scheme) for layer in self.layers)
+        return sum(self.layer_bytes(name, b) for name, b in bits.items())
 
     def bytes(self, plan: Plan | Mapping[str, int]) -> int:
         """bytes(plan): the exported model's exact tensor bytes."""
@@ -234,8 +271,8 @@ class LayerTable:
         return self.quantized_bytes(plan) * 8 / self.n_weights
 
     def uniform(self, bits: int) -> Plan:
-        """Every layer at ``bits``."""
-        return Plan.of_bits({name: bits for name in self.names})
+        """Every layer at ``bits`` (for the gguf target, at the level each takes for them)."""
+        return Plan.of_bits({name: self.layer_level(name, bits) for name in self.names})
 
     def budget_bytes(self, budget: Budget) -> int:
         """The byte limit ``budget`` stands for, checked against the smallest and largest plan."""
@@ -271,13 +308,15 @@ class LayerTable:
                 "kind": layer.kind,
                 "shape": list(layer.shape),
                 "n": layer.n,
-                "bytes": {str(b): layer.bytes(b, self.scheme) for b in self.menu},
+                "bytes": {str(b): self.layer_bytes(layer.name, b) for b in self.menu},
                 "group_size": layer.group_size,
             }
             if layer.rule:
                 row["rule"] = layer.rule
             if layer.aliases:
                 row["aliases"] = list(layer.aliases)
+            if self.target == "gguf":
+                row["types"] = {str(b): self.type_of(layer.name, b) for b in self.menu}
             rows.append(row)
         return {
             "layers": rows,
@@ -288,6 +327,7 @@ class LayerTable:
             "total_bytes": {str(b): self.bytes(self.uniform(b)) for b in self.menu},
             "excluded": self.excluded,
             "unseen": list(self.unseen),
+            "target": self.target,
         }
 
 
@@ -346,6 +386,17 @@ class _Selection:
                     "layers.include",
                     f"pattern {pattern!r} matches no quantizable layer; run `mpsearch layers` with include = [\"*\"] to list their names",
                 )
+
+
+def _gguf_rule(name: str, cols: int, menu: Sequence[int]) -> str | None:
+    """Why the gguf target cannot take a layer, or None when it can."""
+    from mpsearch.quant.gguf import NO_TENSOR_RULE, gguf_tensor, layer_types
+
+    if gguf_tensor(name) is None:
+        return NO_TENSOR_RULE
+    if not layer_types(cols, tuple(menu)):
+        return f"no llama.cpp type of quant.bits {list(menu)} takes rows of {cols}; add 16 to quant.bits to keep it at F16"
+    return None
 
 
 def _quant_layer(members: list[tuple[str, nn.Module]], scheme: Scheme) -> QuantLayer:

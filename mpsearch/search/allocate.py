@@ -45,6 +45,7 @@ class Costs:
     nbytes: np.ndarray  # (layers, widths) int64, exact bytes of each layer at each width
     cost: np.ndarray  # (layers, widths) float64, monotone non-increasing along widths
     other_bytes: int
+    levels: np.ndarray | None = None  # (layers, widths) the bits each layer takes at each width (gguf target); None: the menu's
 
     @classmethod
     def of(cls, table, scores: Mapping[str, Mapping[int | str, float]] | None) -> "Costs":
@@ -52,17 +53,21 @@ class Costs:
 
         Scores are clamped at 0 (a perturbation Δloss can come out a hair negative) and
         made monotone: the cost at ``b`` bits is at least the cost at every wider width.
+        Where a layer cannot take a width (the gguf target's types), its column is the width it
+        takes instead: same bytes, same cost, and the plan holds that width.
         """
         names = tuple(table.names)
         menu = tuple(table.menu)
+        levels = np.array([[table.layer_level(n, b) for b in menu] for n in names], dtype=np.int64)
         nbytes = np.array([[table.layer_bytes(n, b) for b in menu] for n in names], dtype=np.int64)
         cost = np.zeros((len(names), len(menu)))
         if scores is not None:
             for i, n in enumerate(names):
                 per = {int(k): v for k, v in scores[n].items()}
-                cost[i] = [max(float(per.get(b, 0.0) or 0.0), 0.0) for b in menu]
+                cost[i] = [max(float(per.get(int(b), 0.0) or 0.0), 0.0) for b in levels[i]]
             cost = np.maximum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
-        return cls(names, menu, nbytes, cost, int(table.other_bytes))
+        same = bool((levels == np.array(menu)).all())
+        return cls(names, menu, nbytes, cost, int(table.other_bytes), None if same else levels)
 
     def index(self, plan: PlanLike) -> np.ndarray:
         """The menu index of each layer's bits (an index array is returned as a copy)."""
@@ -73,6 +78,8 @@ class Costs:
         return np.array([position[int(bits[n])] for n in self.names], dtype=np.int64)
 
     def plan(self, index: np.ndarray) -> Plan:
+        if self.levels is not None:
+            return Plan.of_bits({n: int(self.levels[i, int(j)]) for i, (n, j) in enumerate(zip(self.names, index))})
         return Plan.of_bits({n: self.menu[int(j)] for n, j in zip(self.names, index)})
 
     def bytes_of(self, plan: PlanLike) -> int:
@@ -199,5 +206,5 @@ def relinearised(costs: Costs, plan: PlanLike, down: np.ndarray, up: np.ndarray,
         local[i, top + 1 :] = local[i, top]
         bottom = int(np.flatnonzero(allowed[i]).min())
         local[i, :bottom] = local[i, bottom] + pad
-    anchored = Costs(costs.names, costs.menu, costs.nbytes, local, costs.other_bytes)
+    anchored = Costs(costs.names, costs.menu, costs.nbytes, local, costs.other_bytes, costs.levels)
     return ilp(anchored, budget, allowed=allowed)

@@ -20,7 +20,7 @@ def perturbation_scores(workload, workers: int = 2, address: str | None = None, 
     difference ran on the same device.
     """
     table = workload.layer_table()
-    jobs = [(name, bits) for name in table.names for bits in table.menu]
+    jobs = [(name, bits) for name in table.names for bits in table.levels(name)]  # a width a layer cannot take is scored once, as the one it takes
     own = pool is None
     if own:  # in this process it scores on the workload itself (one copy of the model), which it gets back after
         workload.candidate_bank(progress=progress)  # fills the disk cache the actors read
@@ -37,6 +37,8 @@ def perturbation_scores(workload, workers: int = 2, address: str | None = None, 
     scores: dict[str, dict[int, float]] = {name: {} for name in table.names}
     for (name, bits), loss in zip(jobs, losses):
         scores[name][bits] = loss - base
+    for name in table.names:
+        scores[name] = {bits: scores[name][table.layer_level(name, bits)] for bits in table.menu}
     return scores
 
 

