@@ -51,6 +51,8 @@ def check_file(folder: Path, doc: PlanDocument) -> Path:
     path = folder / MODEL_FILE
     info = doc.files.get(MODEL_FILE)
     if info is None:
+        if "model.gguf" in doc.files:
+            raise ExportError(f"{str(folder)!r} is a GGUF export (target gguf): run its model.gguf with llama.cpp; mpsearch loads its own format only")
         raise ExportError(f"{str(folder / PLAN_FILE)!r} records no {MODEL_FILE}; export the study again")
     if not path.is_file():
         raise ExportError(f"{str(folder)!r} has no {MODEL_FILE}; export the study again")

@@ -173,6 +173,8 @@ def export_study(
     tmp = _staging(out)  # before any work: a folder that cannot be written is found at once
     try:
         workload = Workload(study_spec(log, spec), device=device)
+        if workload.spec.target.format == "gguf":
+            return _export_gguf(storage, tmp, out, workload, log, chosen, target, refine, repair_steps, verify, progress)
         refine = refine or workload.spec.export.refine
         built = _build(workload, chosen, progress)
         test_loss = _test_loss(workload, chosen.plan)
@@ -206,6 +208,54 @@ def export_study(
 
 
 REFINEMENTS = ("none", "sequential")
+
+
+def _export_gguf(storage, tmp: Path, out: Path, workload, log, chosen, target: str, refine: str | None, repair_steps: int, verify: bool, progress: bool) -> ExportResult:
+    """A gguf-target study's export (:mod:`mpsearch.export.targets.gguf`): ``model.gguf`` with the
+    plan's llama.cpp types, checked by reading it back and (``verify``) by llama-embedding."""
+    from mpsearch.export.targets import gguf as target_gguf
+    from mpsearch.workload.data import split
+
+    study = log.name
+    if target != "mpsearch":
+        raise ExportError(f"study {study!r} searched llama.cpp's types (target.format = \"gguf\"); its export is a GGUF: drop --target {target}")
+    if (refine or "none") != "none" or repair_steps:
+        raise ExportError(f"study {study!r} searched llama.cpp's types; --refine and --repair change mpsearch's packing, not llama.cpp's blocks: drop them")
+    table = workload.layer_table()
+    plan = chosen.plan
+    if plan.names() != table.names:
+        raise ExportError(f"trial {chosen.number}'s plan names other layers than the model of the spec: the study ran on another model")
+    nbytes = table.bytes(plan)
+    if chosen.bytes not in (None, nbytes):
+        raise ExportError(f"the plan costs {nbytes} bytes on this model but the trial recorded {chosen.bytes}: the model or llama.cpp changed")
+    bank = workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
+    test_loss = _test_loss(workload, plan)
+    report = target_gguf.write(tmp, workload, plan, bank)
+    if verify and not workload.is_causal_lm:
+        texts = split(workload.spec.data, workload.spec.resolve)[1].texts
+        if texts:
+            report.embedding = target_gguf.check_embeddings(tmp / target_gguf.FILE, workload, plan, bank, texts)
+    resolved = Plan(layers={name: LayerChoice(bits=b, method="llama.cpp", type=table.type_of(name, b)) for name, b in plan.bits().items()})
+    entries = [
+        LayerEntry(name=l.name, kind=l.kind, shape=list(l.shape), rows=l.rows, cols=l.cols, bytes=table.layer_bytes(l.name, plan[l.name].bits), aliases=list(l.aliases), rule=l.rule)
+        for l in table.layers
+    ]
+    model_path = tmp / target_gguf.FILE
+    doc = PlanDocument(
+        plan=resolved,
+        layers=entries,
+        totals=Totals(bytes=nbytes, quantized_bytes=table.quantized_bytes(plan), other_bytes=table.other_bytes, bpw=table.bpw(plan), n_weights=table.n_weights),
+        provenance=_provenance(workload, log, chosen, test_loss),
+        files={target_gguf.FILE: FileInfo(bytes=model_path.stat().st_size, tensor_bytes=report.tensor_bytes, sha256=sha256_of(model_path))},
+    )
+    doc.write(tmp / PLAN_FILE)
+    baselines = {k: v for k, v in log.outcome().baselines.items() if k != chosen.source}
+    (tmp / "README.md").write_text(configs.readme_summary(doc, baselines) + target_gguf.readme_section(report, doc), encoding="utf-8")
+    for p in tmp.rglob("*"):
+        os.chmod(p, 0o666 & ~_umask())
+    files = [(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_of(p)) for p in sorted(tmp.rglob("*")) if p.is_file()]
+    export_id = _publish(storage, tmp, out, study, chosen.number, chosen.plan, nbytes, doc.totals.bpw, files)
+    return ExportResult(out, study, chosen.number, chosen.loss, None, nbytes, doc.totals.bpw, export_id, files, test_loss, {"gguf": report.to_json()})
 
 
 def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: bool) -> tuple[_Built, Refinement]:

@@ -1,0 +1,166 @@
+"""The gguf target's export: one ``model.gguf`` that llama.cpp runs, holding the searched tensors.
+
+A study with ``[target] format = "gguf"`` searched over llama.cpp's own types
+(:mod:`mpsearch.quant.gguf`). Its export:
+
+1. converts the model to an F32 GGUF with the ``convert_hf_to_gguf.py`` of mpsearch's llama.cpp;
+2. states every weight matrix's type in a tensor-type file (``llama_cpp_tensor_types.txt``, one
+   exact ``^name$=type`` line per tensor): each planned layer at its plan's type, every other
+   matrix (embeddings, excluded layers) at the type the converter gave it (F32), and runs
+   ``llama-quantize --tensor-type-file`` with base type Q8_0 (a float base type would make
+   llama-quantize ignore the file; with every matrix stated, the base type applies to none);
+3. reads the file back with the ``gguf`` package: each tensor's written type must be its stated
+   one, its bytes the plan's, and each planned tensor's blocks byte-identical to the candidate the
+   search evaluated, so what was searched is what is deployed;
+4. with verification on, runs ``llama-embedding`` (encoders) on the evaluation texts and compares
+   its embeddings with mpsearch's own forward pass of the same plan: the mean cosine must be at
+   least :data:`MIN_MEAN_COSINE`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mpsearch.export.loader import ExportError
+from mpsearch.plan import Plan
+from mpsearch.quant.gguf import gguf_tensor
+
+FILE = "model.gguf"
+TYPES_FILE = "llama_cpp_tensor_types.txt"
+MIN_MEAN_COSINE = 0.999
+MAX_TOKENS = 512  # llama-embedding runs with a context of 512; mpsearch's side truncates there too
+
+
+@dataclass
+class GgufReport:
+    """What the export wrote and what llama.cpp said of it."""
+
+    tensors: list[dict]  # per planned layer: layer, tensor, planned, written, bytes
+    stated: dict[str, str]  # every other weight matrix: tensor -> its written type
+    tensor_bytes: int  # all tensors of the file
+    embedding: dict | None = None  # llama-embedding against mpsearch: mean and min cosine, texts
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"file": FILE, "tensors": self.tensors, "stated": self.stated, "tensor_bytes": self.tensor_bytes, "embedding": self.embedding}
+
+
+def ggml_name(type_name: str) -> str:
+    """ggml's own spelling of a type (``Q4_K`` → ``q4_K``, ``IQ4_NL`` → ``iq4_nl``), which llama-quantize reads."""
+    return type_name.lower().replace("_k", "_K")
+
+
+def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
+    """``folder/model.gguf`` and its tensor-type file, checked (steps 1–3 of the module docstring)."""
+    from gguf import GGUFReader
+
+    from mpsearch.export.targets import llama_cpp
+
+    table = workload.layer_table()
+    llama = llama_cpp.tools()
+    planned = {f"{gguf_tensor(layer.name)}.weight": (layer, table.type_of(layer.name, plan[layer.name].bits)) for layer in table.layers}
+    with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-export-") as tmp:
+        base = llama.convert(workload.source_dir(), Path(tmp) / "model-f32.gguf", outtype="f32")
+        wanted: dict[str, str] = {}
+        for t in GGUFReader(str(base)).tensors:
+            if t.name in planned:
+                wanted[t.name] = planned[t.name][1]
+            elif len(t.shape) >= 2 and min(int(d) for d in t.shape) > 1:  # llama-quantize leaves vectors alone
+                wanted[t.name] = t.tensor_type.name
+        absent = [name for name in planned if name not in wanted]
+        if absent:
+            raise ExportError(f"the converted GGUF has no tensor {absent[0]}; the study ran with another converter")
+        types_file = folder / TYPES_FILE
+        types_file.write_text("".join(f"^{re.escape(name)}$={ggml_name(kind)}\n" for name, kind in wanted.items()), encoding="utf-8")
+        llama_cpp.quantize(llama, base, folder / FILE, "q8_0", types_file)
+    written = {t.name: t for t in GGUFReader(str(folder / FILE)).tensors}
+    rows, stated = [], {}
+    for name, kind in wanted.items():
+        t = written.get(name)
+        got = t.tensor_type.name if t is not None else None
+        if got != kind:
+            raise ExportError(f"llama-quantize wrote {name} as {got}, not the stated {kind}; nothing was written")
+        if name not in planned:
+            stated[name] = got
+            continue
+        layer, _ = planned[name]
+        bits = plan[layer.name].bits
+        if int(t.n_bytes) != table.layer_bytes(layer.name, bits):
+            raise ExportError(f"{name} takes {int(t.n_bytes)} bytes in the GGUF, the plan counted {table.layer_bytes(layer.name, bits)}")
+        if not _same_blocks(t, bank.candidate(layer.name, bits)):
+            raise ExportError(f"llama-quantize wrote other {kind} blocks for {name} than the search evaluated; nothing was written")
+        rows.append({"layer": layer.name, "tensor": name, "planned": kind, "written": got, "bytes": int(t.n_bytes)})
+    return GgufReport(tensors=rows, stated=stated, tensor_bytes=sum(int(t.n_bytes) for t in written.values()))
+
+
+def _same_blocks(tensor, candidate) -> bool:
+    import numpy as np
+
+    if "blocks" in candidate.packed:
+        return np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), candidate.packed["blocks"].cpu().numpy().reshape(-1))
+    ours = candidate.packed["weight"].cpu().numpy()  # F16: the plain cast
+    return np.array_equal(np.asarray(tensor.data).reshape(ours.shape), ours)
+
+
+def check_embeddings(path: Path, workload, plan: Plan, bank, texts: list[str]) -> dict:
+    """llama-embedding's embeddings of ``texts`` against mpsearch's forward pass of the same plan
+    (mean-pooled, L2-normalised): their mean and least cosine. Raises when the mean is below
+    :data:`MIN_MEAN_COSINE`."""
+    from mpsearch.export.targets import llama_cpp
+
+    texts = [t for t in texts if "\n" not in t]
+    theirs = torch.from_numpy(llama_cpp.embed(llama_cpp.tools(), path, texts)).to(torch.float64)
+    model = workload.fp_model()
+    with bank.applied(model, plan):
+        ours = mean_pooled(model, workload.loaded.tokenizer, texts, workload.device).to(torch.float64)
+    cos = (theirs * ours).sum(dim=1) / (theirs.norm(dim=1) * ours.norm(dim=1))
+    result = {"mean": float(cos.mean()), "min": float(cos.min()), "texts": len(texts)}
+    if result["mean"] < MIN_MEAN_COSINE:
+        raise ExportError(
+            f"llama.cpp's embeddings of the export agree with mpsearch's evaluation to a mean cosine of {result['mean']:.5f} "
+            f"(needed {MIN_MEAN_COSINE}): llama.cpp does not run what was searched; nothing was written"
+        )
+    return result
+
+
+@torch.no_grad()
+def mean_pooled(model, tokenizer, texts: list[str], device, batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised mean-pooled last hidden states of ``texts`` (one row each), on the CPU."""
+    rows = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt").to(device)
+        hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        rows.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+    return torch.cat(rows)
+
+
+def readme_section(report: GgufReport, doc) -> str:
+    """The export README's part on the GGUF: how to run it, and each tensor's planned and written type."""
+    lines = [
+        "## The GGUF (target gguf)",
+        "",
+        f"`{FILE}` is the plan in llama.cpp's own types, byte for byte the tensors the search evaluated. "
+        "Run it with llama.cpp (`mpsearch toolchain llama.cpp --json` prints where its tools are), for example:",
+        "",
+        "```",
+        f"llama-embedding -m {FILE} --pooling mean --embd-normalize 2 --no-escape -f texts.txt",
+        "```",
+        "",
+        "Every weight matrix's type is stated in `llama_cpp_tensor_types.txt`, and the file was read back: each written type is the stated one.",
+        "`plan.json` holds the plan with each layer's llama.cpp `type` and the provenance.",
+    ]
+    if report.embedding is not None:
+        e = report.embedding
+        lines += ["", f"Checked: llama-embedding against mpsearch's evaluation of the same plan on {e['texts']} evaluation texts, mean cosine {e['mean']:.6f}, least {e['min']:.6f}."]
+    lines += ["", "| tensor | layer | planned | written | bytes |", "|---|---|---|---|---|"]
+    lines += [f"| `{r['tensor']}` | `{r['layer']}` | {r['planned']} | {r['written']} | {r['bytes']:,} |" for r in report.tensors]
+    if report.stated:
+        lines += ["", "Other weight matrices, kept as converted: " + ", ".join(f"`{n}` {k}" for n, k in report.stated.items()) + "."]
+    return "\n".join(lines) + "\n"

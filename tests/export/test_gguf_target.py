@@ -1,0 +1,104 @@
+"""The gguf target end to end on MiniLM, with llama.cpp itself: a search over llama.cpp's types,
+its candidates made by llama-quantize, and an export that llama.cpp runs.
+
+Like tests/export/test_llama_cpp.py, these use the llama.cpp in mpsearch's cache (``.ci/run``
+builds it and makes its absence a failure).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+from mpsearch.errors import MPSearchError
+from mpsearch.export import export_study, load_quantized, read_plan
+from mpsearch.export.targets import gguf as target_gguf
+from mpsearch.quant.gguf import gguf_tensor
+from mpsearch.search.driver import Search
+from mpsearch.spec import Spec
+from mpsearch.storage import Storage
+from mpsearch.workload import Workload
+
+from conftest import tiny_spec_text
+from test_export import mpsearch
+from test_llama_cpp import llama  # noqa: F401 - the fixture: llama.cpp built, or skip (fail in CI)
+
+
+class GgufStudy:
+    def __init__(self, folder, spec_path, workload, storage, name):
+        self.folder, self.spec_path, self.workload, self.storage, self.name = folder, spec_path, workload, storage, name
+
+
+@pytest.fixture(scope="module")
+def study(llama, tmp_path_factory) -> GgufStudy:  # noqa: F811 - llama is the imported fixture
+    folder = tmp_path_factory.mktemp("gguf-study")
+    text = tiny_spec_text().replace("bits = [3, 8]\n", "") + f'[target]\nformat = "gguf"\n[budget]\nbpw = 4.5\n[search]\ntrials = 6\nworkers = 0\nseed = 0\n[storage]\nurl = "sqlite:///{folder / "mpsearch.db"}"\n'
+    spec_path = folder / "gguf.toml"
+    spec_path.write_text(text)
+    spec = Spec.load(spec_path)
+    workload = Workload(spec, device="cpu")
+    storage = Storage(spec.storage.url)
+    Search(workload, storage, study="gguf").run()
+    return GgufStudy(folder, spec_path, workload, storage, "gguf")
+
+
+def test_candidates_are_llama_cpps_own_blocks(study):
+    table = study.workload.layer_table()
+    bank = study.workload.candidate_bank()
+    down, query = "encoder.layer.0.output.dense", "encoder.layer.0.attention.self.query"
+    q2 = bank.candidate(down, 2)
+    assert q2.type == "Q2_K" and q2.packed["blocks"].dtype == torch.uint8
+    assert q2.packed["blocks"].numel() == q2.nbytes == table.layer_bytes(down, 2)
+    assert bank.candidate(query, 2) is bank.candidate(query, 4)  # 2 bits stand for IQ4_NL on rows of 384
+    assert bank.candidate(query, 4).type == "IQ4_NL"
+    # More bits, less error, type by type, on real weights: the order the menu promises.
+    for name in (down, query):
+        sqnr = [bank.candidate(name, b).sqnr for b in table.levels(name)]
+        assert sqnr == sorted(sqnr), (name, sqnr)
+    assert 8.0 < q2.sqnr < bank.candidate(down, 3).sqnr < bank.candidate(down, 4).sqnr
+
+
+def test_export_writes_the_planned_types_and_llama_cpp_runs_what_was_searched(study, tmp_path):
+    out = tmp_path / "export"
+    result = export_study(study.storage, study.name, out)
+    table = study.workload.layer_table()
+    doc = read_plan(out)
+    assert set(p.name for p in out.iterdir()) == {"model.gguf", "plan.json", "README.md", "llama_cpp_tensor_types.txt"}
+    written = {t.name: t for t in GGUFReader(str(out / "model.gguf")).tensors}
+    for name, choice in doc.plan.layers.items():
+        tensor = written[f"{gguf_tensor(name)}.weight"]
+        assert choice.type == table.type_of(name, choice.bits) == tensor.tensor_type.name
+        assert int(tensor.n_bytes) == table.layer_bytes(name, choice.bits)
+    assert sum(int(written[f"{gguf_tensor(n)}.weight"].n_bytes) for n in doc.plan) == doc.totals.quantized_bytes
+    assert doc.totals.bpw <= 4.5 and len({c.type for c in doc.plan.layers.values()}) >= 2
+    for name in ("token_embd.weight", "position_embd.weight", "token_types.weight"):
+        assert written[name].tensor_type.name == "F32"  # stated, not left to the base type
+    report = result.targets["gguf"]
+    assert report["embedding"]["mean"] >= target_gguf.MIN_MEAN_COSINE and report["embedding"]["texts"] == 8
+    assert [r["planned"] for r in report["tensors"]] == [r["written"] for r in report["tensors"]]
+    assert "| `blk.0.attn_q.weight` |" in (out / "README.md").read_text()
+    with pytest.raises(MPSearchError, match="is a GGUF export"):
+        load_quantized(out, study.workload.build_model())
+
+
+def test_the_embedding_check_catches_a_runtime_that_disagrees(study, tmp_path):
+    """A GGUF whose tensors are not the plan's (here: the plan's layers one level up) must fail the
+    llama-embedding check against mpsearch's evaluation of the plan."""
+    table = study.workload.layer_table()
+    bank = study.workload.candidate_bank()
+    plan = table.uniform(4)
+    other = table.uniform(2)  # ffn_down at Q2_K instead of Q4_K
+    target_gguf.write(tmp_path, study.workload, other, bank)
+    texts = [f"The {i}th sentence about quantization and llama.cpp." for i in range(8)]
+    ok = target_gguf.check_embeddings(tmp_path / target_gguf.FILE, study.workload, other, bank, texts)
+    assert ok["mean"] >= target_gguf.MIN_MEAN_COSINE
+    with pytest.raises(MPSearchError, match="does not run what was searched"):
+        target_gguf.check_embeddings(tmp_path / target_gguf.FILE, study.workload, plan, bank, texts)
+
+
+def test_the_cli_refuses_what_a_gguf_study_cannot_export(study, tmp_path):
+    for extra, message in ((["--target", "compressed-tensors"], "its export is a GGUF"), (["--repair", "5"], "drop them")):
+        done = mpsearch("export", study.name, "--out", str(tmp_path / "x"), "--storage", Spec.load(study.spec_path).storage.url, *extra)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "x").exists()
