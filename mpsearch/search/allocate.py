@@ -11,7 +11,7 @@ looks harmful and "no room to raise anything" is a well-defined end state.
   layer, ``Σ bytes ≤ budget``, minimise ``Σ cost``; solved by HiGHS through
   ``scipy.optimize.milp``.
 * :func:`repair` turns any plan into one that fits and is *maximal* (no single layer can
-  go up one step and still fit): while over budget, lower the layer whose step down costs
+  go up one step and still fit; a step is to the next width of other bytes, see :attr:`Costs.steps`): while over budget, lower the layer whose step down costs
   the least loss per byte saved; then, while something fits, raise the layer whose step
   up gains the most loss per byte added. Ties go to the earlier layer, so it is
   deterministic.
@@ -26,6 +26,7 @@ the vectorised loops work on; :meth:`Costs.plan` and :meth:`Costs.index` convert
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
@@ -88,6 +89,23 @@ class Costs:
     def cost_of(self, plan: PlanLike) -> float:
         return float(self.cost[np.arange(len(self.names)), self.index(plan)].sum())
 
+    @cached_property
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(down, up)``, each (layers × widths): the width one step down (up) from each width,
+        the next one that costs fewer (more) bytes, or the width itself where there is none.
+        Across the menu that is the neighbour; a width that stands for another (gguf target)
+        is stepped over, so a step always changes the plan."""
+        layers, widths = self.nbytes.shape
+        down = np.tile(np.arange(widths), (layers, 1))
+        up = down.copy()
+        for i in range(layers):
+            for j in range(widths):
+                lower = [k for k in range(j) if self.nbytes[i, k] < self.nbytes[i, j]]
+                higher = [k for k in range(j + 1, widths) if self.nbytes[i, k] > self.nbytes[i, j]]
+                down[i, j] = lower[-1] if lower else j
+                up[i, j] = higher[0] if higher else j
+        return down, up
+
     def check_budget(self, budget: int) -> None:
         lowest = self.bytes_of(np.zeros(len(self.names), dtype=np.int64))
         if budget < lowest:
@@ -102,9 +120,9 @@ def is_maximal(costs: Costs, plan: PlanLike, budget: int) -> bool:
 
 def _raises(costs: Costs, index: np.ndarray, slack: int) -> np.ndarray:
     rows = np.arange(len(costs.names))
-    up = np.minimum(index + 1, len(costs.menu) - 1)
+    up = costs.steps[1][rows, index]
     extra = costs.nbytes[rows, up] - costs.nbytes[rows, index]
-    return (index < len(costs.menu) - 1) & (extra <= slack)
+    return (up != index) & (extra <= slack)
 
 
 def repair(costs: Costs, plan: PlanLike, budget: int, fill: bool = True) -> Plan:
@@ -119,24 +137,24 @@ def repair_index(costs: Costs, index: np.ndarray, budget: int, fill: bool = True
     rows = np.arange(len(costs.names))
     used = costs.bytes_of(index)
     while used > budget:
-        down = np.maximum(index - 1, 0)
+        down = costs.steps[0][rows, index]
         saved = costs.nbytes[rows, index] - costs.nbytes[rows, down]
         loss = costs.cost[rows, down] - costs.cost[rows, index]
-        rate = np.where((index > 0) & (saved > 0), loss / np.maximum(saved, 1), np.inf)
+        rate = np.where(saved > 0, loss / np.maximum(saved, 1), np.inf)
         i = int(np.argmin(rate))  # first of the ties
-        index[i] -= 1
+        index[i] = down[i]
         used -= int(saved[i])
     if fill:
         while True:
             can = _raises(costs, index, budget - used)
             if not can.any():
                 break
-            up = np.minimum(index + 1, len(costs.menu) - 1)
+            up = costs.steps[1][rows, index]
             extra = costs.nbytes[rows, up] - costs.nbytes[rows, index]
             gain = costs.cost[rows, index] - costs.cost[rows, up]
             rate = np.where(can, gain / np.maximum(extra, 1), -np.inf)
             i = int(np.argmax(rate))
-            index[i] += 1
+            index[i] = up[i]
             used += int(extra[i])
     return index
 
@@ -193,9 +211,9 @@ def relinearised(costs: Costs, plan: PlanLike, down: np.ndarray, up: np.ndarray,
     local = np.zeros((layers, widths))
     allowed = np.zeros((layers, widths), dtype=bool)
     allowed[rows, index] = True
-    for step, delta in ((-1, np.asarray(down, dtype=float)), (1, np.asarray(up, dtype=float))):
-        j = index + step
-        ok = (j >= 0) & (j < widths) & np.isfinite(delta)
+    for moves, delta in ((costs.steps[0], np.asarray(down, dtype=float)), (costs.steps[1], np.asarray(up, dtype=float))):
+        j = moves[rows, index]
+        ok = (j != index) & np.isfinite(delta)
         allowed[rows[ok], j[ok]] = True
         local[rows[ok], j[ok]] = delta[ok]
     # Outside a layer's neighbourhood nothing was measured: no gain is assumed above it, and

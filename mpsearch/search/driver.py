@@ -535,11 +535,12 @@ class _Loop:
 
         costs = self.costs
         index = costs.index(best.plan)
-        moves = [(i, step) for i in range(len(index)) for step in (-1, 1) if 0 <= index[i] + step < len(costs.menu)]
+        down_to, up_to = costs.steps
+        moves = [(i, step) for i in range(len(index)) for step in (-1, 1) if (down_to if step < 0 else up_to)[i, index[i]] != index[i]]
         plans = [best.plan]
         for i, step in moves:
             moved = index.copy()
-            moved[i] += step
+            moved[i] = (down_to if step < 0 else up_to)[i, index[i]]
             plans.append(costs.plan(moved))
         screen = (0, self.stages[0][0]) if self.stages else None
         try:

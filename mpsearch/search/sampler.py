@@ -81,23 +81,28 @@ def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:
     return RepairingSampler(sampler_factory(kind)(ctx), ctx.costs, ctx.budget, ctx.space, fill=ctx.fill, seed=ctx.seed)
 
 
-def level_switch(index: np.ndarray, width: int, rng: np.random.Generator, most: int | None = None) -> np.ndarray:
+def level_switch(index: np.ndarray, width: int, rng: np.random.Generator, most: int | None = None, steps: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``index`` (menu positions per layer) after one or more level switches: a layer one step
     up the menu and another one step down, so bytes move between layers rather than appear (a
-    geometric number of switches: one half the time, two a quarter, ..., at most ``most``)."""
+    geometric number of switches: one half the time, two a quarter, ..., at most ``most``).
+    ``steps``: :attr:`~mpsearch.search.allocate.Costs.steps`, where a step skips the widths that
+    stand for another (gguf target); by default a step is to the neighbouring position."""
     index = np.array(index, copy=True)
+    rows = np.arange(len(index))
     count = int(rng.geometric(0.5))
     for _ in range(count if most is None else min(count, most)):
-        up = np.flatnonzero(index < width)
-        down = np.flatnonzero(index > 0)
+        higher = steps[1][rows, index] if steps is not None else np.minimum(index + 1, width)
+        lower = steps[0][rows, index] if steps is not None else np.maximum(index - 1, 0)
+        up = np.flatnonzero(higher != index)
+        down = np.flatnonzero(lower != index)
         if len(up) == 0 or len(down) == 0:
             break
         i = int(rng.choice(up))
         others = down[down != i]
         j = int(rng.choice(others)) if len(others) else i
-        index[i] += 1
+        index[i] = higher[i]
         if j != i:
-            index[j] -= 1
+            index[j] = lower[j]
     return index
 
 
@@ -150,7 +155,7 @@ class LevelSwitchSampler(BaseSampler):
                 parent = warm[sampled]
             else:
                 parent = top[self.rng.choice(len(top), p=weights / weights.sum())]
-            index = level_switch(self.space.index(parent.params), len(self.costs.menu) - 1, self.rng, most=self.switches)
+            index = level_switch(self.space.index(parent.params), len(self.costs.menu) - 1, self.rng, most=self.switches, steps=self.costs.steps)
             child = repair_index(self.costs, index, self.budget, fill=self.fill)
             if tuple(int(x) for x in child) not in seen:
                 break
@@ -194,7 +199,7 @@ class RepairingSampler(BaseSampler):
         self.seen.update(tuple(int(x) for x in self.space.index(t.params)) for t in study.get_trials(deepcopy=False) if len(t.params) == len(self.costs.names))
         moves = 0
         while tuple(int(x) for x in fixed) in self.seen and moves < self.tries:  # scored already: move it
-            fixed = repair_index(self.costs, level_switch(fixed, len(self.costs.menu) - 1, self.rng), self.budget, fill=self.fill)
+            fixed = repair_index(self.costs, level_switch(fixed, len(self.costs.menu) - 1, self.rng, steps=self.costs.steps), self.budget, fill=self.fill)
             moves += 1
         if moves:
             self.last_notes["moved"] = moves  # level switches that made the repeat new

@@ -12,7 +12,7 @@ from mpsearch.errors import MPSearchError, SpecError
 from mpsearch.plan import LayerChoice, Plan
 from mpsearch.quant.budget import Budget
 from mpsearch.quant.gguf import GGUF_LEVELS, effective_level, layer_types, type_bytes
-from mpsearch.search.allocate import Costs, greedy, ilp, repair
+from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal, repair
 from mpsearch.spec import Spec
 from mpsearch.workload import Workload
 
@@ -70,12 +70,19 @@ def test_allocators_hold_each_layer_to_its_own_types(table):
     costs = Costs.of(table, scores)
     query = table.names.index("encoder.layer.0.attention.self.query")
     assert costs.nbytes[query, 0] == costs.nbytes[query, 2] and costs.cost[query, 0] == costs.cost[query, 2]  # 2 and 3 bits stand for IQ4_NL
+    widths = len(table.menu)
+    starts = [np.zeros(len(table.names), dtype=np.int64), np.full(len(table.names), widths - 1)] + [rng.integers(0, widths, len(table.names)) for _ in range(5)]
     for bpw in (3.9, 4.5, 5.0, 6.0):
         limit = table.budget_bytes(Budget.parse(f"{bpw}bpw"))
-        for plan in (ilp(costs, limit), greedy(costs, limit), repair(costs, np.zeros(len(table.names), dtype=np.int64), limit)):
+        # repair goes down (and up) over the widths that stand for another: from the top, a
+        # 384-wide layer at Q8_0 (8 bits) steps to Q5_0, not to "6 bits", which is Q8_0 again
+        for plan in (ilp(costs, limit), greedy(costs, limit), *(repair(costs, start, limit) for start in starts)):
             table.check_plan(plan)  # every layer at a level it can take
             assert table.bytes(plan) <= limit and costs.bytes_of(plan) == table.bytes(plan)
             assert costs.plan(costs.index(plan)) == plan
+            assert is_maximal(costs, plan, limit)
+    down, up = costs.steps
+    assert list(down[query]) == [0, 1, 2, 2, 3, 3, 5] and list(up[query]) == [3, 3, 3, 4, 6, 6, 6]  # levels 2 3 4 5 6 8 16: IQ4_NL IQ4_NL IQ4_NL Q5_0 Q8_0 Q8_0 F16
 
 
 def test_the_spec_names_the_target():
