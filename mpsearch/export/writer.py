@@ -231,10 +231,11 @@ def _export_gguf(storage, tmp: Path, out: Path, workload, log, chosen, target: s
     bank = workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
     test_loss = _test_loss(workload, plan)
     report = target_gguf.write(tmp, workload, plan, bank)
-    if verify and not workload.is_causal_lm:
-        texts = split(workload.spec.data, workload.spec.resolve)[1].texts
-        if texts:
-            report.embedding = target_gguf.check_embeddings(tmp / target_gguf.FILE, workload, plan, bank, texts)
+    texts = split(workload.spec.data, workload.spec.resolve)[1].texts if verify else None
+    if texts and workload.is_causal_lm:
+        report.perplexity = target_gguf.check_perplexity(tmp / target_gguf.FILE, workload, plan, bank, texts)
+    elif texts:
+        report.embedding = target_gguf.check_embeddings(tmp / target_gguf.FILE, workload, plan, bank, texts)
     resolved = Plan(layers={name: LayerChoice(bits=b, method="llama.cpp", type=table.type_of(name, b)) for name, b in plan.bits().items()})
     entries = [
         LayerEntry(name=l.name, kind=l.kind, shape=list(l.shape), rows=l.rows, cols=l.cols, bytes=table.layer_bytes(l.name, plan[l.name].bits), aliases=list(l.aliases), rule=l.rule)

@@ -139,11 +139,12 @@ def dequantize(blocks: torch.Tensor, type_name: str, rows: int, cols: int) -> to
 def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.Tensor], levels: tuple[int, ...], progress: bool = False) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """Every layer of ``table`` at each of ``levels``, quantized by llama.cpp: ``{level: {layer: form}}``.
 
-    ``model_dir`` (a Hugging Face folder) is converted once to an F32 GGUF, which must hold each
-    layer's weight exactly (``model_weights``: the (rows × cols) FP matrices); ``llama-quantize
-    --pure`` then writes it at each type the levels need, and each layer's tensor is read back
-    where its type is the one planned. A form is ``{"blocks": uint8 (rows × bytes per row)}``, or
-    ``{"weight": fp16}`` at F16 (llama.cpp's F16 is the plain cast).
+    ``model_dir`` (a Hugging Face folder) is converted once to an F32 GGUF, whose tensor for each
+    layer must hold the layer's weight (``model_weights``: the (rows × cols) FP matrices), row for
+    row, in the model's order or another (:func:`row_orders`); ``llama-quantize --pure`` then
+    writes it at each type the levels need, and each layer's tensor is read back where its type is
+    the one planned, its rows put in the model's order. A form is ``{"blocks": uint8 (rows × bytes
+    per row)}``, or ``{"weight": fp16}`` at F16 (llama.cpp's F16 is the plain cast).
     """
     from gguf import GGUFReader
     from tqdm.auto import tqdm
@@ -166,7 +167,7 @@ def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.T
         return forms
     with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-") as tmp:
         base = llama.convert(model_dir, Path(tmp) / "model-f32.gguf", outtype="f32")
-        _check_conversion(GGUFReader(str(base)), table, model_weights)
+        orders = row_orders(GGUFReader(str(base)), table, model_weights)
         bar = tqdm(total=len(wanted), desc="quantizing (llama.cpp)", unit="type", disable=not progress, leave=False)
         for type_name, members in wanted.items():
             out = Path(tmp) / f"model-{type_name}.gguf"
@@ -176,25 +177,42 @@ def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.T
                 tensor = tensors[f"{gguf_tensor(name)}.weight"]
                 if tensor.tensor_type.name != type_name:
                     raise MPSearchError(f"llama-quantize wrote {name!r} as {tensor.tensor_type.name}, not {type_name}; this llama.cpp does not take that type there")
-                forms[b][name] = {"blocks": torch.from_numpy(tensor.data.copy()).reshape(table.layer(name).rows, -1)}
+                blocks = torch.from_numpy(tensor.data.copy()).reshape(table.layer(name).rows, -1)
+                order = orders[name]
+                forms[b][name] = {"blocks": blocks if order is None else blocks[order].contiguous()}
             out.unlink()
             bar.update()
         bar.close()
     return forms
 
 
-def _check_conversion(reader, table, model_weights: Mapping[str, torch.Tensor]) -> None:
-    """Each layer's tensor in the F32 GGUF must be the model's weight, element for element: a
-    converter that reorders rows (LLaMA's q/k permutation) would make its candidates another layout."""
+def row_orders(reader, table, model_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """For each layer, where the F32 GGUF keeps each of the model's rows: None when in the same
+    order, else ``order`` with ``gguf_rows[order] == model_rows``.
+
+    llama.cpp's converter reorders the rows of LLaMA's q and k projections (for its rope layout).
+    Every llama.cpp type quantizes a row on its own (blocks run along the row), so a candidate is
+    the same whichever order the rows are in: the bank keeps the model's, and an export compares
+    its blocks through the order. Anything but a reordering of the very rows is refused.
+    """
     tensors = {t.name: t for t in reader.tensors}
+    orders = {}
     for layer in table.layers:
         key = f"{gguf_tensor(layer.name)}.weight"
         tensor = tensors.get(key)
         if tensor is None:
             raise MPSearchError(f"the converted GGUF has no tensor {key} for layer {layer.name!r}; exclude it with layers.exclude")
-        got = torch.from_numpy(tensor.data.astype("float32")).reshape(layer.rows, layer.cols)
-        if not torch.equal(got, model_weights[layer.name].cpu().to(torch.float32)):
+        stored = torch.from_numpy(tensor.data.astype("float32")).reshape(layer.rows, layer.cols)
+        ours = model_weights[layer.name].cpu().to(torch.float32)
+        if torch.equal(stored, ours):
+            orders[layer.name] = None
+            continue
+        where = {row.numpy().tobytes(): i for i, row in enumerate(stored)}
+        order = [where.get(row.numpy().tobytes()) for row in ours]
+        if None in order or len(set(order)) != layer.rows:
             raise MPSearchError(
-                f"llama.cpp's converter stores layer {layer.name!r} ({key}) in another layout than the model; "
+                f"llama.cpp's converter changes the values of layer {layer.name!r} ({key}), not only their order; "
                 "the gguf target does not support this architecture yet: use target.format = \"mpsearch\""
             )
+        orders[layer.name] = torch.tensor(order, dtype=torch.int64)
+    return orders

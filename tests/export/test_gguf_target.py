@@ -19,6 +19,7 @@ from mpsearch.search.driver import Search
 from mpsearch.spec import Spec
 from mpsearch.storage import Storage
 from mpsearch.workload import Workload
+from mpsearch.workload.data import split
 
 from conftest import tiny_spec_text
 from test_export import mpsearch
@@ -102,3 +103,29 @@ def test_the_cli_refuses_what_a_gguf_study_cannot_export(study, tmp_path):
         done = mpsearch("export", study.name, "--out", str(tmp_path / "x"), "--storage", Spec.load(study.spec_path).storage.url, *extra)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "x").exists()
+
+
+def test_smollm2_runs_in_llama_cpp_with_the_perplexity_mpsearch_measured(llama, tmp_path):  # noqa: F811
+    """A LLaMA: llama.cpp's converter reorders the rows of q_proj and k_proj, and the bank keeps
+    the model's order. The GGUF's blocks are the candidates' through that order, and
+    llama-perplexity agrees with mpsearch's perplexity of the same plan within 1 %."""
+    import numpy as np
+
+    spec = Spec.from_toml(
+        '[model]\nsource = "smollm2"\n[data]\nsource = "stdlib-paragraphs"\ncalibration = 4\nevaluation = 16\nmax_length = 64\nbatch_size = 4\n'
+        '[loss]\ntop_k = 64\n[quant]\nbits = [4, 16]\n[target]\nformat = "gguf"\n'
+    )
+    workload = Workload(spec, device="cpu")
+    table, bank = workload.layer_table(), workload.candidate_bank()
+    plan = table.uniform(4)  # IQ4_NL on rows of 576, Q4_K on down_proj's 1536
+    report = target_gguf.write(tmp_path, workload, plan, bank)
+    assert {r["planned"] for r in report.tensors} == {"IQ4_NL", "Q4_K"} and all(r["planned"] == r["written"] for r in report.tensors)
+    q = "model.layers.0.self_attn.q_proj"
+    stored = np.asarray({t.name: t for t in GGUFReader(str(tmp_path / target_gguf.FILE)).tensors}["blk.0.attn_q.weight"].data)
+    ours = bank.candidate(q, 4).packed["blocks"].numpy()
+    assert not np.array_equal(stored, ours) and sorted(map(bytes, stored)) == sorted(map(bytes, ours))  # the same rows, reordered
+    texts = split(spec.data, spec.resolve)[1].texts
+    agreed = target_gguf.check_perplexity(tmp_path / target_gguf.FILE, workload, plan, bank, texts)
+    assert agreed["gap"] <= target_gguf.MAX_PPL_GAP and agreed["tokens"] >= 2 * agreed["n_ctx"]
+    with pytest.raises(MPSearchError, match="does not run what was searched"):  # the file against the FP16 plan: 5-6 % apart
+        target_gguf.check_perplexity(tmp_path / target_gguf.FILE, workload, table.uniform(16), bank, texts)

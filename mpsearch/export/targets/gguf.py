@@ -12,27 +12,30 @@ A study with ``[target] format = "gguf"`` searched over llama.cpp's own types
 3. reads the file back with the ``gguf`` package: each tensor's written type must be its stated
    one, its bytes the plan's, and each planned tensor's blocks byte-identical to the candidate the
    search evaluated, so what was searched is what is deployed;
-4. with verification on, runs ``llama-embedding`` (encoders) on the evaluation texts and compares
-   its embeddings with mpsearch's own forward pass of the same plan: the mean cosine must be at
-   least :data:`MIN_MEAN_COSINE`.
+4. with verification on, runs llama.cpp on the evaluation texts and compares it with mpsearch's
+   own forward pass of the same plan: for an encoder ``llama-embedding``'s embeddings (mean
+   cosine at least :data:`MIN_MEAN_COSINE`), for a causal LM ``llama-perplexity`` (within
+   :data:`MAX_PPL_GAP`, mpsearch's computed llama.cpp's way on the same tokens).
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mpsearch.export.loader import ExportError
 from mpsearch.plan import Plan
-from mpsearch.quant.gguf import gguf_tensor
+from mpsearch.quant.gguf import gguf_tensor, row_orders
+from mpsearch.quant.layers import weight_matrix
 
 FILE = "model.gguf"
 TYPES_FILE = "llama_cpp_tensor_types.txt"
 MIN_MEAN_COSINE = 0.999
+MAX_PPL_GAP = 0.01
 MAX_TOKENS = 512  # llama-embedding runs with a context of 512; mpsearch's side truncates there too
 
 
@@ -44,10 +47,13 @@ class GgufReport:
     stated: dict[str, str]  # every other weight matrix: tensor -> its written type
     tensor_bytes: int  # all tensors of the file
     embedding: dict | None = None  # llama-embedding against mpsearch: mean and min cosine, texts
-    skipped: list[str] = field(default_factory=list)
+    perplexity: dict | None = None  # llama-perplexity against mpsearch's: both, their gap, n_ctx, tokens
 
     def to_json(self) -> dict:
-        return {"file": FILE, "tensors": self.tensors, "stated": self.stated, "tensor_bytes": self.tensor_bytes, "embedding": self.embedding}
+        return {
+            "file": FILE, "tensors": self.tensors, "stated": self.stated, "tensor_bytes": self.tensor_bytes,
+            "embedding": self.embedding, "perplexity": self.perplexity,
+        }
 
 
 def ggml_name(type_name: str) -> str:
@@ -66,8 +72,11 @@ def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
     planned = {f"{gguf_tensor(layer.name)}.weight": (layer, table.type_of(layer.name, plan[layer.name].bits)) for layer in table.layers}
     with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-export-") as tmp:
         base = llama.convert(workload.source_dir(), Path(tmp) / "model-f32.gguf", outtype="f32")
+        reader = GGUFReader(str(base))
+        modules = dict(workload.fp_model().named_modules())
+        orders = row_orders(reader, table, {layer.name: weight_matrix(modules[layer.name]).detach() for layer in table.layers})
         wanted: dict[str, str] = {}
-        for t in GGUFReader(str(base)).tensors:
+        for t in reader.tensors:
             if t.name in planned:
                 wanted[t.name] = planned[t.name][1]
             elif len(t.shape) >= 2 and min(int(d) for d in t.shape) > 1:  # llama-quantize leaves vectors alone
@@ -92,19 +101,23 @@ def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
         bits = plan[layer.name].bits
         if int(t.n_bytes) != table.layer_bytes(layer.name, bits):
             raise ExportError(f"{name} takes {int(t.n_bytes)} bytes in the GGUF, the plan counted {table.layer_bytes(layer.name, bits)}")
-        if not _same_blocks(t, bank.candidate(layer.name, bits)):
+        if not _same_blocks(t, bank.candidate(layer.name, bits), orders[layer.name], layer.rows):
             raise ExportError(f"llama-quantize wrote other {kind} blocks for {name} than the search evaluated; nothing was written")
         rows.append({"layer": layer.name, "tensor": name, "planned": kind, "written": got, "bytes": int(t.n_bytes)})
     return GgufReport(tensors=rows, stated=stated, tensor_bytes=sum(int(t.n_bytes) for t in written.values()))
 
 
-def _same_blocks(tensor, candidate) -> bool:
+def _same_blocks(tensor, candidate, order, rows: int) -> bool:
+    """Whether the file's tensor is the candidate, row for row (through the converter's row order)."""
     import numpy as np
 
+    data = np.asarray(tensor.data).reshape(rows, -1)
+    if order is not None:
+        data = data[order.numpy()]
     if "blocks" in candidate.packed:
-        return np.array_equal(np.asarray(tensor.data).reshape(-1).view(np.uint8), candidate.packed["blocks"].cpu().numpy().reshape(-1))
+        return np.array_equal(data.view(np.uint8), candidate.packed["blocks"].cpu().numpy())
     ours = candidate.packed["weight"].cpu().numpy()  # F16: the plain cast
-    return np.array_equal(np.asarray(tensor.data).reshape(ours.shape), ours)
+    return np.array_equal(data.reshape(ours.shape), ours)
 
 
 def check_embeddings(path: Path, workload, plan: Plan, bank, texts: list[str]) -> dict:
@@ -123,9 +136,58 @@ def check_embeddings(path: Path, workload, plan: Plan, bank, texts: list[str]) -
     if result["mean"] < MIN_MEAN_COSINE:
         raise ExportError(
             f"llama.cpp's embeddings of the export agree with mpsearch's evaluation to a mean cosine of {result['mean']:.5f} "
-            f"(needed {MIN_MEAN_COSINE}): llama.cpp does not run what was searched; nothing was written"
+            f"(needed {MIN_MEAN_COSINE}): llama.cpp does not run what was searched; nothing was written (--no-verify writes it unchecked)"
         )
     return result
+
+
+def check_perplexity(path: Path, workload, plan: Plan, bank, texts: list[str]) -> dict:
+    """llama-perplexity on the evaluation texts (joined by blank lines) against mpsearch's forward
+    pass of the same plan, computed llama.cpp's way (:func:`chunked_perplexity`) on the same
+    tokens. Raises when they differ by more than :data:`MAX_PPL_GAP` (relative)."""
+    from gguf import GGUFReader
+
+    from mpsearch.export.targets import llama_cpp
+
+    text = "\n\n".join(texts)
+    n_ctx = min(workload.spec.data.max_length, 512)
+    theirs = llama_cpp.perplexity(llama_cpp.tools(), path, text, n_ctx)
+    fields = GGUFReader(str(path)).fields
+    add_bos = bool(_field(fields, "tokenizer.ggml.add_bos_token", False))
+    bos = int(_field(fields, "tokenizer.ggml.bos_token_id", 0))
+    tokens = workload.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = workload.fp_model()
+    with bank.applied(model, plan):
+        ours = chunked_perplexity(model, ([bos] if add_bos else []) + list(tokens), n_ctx, bos if add_bos else None, workload.device)
+    result = {"llama_cpp": theirs, "mpsearch": ours, "gap": abs(theirs / ours - 1), "n_ctx": n_ctx, "tokens": len(tokens)}
+    if result["gap"] > MAX_PPL_GAP:
+        raise ExportError(
+            f"llama-perplexity of the export is {theirs:.4f} and mpsearch's of the same plan {ours:.4f} "
+            f"({result['gap']:.2%} apart, allowed {MAX_PPL_GAP:.0%}): llama.cpp does not run what was searched; nothing was written (--no-verify writes it unchecked)"
+        )
+    return result
+
+
+def _field(fields, key: str, default):
+    field = fields.get(key)
+    return default if field is None else field.parts[field.data[0]][0]
+
+
+@torch.no_grad()
+def chunked_perplexity(model, tokens: list[int], n_ctx: int, bos: int | None, device) -> float:
+    """Perplexity the way llama-perplexity computes it: consecutive chunks of ``n_ctx`` tokens,
+    each chunk's first token replaced by ``bos`` (when the vocabulary adds one), and only the
+    second half of each chunk scored (token ``j + 1`` from the logits at ``j``, ``j ≥ n_ctx/2``)."""
+    first, nll, count = n_ctx // 2, 0.0, 0
+    for start in range(0, len(tokens) // n_ctx * n_ctx, n_ctx):
+        chunk = torch.tensor(tokens[start : start + n_ctx], device=device)
+        if bos is not None:
+            chunk[0] = bos
+        logits = model(input_ids=chunk[None]).logits[0].to(torch.float64)
+        logp = torch.log_softmax(logits[first : n_ctx - 1], dim=-1)
+        nll -= float(logp.gather(1, chunk[first + 1 :, None]).sum())
+        count += n_ctx - 1 - first
+    return float(torch.exp(torch.tensor(nll / count)))
 
 
 @torch.no_grad()
@@ -159,6 +221,10 @@ def readme_section(report: GgufReport, doc) -> str:
     if report.embedding is not None:
         e = report.embedding
         lines += ["", f"Checked: llama-embedding against mpsearch's evaluation of the same plan on {e['texts']} evaluation texts, mean cosine {e['mean']:.6f}, least {e['min']:.6f}."]
+    if report.perplexity is not None:
+        p = report.perplexity
+        lines += ["", f"Checked: llama-perplexity {p['llama_cpp']:.4f} against mpsearch's {p['mpsearch']:.4f} for the same plan ({p['gap']:.2%} apart) "
+                  f"on the evaluation texts ({p['tokens']} tokens, chunks of {p['n_ctx']})."]
     lines += ["", "| tensor | layer | planned | written | bytes |", "|---|---|---|---|---|"]
     lines += [f"| `{r['tensor']}` | `{r['layer']}` | {r['planned']} | {r['written']} | {r['bytes']:,} |" for r in report.tensors]
     if report.stated:

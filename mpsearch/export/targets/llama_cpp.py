@@ -256,3 +256,21 @@ def embed(llama: LlamaCpp, model: Path, texts: list[str], pooling: str = "mean",
     if len(rows) != len(texts):
         raise ToolchainError(f"llama-embedding gave {len(rows)} embeddings for {len(texts)} texts")
     return np.asarray(rows, dtype=np.float64)
+
+
+def perplexity(llama: LlamaCpp, model: Path, text: str, n_ctx: int, threads: int = 2) -> float:
+    """``llama-perplexity``'s final estimate on ``text``, in chunks of ``n_ctx`` tokens (the second
+    half of each chunk scored, its first token the BOS where the vocabulary adds one)."""
+    with tempfile.TemporaryDirectory(prefix="mpsearch-ppl-") as tmp:
+        path = Path(tmp) / "text.txt"
+        path.write_text(text, encoding="utf-8")
+        command = [str(llama.tool("llama-perplexity")), "-m", str(model), "-f", str(path), "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)]
+        for _attempt in range(EMBED_ATTEMPTS):  # its log thread may not drain before exit (see embed)
+            done = run(command, what="llama-perplexity")
+            found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+            if found:
+                return float(found.group(1))
+            if "you need at least" in done.stderr:
+                raise ToolchainError(f"llama-perplexity needs at least {2 * n_ctx} tokens of text; give it more")
+    raise ToolchainError(f"llama-perplexity printed no final estimate in {EMBED_ATTEMPTS} runs; run it again")
+
