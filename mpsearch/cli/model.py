@@ -80,7 +80,8 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
     model = workload.lend_model()  # the reference outputs are computed first; no second copy of the model
     result = workload.evaluate(bank.apply(model, plan, keep_fp=False))
     size = table.bytes(plan)
-    document = {"bits": bits, "method": s.quant.method, "bytes": size, "bpw": table.bpw(plan), "loss": result.loss, **result.metrics()}
+    method = "llama.cpp" if s.target.format == "gguf" else s.quant.method  # the gguf target's candidates are llama-quantize's
+    document = {"bits": bits, "method": method, "bytes": size, "bpw": table.bpw(plan), "loss": result.loss, **result.metrics()}
     if as_json:
         emit_json(document)
         return
@@ -198,12 +199,12 @@ def _print_layers(doc: dict) -> None:
     rules: dict[str, int] = {}  # a layer's grouping rule (a ragged last group, ...) as a numbered footnote, not in its name
     for row in doc["layers"]:
         name = row["name"] + (f" [{rules.setdefault(row['rule'], len(rules) + 1)}]" if row.get("rule") else "")
-        cells = [f"{row['bytes'][b]:,}" for b in menu]
+        cells = [f"{row['types'][b]} {row['bytes'][b]:,}" if "types" in row else f"{row['bytes'][b]:,}" for b in menu]  # gguf: the llama.cpp type too
         if with_errors:
             cells += [_db(row["sqnr"][b]) for b in menu]
         table.add_row(name, row["kind"], "×".join(map(str, row["shape"])), f"{row['n']:,}", *cells)
     console = Console()
-    console.width = max(console.width, 210 if with_errors else 150)  # a layer table is wide; let it be, even in a pipe
+    console.width = max(console.width, 210 if with_errors or "types" in doc["layers"][0] else 150)  # a layer table is wide; let it be, even in a pipe
     console.print(table)
     for rule, number in rules.items():
         console.print(f"[{number}] {rule}", markup=False)

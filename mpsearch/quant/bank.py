@@ -191,7 +191,7 @@ class CandidateBank:
     def errors(self) -> dict[str, dict[int, dict[str, float]]]:
         """``{layer: {bits: {"mse", "sqnr", "bytes"}}}``."""
         return {
-            layer.name: {b: {"mse": c.mse, "sqnr": c.sqnr, "bytes": c.nbytes} for b in self.bits for c in [self.candidates[(layer.name, b)]]}
+            layer.name: {b: {"mse": c.mse, "sqnr": c.sqnr, "bytes": c.nbytes} for b in self.bits if (c := self.candidates.get((layer.name, b))) is not None}
             for layer in self.table.layers
         }
 
@@ -386,6 +386,8 @@ def _candidates(table: LayerTable, modules, forms, bits: Sequence[int]) -> dict[
                 cand.mse, cand.sqnr = _errors(w, cand.dequantized(layer).to(w.device))
                 made[level] = cand
             candidates[(layer.name, b)] = made[level]
+        for level, cand in made.items():  # a plan holds the level a layer takes: the bank answers for it too
+            candidates[(layer.name, level)] = cand
     return candidates
 
 

@@ -7,6 +7,8 @@ builds it and makes its absence a failure).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from gguf import GGUFReader
@@ -129,3 +131,13 @@ def test_smollm2_runs_in_llama_cpp_with_the_perplexity_mpsearch_measured(llama, 
     assert agreed["gap"] <= target_gguf.MAX_PPL_GAP and agreed["tokens"] >= 2 * agreed["n_ctx"]
     with pytest.raises(MPSearchError, match="does not run what was searched"):  # the file against the FP16 plan: 5-6 % apart
         target_gguf.check_perplexity(tmp_path / target_gguf.FILE, workload, table.uniform(16), bank, texts)
+
+
+def test_uniform_quantize_takes_each_layers_own_level(study):
+    """`mpsearch quantize --bits 2`: llama.cpp has no 2-bit type for rows of 384, so those layers
+    take IQ4_NL, and the size is the GGUF's."""
+    done = mpsearch("quantize", str(study.spec_path), "--bits", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    table = study.workload.layer_table()
+    assert doc["method"] == "llama.cpp" and doc["bytes"] == table.bytes(table.uniform(2)) and doc["bpw"] == 3.875
