@@ -223,12 +223,7 @@ def _export_gguf(storage, tmp: Path, out: Path, workload, log, chosen, target: s
         raise ExportError(f"study {study!r} searched llama.cpp's types; --refine and --repair change mpsearch's packing, not llama.cpp's blocks: drop them")
     table = workload.layer_table()
     plan = chosen.plan
-    if plan.names() != table.names:
-        raise ExportError(f"trial {chosen.number}'s plan names other layers than the model of the spec: the study ran on another model")
-    nbytes = table.bytes(plan)
-    if chosen.bytes not in (None, nbytes):
-        raise ExportError(f"the plan costs {nbytes} bytes on this model but the trial recorded {chosen.bytes}: the model or llama.cpp changed")
-    bank = workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
+    nbytes, bank = _checked_bank(workload, chosen, progress, "the model or llama.cpp changed")
     test_loss = _test_loss(workload, plan)
     report = target_gguf.write(tmp, workload, plan, bank)
     texts = split(workload.spec.data, workload.spec.resolve)[1].texts if verify else None
@@ -361,17 +356,25 @@ def _test_loss(workload, plan: Plan) -> float | None:
         return workload.loss(model, "test")
 
 
-def _build(workload, chosen, progress: bool) -> _Built:
-    """The plan's tensors from the candidate bank (the very codes the trial evaluated), checked
-    against the model and the bytes the trial recorded."""
+def _checked_bank(workload, chosen, progress: bool, changed: str):
+    """The plan's bytes and the bank holding its candidates, once the plan is one for this model
+    and costs the bytes its trial recorded (else: ``changed`` says what must have)."""
     table = workload.layer_table()
     plan = chosen.plan
     if plan.names() != table.names:
         raise ExportError(f"trial {chosen.number}'s plan names other layers than the model of the spec: the study ran on another model")
     nbytes = table.bytes(plan)
     if chosen.bytes not in (None, nbytes):
-        raise ExportError(f"the plan costs {nbytes} bytes on this model but the trial recorded {chosen.bytes}: the model or scheme changed")
-    bank = workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
+        raise ExportError(f"the plan costs {nbytes} bytes on this model but the trial recorded {chosen.bytes}: {changed}")
+    return nbytes, workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
+
+
+def _build(workload, chosen, progress: bool) -> _Built:
+    """The plan's tensors from the candidate bank (the very codes the trial evaluated), checked
+    against the model and the bytes the trial recorded."""
+    table = workload.layer_table()
+    plan = chosen.plan
+    nbytes, bank = _checked_bank(workload, chosen, progress, "the model or scheme changed")
     tensors = packed_tensors(workload.fp_model(), bank, plan)  # written one at a time, to the host as they go
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert tensor_bytes == nbytes, (tensor_bytes, nbytes)  # DESIGN.md's contract; the ledger and the tensors agree
