@@ -33,6 +33,7 @@ from mpsearch.plan import PLAN_BITS
 from mpsearch.quant.scheme import BIT_MENU, Scheme
 
 FORMAT_VERSION = 1
+VLLM_BITS = (4, 8, 16)  # `quant.bits = "vllm"`: what vLLM runs of a compressed-tensors export (WNA16 at 4 and 8 bits)
 MAX_TRIALS = 1_000_000  # a bound on search.trials and --trials: larger is a typo, not a study
 DEFAULT_STORAGE = "sqlite:///mpsearch.db"
 
@@ -94,8 +95,10 @@ class QuantSection(_Section):
     @field_validator("bits", mode="before")
     @classmethod
     def _bits(cls, value: Any):
+        if value == "vllm":  # the widths vLLM's WNA16 kernels run (compressed-tensors exports)
+            return VLLM_BITS
         if not isinstance(value, (list, tuple)) or not value:
-            raise ValueError(f"expected a non-empty list of bit-widths from {', '.join(map(str, BIT_MENU))}")
+            raise ValueError(f"expected a non-empty list of bit-widths from {', '.join(map(str, BIT_MENU))}, or \"vllm\" (4, 8, 16)")
         for b in value:
             if isinstance(b, bool) or not isinstance(b, int) or b not in PLAN_BITS:
                 raise ValueError(f"{b!r} is not a supported bit-width; choose from {', '.join(map(str, BIT_MENU))} (and 5, 6 with target.format = \"gguf\")")

@@ -93,3 +93,11 @@ def test_overrides_are_validated_like_the_file():
     assert spec.with_overrides(budget="3.5bpw").budget.to_budget() == Budget("bpw", 3.5)
     with pytest.raises(SpecError, match="^data.batch_size:"):
         spec.with_overrides(data={"batch_size": -4})
+
+
+def test_the_vllm_menu_is_the_widths_vllm_runs():
+    spec = Spec.from_toml('[quant]\nbits = "vllm"\n')
+    assert spec.quant.bits == (4, 8, 16) and spec.digest() == Spec.from_toml("[quant]\nbits = [4, 8, 16]\n").digest()
+    with pytest.raises(SpecError, match="quant.bits: .*or \"vllm\""):
+        Spec.from_toml('[quant]\nbits = "tensorrt"\n')
+

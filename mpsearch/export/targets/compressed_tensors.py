@@ -34,7 +34,7 @@ at its quantized values (so outputs still match) and listed with the reason:
 
 vLLM runs compressed-tensors' WNA16 kernels at 4 and 8 bits only (symmetric, group size 32,
 64, 128 or per-channel, on Linear layers); a plan with 2- or 3-bit layers loads in transformers
-but not in vLLM. :func:`vllm_problems` names such layers; ``quant.bits = [4, 8, 16]`` restricts
+but not in vLLM. :func:`vllm_problems` names such layers; ``quant.bits = "vllm"`` (4, 8, 16) restricts
 a study to widths vLLM runs.
 """
 
@@ -240,7 +240,7 @@ def readme_section(report: TargetReport, doc: PlanDocument) -> str:
         lines += [f"- `{name}`: {why}" for name, why in report.dense.items()]
     if report.vllm:
         lines += ["", f"vLLM's WNA16 kernels run 4- and 8-bit layers only; it cannot run {len(report.vllm)} layers of this plan "
-                  "(a study with `quant.bits = [4, 8, 16]` makes plans it runs):", ""]
+                  "(a study with `quant.bits = \"vllm\"` (4, 8, 16) makes plans it runs):", ""]
         lines += [f"- {p}" for p in report.vllm[:20]] + ([f"- and {len(report.vllm) - 20} more"] if len(report.vllm) > 20 else [])
     return "\n".join(lines) + "\n"
 
