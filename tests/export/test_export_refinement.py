@@ -19,14 +19,19 @@ def minilm(tmp_path_factory) -> Study:
 
 
 def test_a_refinement_that_lowers_the_loss_is_kept_and_recorded(minilm, tmp_path):
+    """Uniform 2-bit, where sequential GPTQ has the most error to compensate. Measured on this
+    study: evaluation 0.9205 -> 0.8763, test 0.9369 -> 0.8720. At 3 and 4 bits it lowers the
+    test loss too (0.1592 -> 0.1418, 0.0321 -> 0.0295) but not the loss on the 8 evaluation
+    sentences (0.1295 -> 0.1357, 0.0254 -> 0.0270), so it is rightly not kept there; the mixed
+    plan this test used before sits in between, and went either way with the data."""
+    trial = add_trial(minilm.workload, minilm.storage, minilm.name, minilm.workload.layer_table().uniform(2))
     out = tmp_path / "refined"
     spec = minilm.workload.spec.base_dir / "study.toml"
     url = minilm.storage.url.render_as_string(hide_password=False)
-    run = mpsearch("export", minilm.name, "--storage", url, "--out", str(out), "--trial", str(minilm.mixed), "--refine", "sequential", "--json")
+    run = mpsearch("export", minilm.name, "--storage", url, "--out", str(out), "--trial", str(trial), "--refine", "sequential", "--json")
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     r = result["refinement"]
-    # Measured on this study: 0.0269 -> 0.0261 at 4.0 bpw (all gptq), test 0.0268 -> 0.0256.
     assert r["method"] == "sequential-gptq" and r["kept"] and r["loss_after"] < r["loss_before"] == result["loss"]
     assert r["test_loss_before"] == pytest.approx(result["test_loss"]) and r["test_loss_after"] is not None
     assert result["verified_loss"] == pytest.approx(r["loss_after"], rel=1e-4)  # the file holds the refined weights
