@@ -210,6 +210,12 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
     for name, size, _ in result.files:
         click.echo(f"  {name:<40} {size:>12,} bytes")
     for name, info in result.targets.items():
+        if name == "gguf":
+            checks = [f"mean cosine {info['embedding']['mean']:.6f} to mpsearch's embeddings"] if info.get("embedding") else []
+            checks += [f"perplexity {info['perplexity']['llama_cpp']:.4f} vs mpsearch's {info['perplexity']['mpsearch']:.4f}"] if info.get("perplexity") else []
+            ran = f"; llama.cpp ran it: {', '.join(checks)}" if checks else ""
+            click.echo(f"gguf: {info['file']}, {len(info['tensors'])} tensors at their planned types{ran}")
+            continue
         dense = f", {len(info['dense'])} written dense (see README.md)" if info["dense"] else ""
         vllm = f"; vLLM cannot run {len(info['vllm_problems'])} of its layers (README.md)" if info["vllm_problems"] else ""
         click.echo(f"{name}: {info['folder']}, {info['quantized']} quantized layers{dense}{vllm}")

@@ -458,7 +458,7 @@ def _umask() -> int:
 
 
 # What an export folder holds; --force replaces a folder with nothing else in it.
-EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md"})
+EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md", "model.gguf"})  # model.gguf: a gguf study's
 EXPORT_FOLDERS = frozenset(TARGETS) - {"mpsearch"}  # each other target writes a folder of its name
 
 

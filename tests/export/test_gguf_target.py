@@ -100,11 +100,18 @@ def test_the_embedding_check_catches_a_runtime_that_disagrees(study, tmp_path):
         target_gguf.check_embeddings(tmp_path / target_gguf.FILE, study.workload, plan, bank, texts)
 
 
-def test_the_cli_refuses_what_a_gguf_study_cannot_export(study, tmp_path):
+def test_the_cli_exports_a_gguf_study_again_with_force_and_refuses_what_it_cannot(study, tmp_path):
+    url = Spec.load(study.spec_path).storage.url
     for extra, message in ((["--target", "compressed-tensors"], "its export is a GGUF"), (["--repair", "5"], "drop them")):
-        done = mpsearch("export", study.name, "--out", str(tmp_path / "x"), "--storage", Spec.load(study.spec_path).storage.url, *extra)
+        done = mpsearch("export", study.name, "--out", str(tmp_path / "x"), "--storage", url, *extra)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "x").exists()
+    for _ in range(2):  # the second time over the first: --force takes a GGUF export for an earlier export
+        done = mpsearch("export", study.name, "--out", str(tmp_path / "g"), "--storage", url, "--force")
+        assert done.returncode == 0, done.stderr
+        assert "gguf: model.gguf, 36 tensors at their planned types; llama.cpp ran it: mean cosine 0.99" in done.stdout
+    scored = mpsearch("eval", str(tmp_path / "g"), str(study.spec_path))
+    assert scored.returncode == 2 and "is a GGUF export" in scored.stderr and "Traceback" not in scored.stderr
 
 
 def test_smollm2_runs_in_llama_cpp_with_the_perplexity_mpsearch_measured(llama, tmp_path):  # noqa: F811

@@ -206,6 +206,7 @@ def mean_pooled(model, tokenizer, texts: list[str], device, batch_size: int = 32
 def readme_section(report: GgufReport, doc) -> str:
     """The export README's part on the GGUF: how to run it, and each tensor's planned and written type."""
     lines = [
+        "",
         "## The GGUF (target gguf)",
         "",
         f"`{FILE}` is the plan in llama.cpp's own types, byte for byte the tensors the search evaluated. "
