@@ -37,7 +37,7 @@ def main() -> None:
     from gguf import GGUFReader
 
     from mpsearch.export import export_study
-    from mpsearch.export.targets import llama_cpp
+    from mpsearch.quant import llama_cpp
     from mpsearch.quant.gguf import GGUF_LEVELS, gguf_tensor
     from mpsearch.search.driver import Search
     from mpsearch.spec import Spec

@@ -244,7 +244,7 @@ def toolchain() -> None:
 def llama_cpp(jobs: int | None, as_json: bool) -> None:
     """Build llama.cpp's llama-quantize, llama-embedding and llama-perplexity from the source the
     pinned llama-cpp-python sdist vendors; a finished build is reused at once."""
-    from mpsearch.export.targets import llama_cpp as toolchain_llama
+    from mpsearch.quant import llama_cpp as toolchain_llama
 
     found = toolchain_llama.build(jobs=jobs, progress=show_progress() and not as_json, log=(lambda _: None) if as_json else click.echo)
     if as_json:

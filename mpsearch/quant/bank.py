@@ -421,7 +421,7 @@ def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, t
         "data": batches_digest(batches) if batches is not None else None,
     }
     if table.target != "mpsearch":  # a later field: banks of mpsearch's own packing keep their keys
-        from mpsearch.export.targets.llama_cpp import LLAMA_CPP_PYTHON
+        from mpsearch.quant.llama_cpp import LLAMA_CPP_PYTHON
 
         parts["target"] = {"format": table.target, "llama.cpp": LLAMA_CPP_PYTHON, "types": table.types}
     return json_digest(parts)

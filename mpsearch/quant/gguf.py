@@ -149,7 +149,7 @@ def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.T
     from gguf import GGUFReader
     from tqdm.auto import tqdm
 
-    from mpsearch.export.targets import llama_cpp
+    from mpsearch.quant import llama_cpp
 
     llama = llama_cpp.tools()
     forms: dict[int, dict[str, dict[str, torch.Tensor]]] = {b: {} for b in levels}

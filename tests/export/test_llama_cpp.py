@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mpsearch.export import export_study, read_plan
-from mpsearch.export.targets import llama_cpp
+from mpsearch.quant import llama_cpp
 from mpsearch.workload.data import split
 from mpsearch.workload.models import minilm_dir
 

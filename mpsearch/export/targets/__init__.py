@@ -8,7 +8,7 @@
   llama.cpp's own, :mod:`mpsearch.quant.gguf`): one ``model.gguf`` holding the searched blocks,
   checked by llama.cpp (:mod:`.gguf`).
 
-:mod:`.llama_cpp` builds and runs llama.cpp (``mpsearch toolchain llama.cpp``).
+:mod:`mpsearch.quant.llama_cpp` builds and runs llama.cpp (``mpsearch toolchain llama.cpp``).
 """
 
 TARGETS = ("mpsearch", "compressed-tensors")

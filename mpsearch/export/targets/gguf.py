@@ -65,7 +65,7 @@ def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
     """``folder/model.gguf`` and its tensor-type file, checked (steps 1–3 of the module docstring)."""
     from gguf import GGUFReader
 
-    from mpsearch.export.targets import llama_cpp
+    from mpsearch.quant import llama_cpp
 
     table = workload.layer_table()
     llama = llama_cpp.tools()
@@ -124,7 +124,7 @@ def check_embeddings(path: Path, workload, plan: Plan, bank, texts: list[str]) -
     """llama-embedding's embeddings of ``texts`` against mpsearch's forward pass of the same plan
     (mean-pooled, L2-normalised): their mean and least cosine. Raises when the mean is below
     :data:`MIN_MEAN_COSINE`."""
-    from mpsearch.export.targets import llama_cpp
+    from mpsearch.quant import llama_cpp
 
     texts = [t for t in texts if "\n" not in t]
     theirs = torch.from_numpy(llama_cpp.embed(llama_cpp.tools(), path, texts)).to(torch.float64)
@@ -147,7 +147,7 @@ def check_perplexity(path: Path, workload, plan: Plan, bank, texts: list[str]) -
     tokens. Raises when they differ by more than :data:`MAX_PPL_GAP` (relative)."""
     from gguf import GGUFReader
 
-    from mpsearch.export.targets import llama_cpp
+    from mpsearch.quant import llama_cpp
 
     text = "\n\n".join(texts)
     n_ctx = min(workload.spec.data.max_length, 512)
