@@ -202,10 +202,11 @@ class ExportSection(_Section):
 
 
 class TargetSection(_Section):
-    format: Literal["mpsearch", "gguf"] = Field(
+    format: Literal["mpsearch", "gguf", "compressed-tensors"] = Field(
         "mpsearch",
         description="whose types the candidates are: mpsearch's own packing, or llama.cpp's (gguf: quantized by llama-quantize, "
-        "bytes of the GGUF, exported as one .gguf); default quant.bits for gguf: 2, 3, 4, 5, 6, 8, 16",
+        "bytes of the GGUF, exported as one .gguf); default quant.bits for gguf: 2, 3, 4, 5, 6, 8, 16. compressed-tensors: "
+        "mpsearch's codes at the bytes of compressed-tensors' layout, exported as a Hugging Face folder that transformers loads",
     )
 
 

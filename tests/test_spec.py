@@ -101,3 +101,12 @@ def test_the_vllm_menu_is_the_widths_vllm_runs():
     with pytest.raises(SpecError, match="quant.bits: .*or \"vllm\""):
         Spec.from_toml('[quant]\nbits = "tensorrt"\n')
 
+
+
+def test_every_study_shipped_in_studies_loads_with_its_target():
+    studies = sorted(DEFAULT_STUDY.parent.glob("*.toml"))
+    targets = {path.stem: Spec.load(path).target.format for path in studies}
+    assert targets == {"minilm": "mpsearch", "minilm-ct": "compressed-tensors", "minilm-gguf": "gguf", "smollm2": "mpsearch"}
+    # A target changes the study's digest: its bytes differ.
+    minilm = Spec.load(DEFAULT_STUDY)
+    assert minilm.digest() != minilm.with_overrides(target={"format": "compressed-tensors"}).digest()

@@ -50,6 +50,11 @@ def check_file(folder: Path, doc: PlanDocument) -> Path:
     """``model.safetensors``, once its size and sha256 match what ``plan.json`` recorded."""
     path = folder / MODEL_FILE
     info = doc.files.get(MODEL_FILE)
+    if "config.json" in doc.files:  # a compressed-tensors study's export: the model file is that library's
+        raise ExportError(
+            f"{str(folder)!r} is a compressed-tensors export (target compressed-tensors): load it with transformers' "
+            "AutoModel.from_pretrained (compressed-tensors installed); mpsearch loads its own format only"
+        )
     if info is None:
         if "model.gguf" in doc.files:
             raise ExportError(f"{str(folder)!r} is a GGUF export (target gguf): run its model.gguf with llama.cpp; mpsearch loads its own format only")

@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from glob import escape as glob_escape
 from pathlib import Path
@@ -175,6 +175,11 @@ def export_study(
         workload = Workload(study_spec(log, spec), device=device)
         if workload.spec.target.format == "gguf":
             return _export_gguf(storage, tmp, out, workload, log, chosen, target, refine, repair_steps, verify, progress)
+        study_target = workload.spec.target.format
+        if study_target != "mpsearch" and target != "mpsearch":
+            raise ExportError(f"study {study_name!r} counted its layers in the {study_target} layout (target.format); its export is that layout's folder: drop --target {target}")
+        packed = tmp if study_target == "mpsearch" else tmp / ".mpsearch"  # the ct folder is written from mpsearch's own export
+        packed.mkdir(exist_ok=True)
         refine = refine or workload.spec.export.refine
         built = _build(workload, chosen, progress)
         test_loss = _test_loss(workload, chosen.plan)
@@ -188,11 +193,15 @@ def export_study(
             built, repaired = _repair(workload, built, expected, expected_test, repair_steps, progress)
             if repaired.kept:
                 expected = repaired.loss_after
-        doc = _write_folder(tmp, built, workload, log, chosen, test_loss, refinement, repaired)
-        verified = _verify(tmp, workload, chosen, expected) if verify else None
+        doc = _write_folder(packed, built, workload, log, chosen, test_loss, refinement, repaired)
+        verified = _verify(packed, workload, chosen, expected) if verify else None
         targets = {}
-        if target == "compressed-tensors":
+        if study_target == "compressed-tensors":
+            doc, targets[study_target] = _compressed_tensors_study(tmp, packed, doc, workload, log, chosen, verify)
+        elif target == "compressed-tensors":
             doc, targets[target] = _compressed_tensors(tmp, doc, workload, verify)
+        for info in targets.values():  # where the folder will be, not the staging folder it was written in
+            info["folder"] = str(out / Path(info["folder"]).relative_to(tmp))
         files = [
             (p.relative_to(tmp).as_posix(), p.stat().st_size, doc.files[MODEL_FILE].sha256 if p.name == MODEL_FILE and p.parent == tmp else sha256_of(p))
             for p in sorted(tmp.rglob("*")) if p.is_file()
@@ -337,11 +346,48 @@ def _compressed_tensors(tmp: Path, doc: PlanDocument, workload, verify: bool) ->
     if verify:
         report.max_rel_diff = ct.check(tmp / ct.FOLDER, quantized, workload)
     model_file = tmp / ct.FOLDER / MODEL_FILE
+    os.chmod(model_file, 0o666 & ~_umask())
     info = FileInfo(bytes=model_file.stat().st_size, tensor_bytes=report.tensor_bytes, sha256=sha256_of(model_file))
     doc = doc.model_copy(update={"files": {**doc.files, f"{ct.FOLDER}/{MODEL_FILE}": info}})
     doc.write(tmp / PLAN_FILE)
     with (tmp / "README.md").open("a", encoding="utf-8") as f:
         f.write(ct.readme_section(report, doc))
+    return doc, report.to_json()
+
+
+def _compressed_tensors_study(tmp: Path, packed: Path, doc: PlanDocument, workload, log, chosen, verify: bool) -> tuple[PlanDocument, dict]:
+    """A compressed-tensors study's export: the Hugging Face folder itself in ``tmp`` (config.json,
+    model.safetensors in compressed-tensors' layout, the tokenizer), with plan.json and README.md.
+    It is written from mpsearch's own export in ``packed`` (built, refined, repaired and verified
+    as always; then removed); its tensor bytes must be bytes(plan) of the study's ledger, and
+    transformers' outputs those of mpsearch's loader."""
+    from mpsearch.export.targets import compressed_tensors as ct
+
+    table = workload.layer_table()
+    quantized = load_quantized(packed, workload.build_model(), device=workload.device)
+    report = ct.write(tmp, doc, quantized, workload.fp_model(), workload.loaded.tokenizer)
+    nbytes = table.bytes(doc.plan)
+    if report.tensor_bytes != nbytes:  # the ledger the search budgeted against is the folder's, exactly
+        raise ExportError(f"the compressed-tensors folder holds {report.tensor_bytes} tensor bytes but the plan costs {nbytes}; report this")
+    if verify:
+        report.max_rel_diff = ct.check(tmp, quantized, workload)
+    del quantized
+    shutil.rmtree(packed)
+    model_file = tmp / MODEL_FILE
+    os.chmod(model_file, 0o666 & ~_umask())  # like the other files, not a temporary file's 0600
+    config_file = tmp / ct.CONFIG_FILE
+    doc = doc.model_copy(update={
+        "layers": [e.model_copy(update={"bytes": table.layer_bytes(e.name, doc.plan[e.name].bits)}) for e in doc.layers],
+        "totals": Totals(bytes=nbytes, quantized_bytes=table.quantized_bytes(doc.plan), other_bytes=table.other_bytes, bpw=table.bpw(doc.plan), n_weights=table.n_weights),
+        "files": {
+            MODEL_FILE: FileInfo(bytes=model_file.stat().st_size, tensor_bytes=report.tensor_bytes, sha256=sha256_of(model_file)),
+            ct.CONFIG_FILE: FileInfo(bytes=config_file.stat().st_size, tensor_bytes=0, sha256=sha256_of(config_file)),
+        },
+    })
+    doc.write(tmp / PLAN_FILE)
+    baselines = {k: v for k, v in log.outcome().baselines.items() if k != chosen.source}
+    (tmp / "README.md").write_text(configs.readme_summary(doc, baselines) + ct.readme_section(report, doc, here=True), encoding="utf-8")
+    report.folder = tmp
     return doc, report.to_json()
 
 
@@ -369,15 +415,21 @@ def _checked_bank(workload, chosen, progress: bool, changed: str):
     return nbytes, workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
 
 
+def _packing(table):
+    """The ledger of mpsearch's own file for ``table``'s layers (a compressed-tensors study counts
+    its layers at that library's bytes, but its export is written from mpsearch's file first)."""
+    return table if table.target == "mpsearch" else replace(table, target="mpsearch")
+
+
 def _build(workload, chosen, progress: bool) -> _Built:
     """The plan's tensors from the candidate bank (the very codes the trial evaluated), checked
     against the model and the bytes the trial recorded."""
-    table = workload.layer_table()
+    table = _packing(workload.layer_table())
     plan = chosen.plan
-    nbytes, bank = _checked_bank(workload, chosen, progress, "the model or scheme changed")
+    _, bank = _checked_bank(workload, chosen, progress, "the model or scheme changed")
     tensors = packed_tensors(workload.fp_model(), bank, plan)  # written one at a time, to the host as they go
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    assert tensor_bytes == nbytes, (tensor_bytes, nbytes)  # DESIGN.md's contract; the ledger and the tensors agree
+    assert tensor_bytes == table.bytes(plan), (tensor_bytes, table.bytes(plan))  # DESIGN.md's contract; the ledger and the tensors agree
     resolved = _resolved(table, plan, bank)
     entries = [
         LayerEntry(name=l.name, kind=l.kind, shape=list(l.shape), rows=l.rows, cols=l.cols, bytes=l.bytes(plan[l.name].bits, table.scheme), aliases=list(l.aliases), rule=l.rule)
@@ -400,7 +452,7 @@ def _write_folder(
     """``model.safetensors``, ``plan.json`` and the deployment configs, in ``tmp``."""
     from mpsearch.quant.tensorfile import save_tensors
 
-    table = workload.layer_table()
+    table = _packing(workload.layer_table())
     model_path = tmp / MODEL_FILE
     save_tensors(built.tensors, model_path, built.header)
     os.chmod(model_path, 0o666 & ~_umask())  # like the other files, not the 0600 of a temporary file
@@ -458,7 +510,11 @@ def _umask() -> int:
 
 
 # What an export folder holds; --force replaces a folder with nothing else in it.
-EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md", "model.gguf"})  # model.gguf: a gguf study's
+EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md", "model.gguf"}) | frozenset({
+    # a compressed-tensors study's: the Hugging Face folder's config and tokenizer files
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+})  # model.gguf: a gguf study's
 EXPORT_FOLDERS = frozenset(TARGETS) - {"mpsearch"}  # each other target writes a folder of its name
 
 

@@ -420,7 +420,7 @@ def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, t
         "model": model_key or model_digest(model),
         "data": batches_digest(batches) if batches is not None else None,
     }
-    if table.target != "mpsearch":  # a later field: banks of mpsearch's own packing keep their keys
+    if table.target == "gguf":  # a later field: banks of mpsearch's own codes (compressed-tensors' too) keep their keys
         from mpsearch.quant.llama_cpp import LLAMA_CPP_PYTHON
 
         parts["target"] = {"format": table.target, "llama.cpp": LLAMA_CPP_PYTHON, "types": table.types}

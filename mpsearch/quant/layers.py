@@ -28,6 +28,7 @@ from torch import nn
 
 from mpsearch.errors import BudgetError, MPSearchError, SpecError
 from mpsearch.plan import Plan
+from mpsearch.quant import ct_layout
 from mpsearch.quant.budget import MIB, Budget
 from mpsearch.quant.scheme import BIT_MENU, FLOAT_BITS, Scheme
 
@@ -132,8 +133,9 @@ class LayerTable:
     other_bytes: int = 0
     excluded: list[dict] = field(default_factory=list)
     unseen: tuple[str, ...] = ()  # layers the loss cannot see, in the table or left out (mpsearch.workload.reach)
-    target: str = "mpsearch"  # whose types the candidates are: mpsearch's packing, or llama.cpp's ("gguf")
+    target: str = "mpsearch"  # whose layout the bytes are: mpsearch's packing, llama.cpp's ("gguf") or "compressed-tensors"
     types: dict[str, dict[int, str]] = field(default_factory=dict)  # gguf: each layer's {level: llama.cpp type}
+    dtype_bytes: int = 4  # the model's dtype size: compressed-tensors writes scales in it
 
     def __post_init__(self):
         self._by_name = {layer.name: layer for layer in self.layers}
@@ -164,8 +166,9 @@ class LayerTable:
         layer left out by the patterns, is listed in ``excluded`` with the reason; so is each
         of ``unseen`` (layers the loss cannot see) when ``leave_unseen``.
         With ``target = "gguf"`` a layer must also be a tensor llama.cpp's converter writes, with
-        a type of the menu for its row length (:mod:`mpsearch.quant.gguf`); the others are listed
-        in ``excluded`` too. Raises :class:`SpecError` when an include pattern matches no layer.
+        a type of the menu for its row length (:mod:`mpsearch.quant.gguf`); with ``target =
+        "compressed-tensors"`` a weight that library packs (:mod:`mpsearch.quant.ct_layout`). The
+        others are listed in ``excluded`` too. Raises :class:`SpecError` when an include pattern matches no layer.
         """
         types = MATMUL_TYPES + ((nn.Embedding,) if embeddings else ())
         owners = _owners(model)
@@ -177,6 +180,9 @@ class LayerTable:
                 reason = UNSEEN_RULE
             if not reason and target == "gguf":
                 reason = _gguf_rule(members[0][0], weight_matrix(members[0][1]).shape[1], menu)
+            if not reason and target == "compressed-tensors":
+                cols = weight_matrix(members[0][1]).shape[1]
+                reason = ct_layout.rule({_kind(m) for _, m in members}, cols, _group_rule(cols, scheme)[0])
             if reason:
                 excluded.append({"name": members[0][0], "reason": reason})
                 continue
@@ -196,7 +202,7 @@ class LayerTable:
         other_bytes = sum(t.numel() * t.element_size() for t in other_tensors(model, quantized_keys).values())
         return cls(
             layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded, unseen=tuple(unseen),
-            target=target,
+            target=target, dtype_bytes=next(model.parameters()).element_size(),
         )
 
     # -- the ledger ------------------------------------------------------------------
@@ -235,6 +241,10 @@ class LayerTable:
     def layer_bytes(self, name: str, bits: int) -> int:
         """Exact bytes of layer ``name`` at ``bits`` (at the level it takes for them)."""
         layer = self.layer(name)
+        if self.target == "compressed-tensors":
+            return ct_layout.layer_bytes(
+                rows=layer.rows, cols=layer.cols, bits=bits, group_size=layer.group_size, symmetric=self.scheme.symmetric, scale_bytes=self.dtype_bytes,
+            )
         if self.target != "gguf":
             return layer.bytes(bits, self.scheme)
         from mpsearch.quant.gguf import type_bytes

@@ -143,3 +143,77 @@ def test_force_replaces_an_export_with_its_target_folder_and_a_bad_target_is_ref
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "compressed-tensors" in bad.stderr
     assert not (tmp_path / "bad").exists()
     assert TARGETS == ("mpsearch", "compressed-tensors")
+
+
+@pytest.mark.parametrize("which", ["minilm", "minilm_asymmetric"])
+def test_each_layers_tensors_cost_what_the_compressed_tensors_ledger_says(which, request, tmp_path):
+    """The ledger of target.format = "compressed-tensors" (mpsearch.quant.ct_layout) against the
+    folder the export writes, layer by layer, for every width of the menu."""
+    from mpsearch.quant.ct_layout import layer_bytes
+
+    study: Study = request.getfixturevalue(which)
+    out = tmp_path / "e"
+    export_study(study.storage, study.name, out, trial=study.mixed, target="compressed-tensors", verify=False)
+    doc, table = read_plan(out), study.workload.layer_table()
+    with safe_open(str(out / FOLDER / MODEL_FILE), framework="pt") as f:
+        for name in table.names:
+            bits, layer = doc.plan[name].bits, table.layer(name)
+            tensors = [f.get_tensor(k) for k in f.keys() if k.startswith(f"{name}.weight")]
+            expected = layer_bytes(rows=layer.rows, cols=layer.cols, bits=bits, group_size=layer.group_size, symmetric=which == "minilm", scale_bytes=4)
+            assert sum(t.numel() * t.element_size() for t in tensors) == expected, (name, bits)
+            if bits == 16:  # dense, in fp16: exactly the 16-bit candidate, at half the float32 bytes
+                assert [t.dtype for t in tensors] == [torch.float16]
+
+
+@pytest.fixture(scope="module")
+def ct_target(tmp_path_factory) -> Study:
+    """A study that counts its layers in compressed-tensors' layout (target.format), with the mixed plan."""
+    from mpsearch.spec import Spec
+
+    from conftest import tiny_study
+    from test_export import run_study
+
+    folder = tmp_path_factory.mktemp("ct-target")
+    spec = Spec.load(tiny_study(folder, bits=MENU)).with_overrides(
+        budget="5.0bpw", search={"trials": 4, "workers": 0, "seed": 0}, target={"format": "compressed-tensors"},
+    )
+    return run_study(folder, spec, "ct-target")
+
+
+def test_a_compressed_tensors_study_exports_the_folder_whose_bytes_it_searched(ct_target, tmp_path):
+    from mpsearch.export import ExportError
+
+    study, out = ct_target, tmp_path / "e"
+    table = study.workload.layer_table()
+    assert table.target == "compressed-tensors"
+    result = export_study(study.storage, study.name, out, trial=study.mixed)
+    doc = read_plan(out)
+    names = {p.name for p in out.iterdir()}
+    assert names >= {"config.json", MODEL_FILE, "plan.json", "README.md", "tokenizer.json"} and not names & {"FORMAT.md", ".mpsearch", FOLDER}
+    assert set(doc.plan.bits().values()) == set(MENU)
+
+    # bytes(plan) of the study's ledger is the folder's tensor bytes, in total and layer by layer.
+    with safe_open(str(out / MODEL_FILE), framework="pt") as f:
+        sizes = {k: f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()}
+    assert sum(sizes.values()) == doc.totals.bytes == table.bytes(doc.plan) == result.bytes == doc.files[MODEL_FILE].tensor_bytes
+    for entry in doc.layers:
+        own = sum(n for k, n in sizes.items() if k.startswith(f"{entry.name}.weight"))
+        assert own == entry.bytes == table.layer_bytes(entry.name, doc.plan[entry.name].bits), entry.name
+
+    # transformers runs what the search scored: the trial's loss, from AutoModel alone.
+    hf = from_pretrained(out, causal=False)
+    assert study.workload.loss(hf, "evaluation") == pytest.approx(result.loss, rel=1e-4)
+    assert result.targets["compressed-tensors"]["max_rel_diff"] <= VERIFY_RTOL
+    assert result.targets["compressed-tensors"]["folder"] == str(out)
+    assert 'from_pretrained(".")' in (out / "README.md").read_text()
+
+    # mpsearch's loader and eval send the user to transformers; --target is refused, nothing written.
+    with pytest.raises(ExportError, match="compressed-tensors export"):
+        load_quantized(out)
+    url = study.storage.url.render_as_string(hide_password=False)
+    refused = mpsearch("export", study.name, "--storage", url, "--out", str(tmp_path / "x"), "--target", "compressed-tensors")
+    assert refused.returncode == 2 and "drop --target" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "x").exists()
+    # --force replaces it (tokenizer and config files are an export's own).
+    export_study(study.storage, study.name, out, trial=study.mixed, force=True, verify=False)
+    assert read_plan(out).files[MODEL_FILE].sha256 == sha256_of(out / MODEL_FILE)

@@ -30,7 +30,12 @@ at its quantized values (so outputs still match) and listed with the reason:
 * module types other than ``Linear`` and ``Embedding`` (GPT-2's ``Conv1D`` keeps its weight
   as (in, out), and compressed-tensors groups along the stored last dimension, the outputs);
 * a group size that does not divide the row (compressed-tensors needs equal groups);
-* 16-bit layers (written at their fp16 values, in the model's dtype).
+* 16-bit layers (written in fp16, which holds them exactly; transformers casts them to the
+  model's dtype at load).
+
+A study with ``[target] format = "compressed-tensors"`` counts every layer at its bytes in this
+layout (:mod:`mpsearch.quant.ct_layout`) and leaves out the layers it cannot pack, so its export
+is this folder alone, with ``plan.json`` and ``README.md``: its tensor bytes are bytes(plan).
 
 vLLM runs compressed-tensors' WNA16 kernels at 4 and 8 bits only (symmetric, group size 32,
 64, 128 or per-channel, on Linear layers); a plan with 2- or 3-bit layers loads in transformers
@@ -52,10 +57,12 @@ from mpsearch.errors import MPSearchError
 from mpsearch.export.document import PlanDocument
 from mpsearch.export.loader import ExportError
 from mpsearch.plan import FLOAT_BITS
+from mpsearch.quant import ct_layout
 from mpsearch.quant.apply import module_layout
 from mpsearch.quant.packing import unpack
 
 FOLDER = "compressed-tensors"
+CONFIG_FILE = "config.json"
 VERIFY_RTOL = 1e-4
 VLLM_BITS = frozenset({4, 8})
 VLLM_GROUPS = frozenset({32, 64, 128})
@@ -101,14 +108,14 @@ def write(out: Path, doc: PlanDocument, quantized: nn.Module, fp: nn.Module, tok
         module, qm = fp_modules[entry.name], q_modules[entry.name]
         names = (entry.name, *entry.aliases)
         covered.update(f"{n}.weight" for n in names)
-        why = _not_packable(module, entry.cols, choice.bits, qm.group_size)
+        why = "16 bits: written dense in fp16" if choice.bits == FLOAT_BITS else ct_layout.rule(entry.kind.split("+"), entry.cols, qm.group_size)
         if why is None:
             key = (choice.bits, -1 if qm.group_size >= entry.cols else qm.group_size, bool(choice.symmetric))
             groups.setdefault(key, []).extend(names)
             tensors.update(_packed(entry.name, qm, dtype) if choice.symmetric else _naive(entry.name, qm, dtype))
             report.quantized[entry.name] = _group_name(key)
-        else:
-            tensors[f"{entry.name}.weight"] = module_layout(module, qm.matrix(torch.float32)).to(dtype)
+        else:  # fp16 holds a 16-bit layer exactly (transformers casts it to the model's dtype)
+            tensors[f"{entry.name}.weight"] = module_layout(module, qm.matrix(torch.float32)).to(torch.float16 if choice.bits == FLOAT_BITS else dtype)
             report.dense[entry.name] = why
     # Everything else (norms, biases, embeddings the plan left out) as the FP model has it,
     # each shared tensor once, under its first name (transformers ties the others).
@@ -133,7 +140,7 @@ def write(out: Path, doc: PlanDocument, quantized: nn.Module, fp: nn.Module, tok
     ignore = sorted(n for n, m in fp_modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) and n not in packed_names)
     formats = {scheme.format for scheme in schemes.values()}
     qconfig = QuantizationConfig(config_groups=schemes, format=formats.pop() if len(formats) == 1 else "mixed-precision", quantization_status="compressed", ignore=ignore)
-    out.mkdir()
+    out.mkdir(exist_ok=True)  # new, or the staging folder of a compressed-tensors study's export
     config = config.__class__.from_dict(config.to_dict())  # a copy: the workload's model stays as it is
     config.architectures = [type(fp).__name__]
     config.save_pretrained(out)
@@ -154,17 +161,6 @@ def _group_name(key: tuple[int, int, bool]) -> str:
     """``w4g128``, ``w8ch`` (per channel), ``w3g64a`` (asymmetric)."""
     bits, group, symmetric = key
     return f"w{bits}{'ch' if group == -1 else f'g{group}'}{'' if symmetric else 'a'}"
-
-
-def _not_packable(module: nn.Module, cols: int, bits: int, group_size: int) -> str | None:
-    """Why compressed-tensors cannot hold this layer packed, or None."""
-    if bits == FLOAT_BITS:
-        return "16 bits: written at its fp16 values"
-    if not isinstance(module, (nn.Linear, nn.Embedding)):
-        return f"{type(module).__name__} is not a module type compressed-tensors quantizes (Linear, Embedding)"
-    if group_size < cols and cols % group_size:
-        return f"group size {group_size} does not divide its {cols} columns"
-    return None
 
 
 def _packed(name: str, qm: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -213,24 +209,29 @@ def vllm_problems(doc: PlanDocument, fp_modules: dict[str, nn.Module]) -> list[s
     return problems
 
 
-def readme_section(report: TargetReport, doc: PlanDocument) -> str:
-    """The export README's part on the compressed-tensors folder."""
+def readme_section(report: TargetReport, doc: PlanDocument, here: bool = False) -> str:
+    """The export README's part on the compressed-tensors folder (``here``: the export is that folder)."""
     from collections import Counter
 
     groups = Counter(report.quantized.values())
+    folder = "." if here else FOLDER
+    size = (
+        f"({report.tensor_bytes:,} tensor bytes, bytes(plan) of the study, which counted every layer in this layout)" if here else
+        f"({report.tensor_bytes:,} tensor bytes; mpsearch's own file holds {doc.totals.bytes:,}: compressed-tensors keeps scales "
+        "in the model's dtype and asymmetric codes one per byte)"
+    )
     lines = [
         "",
-        f"## `{FOLDER}/`: a Hugging Face model folder",
+        "## This folder: a Hugging Face model folder" if here else f"## `{FOLDER}/`: a Hugging Face model folder",
         "",
         "transformers loads it with the `compressed-tensors` package installed (`pip install compressed-tensors`):",
         "",
         "```python",
         "from transformers import AutoModel  # or the class in config.json's architectures",
-        f'model = AutoModel.from_pretrained("{FOLDER}")',
+        f'model = AutoModel.from_pretrained("{folder}")',
         "```",
         "",
-        f"Its weights are the codes of this export, in compressed-tensors' layout ({report.tensor_bytes:,} tensor bytes; "
-        f"mpsearch's own file holds {doc.totals.bytes:,}: compressed-tensors keeps scales in the model's dtype and asymmetric codes one per byte).",
+        f"Its weights are the codes the search evaluated, in compressed-tensors' layout {size}.",
         "Config groups: " + ", ".join(f"`{g}` ({n} layers)" for g, n in sorted(groups.items())) + "." if groups else "No layer is quantized.",
     ]
     if report.max_rel_diff is not None:
