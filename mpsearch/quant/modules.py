@@ -81,16 +81,25 @@ class QuantizedModule(nn.Module):
 
     def decoded(self, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`matrix`, or with ``decode_cache`` on, the one decoded at the first call (again
-        after a change of dtype or device)."""
+        after a change of dtype; moving the module or loading new buffers drops it)."""
+        cached = self.__dict__.get("_decoded")  # the fast path first: a forward's whole overhead
+        if cached is not None and cached.dtype == dtype:
+            return cached
         if not self.decode_cache:
             return self.matrix(dtype)
-        cached = self.__dict__.get("_decoded")
-        device = (self.weight if self.bits == FLOAT_BITS else self.scales).device
-        if cached is None or cached.dtype != dtype or cached.device != device:
-            with torch.no_grad():
-                cached = self.matrix(dtype)
-            self.__dict__["_decoded"] = cached  # a plain attribute: not in the state dict, never saved
+        with torch.no_grad():
+            cached = self.matrix(dtype)
+        self.__dict__["_decoded"] = cached  # a plain attribute: not in the state dict, never saved
         return cached
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() go through here: a decoded copy of the old buffers would be stale.
+        self.__dict__.pop("_decoded", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_decoded", None)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.op == "embedding":  # integer input: decode into the dtype the FP layer had

@@ -110,5 +110,17 @@ def test_the_decode_cache_gives_the_same_outputs_and_decodes_once():
     assert set(packed.state_dict()) == keys  # the cache is never saved
     wide = modules[1].decoded(torch.float64)  # another dtype: decoded again, the same values
     assert wide.dtype == torch.float64 and modules[1].__dict__["_decoded"] is wide and torch.equal(wide.float(), kept[1])
+    # New buffers make a kept copy stale: loading a state dict or moving the model drops it.
+    state = {k: v.clone() for k, v in packed.state_dict().items()}
+    scales = next(k for k in state if k.endswith(".scales"))
+    state[scales] *= 2
+    packed.load_state_dict(state)
+    assert not any("_decoded" in m.__dict__ for m in modules)
+    with torch.no_grad():
+        doubled = packed(ids, signal)
+    assert any(not torch.equal(a, b) for a, b in zip(doubled, plain))  # the new scales are used
+    packed.to("cpu")
+    assert not any("_decoded" in m.__dict__ for m in modules)
+    packed(ids, signal)
     set_decode_cache(packed, False)
     assert not any("_decoded" in m.__dict__ for m in modules)
