@@ -117,14 +117,16 @@ def write(out: Path, doc: PlanDocument, quantized: nn.Module, fp: nn.Module, tok
         else:  # fp16 holds a 16-bit layer exactly (transformers casts it to the model's dtype)
             tensors[f"{entry.name}.weight"] = module_layout(module, qm.matrix(torch.float32)).to(torch.float16 if choice.bits == FLOAT_BITS else dtype)
             report.dense[entry.name] = why
-    # Everything else (norms, biases, embeddings the plan left out) as the FP model has it,
-    # each shared tensor once, under its first name (transformers ties the others).
+    # Everything else (norms, biases, embeddings the plan left out) as the export has it (a
+    # repaired export tuned its norms and biases), each shared tensor once, under its first name
+    # in the FP model (transformers ties the others).
+    exported = quantized.state_dict()
     seen: set[int] = set()
     for name, t in fp.state_dict(keep_vars=True).items():
         if name in covered or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
-        tensors[name] = t.detach()
+        tensors[name] = exported.get(name, t).detach()
     schemes = {
         _group_name(key): QuantizationScheme(
             targets=sorted(set(names)),
