@@ -208,6 +208,11 @@ class TargetSection(_Section):
         "bytes of the GGUF, exported as one .gguf); default quant.bits for gguf: 2, 3, 4, 5, 6, 8, 16. compressed-tensors: "
         "mpsearch's codes at the bytes of compressed-tensors' layout, exported as a Hugging Face folder that transformers loads",
     )
+    imatrix: bool = Field(
+        False,
+        description="gguf, causal LMs: llama-imatrix measures the importance of each input column on the calibration split, and "
+        "llama-quantize weighs its rounding by it, for the candidates and the export alike",
+    )
 
 
 class StorageSection(_Section):
@@ -326,6 +331,8 @@ class Spec(_Section):
         odd = [b for b in self.quant.bits if b not in BIT_MENU]
         if odd and self.target.format != "gguf":
             raise SpecError("quant.bits", f"{odd[0]} bits are llama.cpp's Q{odd[0]} types: set target.format = \"gguf\", or choose from {', '.join(map(str, BIT_MENU))}")
+        if self.target.imatrix and self.target.format != "gguf":
+            raise SpecError("target.imatrix", "an importance matrix weighs llama.cpp's quantizers: set target.format = \"gguf\", or drop it")
 
     @property
     def scheme(self) -> Scheme:
@@ -348,6 +355,8 @@ class Spec(_Section):
                 keyed[section].pop(field, None)
         if self.target.format != "mpsearch":  # a later section: it counts only when set
             keyed["target"] = dumped["target"]
+            if not self.target.imatrix:  # a later field too
+                keyed["target"].pop("imatrix")
         return keyed
 
 

@@ -50,6 +50,7 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[data]\nbatch_size = '32'", "data.batch_size", "expected an integer"),
         ("[quant]\nsymmetric = 1", "quant.symmetric", "expected true or false"),
         ("[quant]\nbits = [2, 4, 5]", "quant.bits", "5 bits are llama.cpp's Q5 types: set target.format = \"gguf\""),
+        ("[target]\nimatrix = true", "target.imatrix", "set target.format = \"gguf\", or drop it"),
         ("[quant]\nbits = [1, 16]", "quant.bits", "1 is not a supported bit-width"),
         ("[quant]\nbits = []", "quant.bits", "non-empty"),
         ("[quant]\ngroup_size = 0", "quant.group_size", "-1"),

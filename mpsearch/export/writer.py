@@ -510,11 +510,11 @@ def _umask() -> int:
 
 
 # What an export folder holds; --force replaces a folder with nothing else in it.
-EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md", "model.gguf"}) | frozenset({
+EXPORT_FILES = frozenset({MODEL_FILE, PLAN_FILE, "FORMAT.md", "llama_cpp_tensor_types.txt", "quantization_config.json", "README.md", "model.gguf", "imatrix.gguf"}) | frozenset({
     # a compressed-tensors study's: the Hugging Face folder's config and tokenizer files
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
-})  # model.gguf: a gguf study's
+})  # model.gguf, imatrix.gguf: a gguf study's
 EXPORT_FOLDERS = frozenset(TARGETS) - {"mpsearch"}  # each other target writes a folder of its name
 
 

@@ -30,6 +30,8 @@ import contextlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +115,7 @@ class CandidateBank:
         self.device = device
         self.bits = tuple(sorted({b for _, b in candidates}))
         self.decoded = 0  # layers decoded into a model so far (a delta swap decodes only what changed)
+        self.imatrix: Path | None = None  # gguf with target.imatrix: the importance matrix its candidates were made with
         self._models: weakref.WeakKeyDictionary[nn.Module, _Held] = weakref.WeakKeyDictionary()
 
     # -- building --------------------------------------------------------------------
@@ -132,6 +135,7 @@ class CandidateBank:
         moment_bytes: int = MOMENT_BYTES,
         progress: bool = False,
         source_dir: str | Path | None = None,
+        imatrix: tuple[str, int] | None = None,
     ) -> "CandidateBank":
         """Quantize every layer of ``table`` in the FP ``model`` at each of ``bits`` (the menu).
 
@@ -140,7 +144,10 @@ class CandidateBank:
         calibration pass of methods that need one (``gptq``). With ``cache_dir``, each bit-width's
         candidates are read from, or written to, that folder. ``model_key``: the model's hash, when
         the caller has it already. For the gguf target (``table.target``) the candidates are
-        llama.cpp's (:mod:`mpsearch.quant.gguf`), made from the Hugging Face folder ``source_dir``.
+        llama.cpp's (:mod:`mpsearch.quant.gguf`), made from the Hugging Face folder ``source_dir``;
+        ``imatrix`` (calibration text, context length) has llama-imatrix weigh their rounding, and the
+        importance matrix is kept beside the cache (else in a temporary folder the bank owns) for
+        the export, which must quantize with the same one.
         """
         method = quantizer(table.scheme.method)
         bits = tuple(sorted(set(bits if bits is not None else table.menu)))
@@ -157,10 +164,13 @@ class CandidateBank:
         gguf = table.target == "gguf"
         if gguf and source_dir is None:
             raise MPSearchError("the gguf target's bank is made by llama.cpp from the model's Hugging Face folder; build it from a Workload")
-        key = _cache_key(model, table, batches if method.needs_calibration and not gguf else None, model_key)
+        key = _cache_key(model, table, batches if method.needs_calibration and not gguf else None, model_key, imatrix if gguf else None)
         folder = Path(cache_dir) if cache_dir is not None else None
         levels = sorted({table.layer_level(n, b) for n in table.names for b in bits})  # the gguf target's aliases need their level
         forms = {b: found for b in levels if folder is not None and (found := _read_cache(folder, key, b, table, home)) is not None}
+        importance = _imatrix_path(folder, key) if gguf and imatrix is not None else None
+        if importance is not None and not importance.is_file():
+            forms = {}  # candidates without the matrix they were made with cannot be exported: make both again
         notes = {} if gguf else _fallback_notes(table, modules, method)
         missing = [b for b in levels if b not in forms]
         if missing:
@@ -168,7 +178,7 @@ class CandidateBank:
                 from mpsearch.quant.gguf import build_candidates
 
                 weights = {layer.name: weight_matrix(modules[layer.name]).detach() for layer in table.layers}
-                fresh = build_candidates(Path(source_dir), table, weights, tuple(missing), progress)
+                fresh = build_candidates(Path(source_dir), table, weights, tuple(missing), progress, (*imatrix, importance) if importance else None)
             else:
                 fresh = _quantize_all(model, table, modules, missing, method, batches, forward, notes, moment_bytes, progress)
             for b in missing:
@@ -176,6 +186,9 @@ class CandidateBank:
                     _write_cache(folder, key, b, fresh[b])
                 forms[b] = {name: {k: t.to(home) for k, t in form.items()} for name, form in fresh[b].items()}
         bank = cls(table, _candidates(table, modules, forms, bits), key, notes, home)
+        bank.imatrix = importance
+        if importance is not None and folder is None:  # the bank's own temporary folder goes with it
+            weakref.finalize(bank, shutil.rmtree, importance.parent, True)
         trim()  # the quantizer's temporaries go back before the next phase piles on them
         return bank
 
@@ -411,7 +424,17 @@ def _errors(w: torch.Tensor, w_hat: torch.Tensor) -> tuple[float, float]:
 # -- the disk cache ----------------------------------------------------------------------
 
 
-def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, torch.Tensor]] | None, model_key: str | None = None) -> str:
+def _imatrix_path(folder: Path | None, key: str) -> Path:
+    """Where a gguf bank's importance matrix is kept: beside its cache files, or in a new temporary folder."""
+    if folder is None:
+        return Path(tempfile.mkdtemp(prefix="mpsearch-imatrix-")) / "imatrix.gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}-imatrix.gguf"
+
+
+def _cache_key(
+    model: nn.Module, table: LayerTable, batches: list[Mapping[str, torch.Tensor]] | None, model_key: str | None = None, imatrix: tuple[str, int] | None = None,
+) -> str:
     layers = [(layer.name, layer.rows, layer.cols, layer.group_size) for layer in table.layers]
     parts = {
         "bank": BANK_FORMAT,
@@ -424,6 +447,8 @@ def _cache_key(model: nn.Module, table: LayerTable, batches: list[Mapping[str, t
         from mpsearch.quant.llama_cpp import LLAMA_CPP_PYTHON
 
         parts["target"] = {"format": table.target, "llama.cpp": LLAMA_CPP_PYTHON, "types": table.types}
+        if imatrix is not None:  # later still: banks made without one keep their keys
+            parts["target"]["imatrix"] = {"text": json_digest(imatrix[0]), "n_ctx": imatrix[1]}
     return json_digest(parts)
 
 

@@ -136,7 +136,10 @@ def dequantize(blocks: torch.Tensor, type_name: str, rows: int, cols: int) -> to
     return torch.from_numpy(values.astype("float32", copy=False)).to(blocks.device)
 
 
-def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.Tensor], levels: tuple[int, ...], progress: bool = False) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+def build_candidates(
+    model_dir: Path, table, model_weights: Mapping[str, torch.Tensor], levels: tuple[int, ...], progress: bool = False,
+    imatrix: tuple[str, int, Path] | None = None,
+) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """Every layer of ``table`` at each of ``levels``, quantized by llama.cpp: ``{level: {layer: form}}``.
 
     ``model_dir`` (a Hugging Face folder) is converted once to an F32 GGUF, whose tensor for each
@@ -145,6 +148,10 @@ def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.T
     writes it at each type the levels need, and each layer's tensor is read back where its type is
     the one planned, its rows put in the model's order. A form is ``{"blocks": uint8 (rows × bytes
     per row)}``, or ``{"weight": fp16}`` at F16 (llama.cpp's F16 is the plain cast).
+
+    ``imatrix`` = (calibration text, context length, path): llama-imatrix measures the importance
+    matrix of the F32 GGUF on the text into ``path`` (unless it is there already), and every
+    llama-quantize run weighs its rounding by it.
     """
     from gguf import GGUFReader
     from tqdm.auto import tqdm
@@ -168,10 +175,15 @@ def build_candidates(model_dir: Path, table, model_weights: Mapping[str, torch.T
     with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-") as tmp:
         base = llama.convert(model_dir, Path(tmp) / "model-f32.gguf", outtype="f32")
         orders = row_orders(GGUFReader(str(base)), table, model_weights)
+        importance = None
+        if imatrix is not None:
+            text, n_ctx, importance = imatrix
+            if not importance.is_file():
+                llama_cpp.imatrix(llama, base, text, n_ctx, importance)
         bar = tqdm(total=len(wanted), desc="quantizing (llama.cpp)", unit="type", disable=not progress, leave=False)
         for type_name, members in wanted.items():
             out = Path(tmp) / f"model-{type_name}.gguf"
-            llama_cpp.run([str(llama.tool("llama-quantize")), "--pure", str(base), str(out), type_name, "2"], what="llama-quantize")
+            llama_cpp.quantize(llama, base, out, type_name, imatrix=importance, pure=True)
             tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
             for name, b in members:
                 tensor = tensors[f"{gguf_tensor(name)}.weight"]

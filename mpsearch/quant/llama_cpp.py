@@ -12,7 +12,9 @@ version (:data:`LLAMA_CPP_PYTHON`), into mpsearch's cache
    x86-64 (``GGML_NATIVE=OFF``: the cache may be shared by machines of one kind), and builds
    :data:`TOOLS` with a progress bar (4 minutes on 2 cores here);
 4. the tools are copied to ``bin/`` and ``BUILT.json`` is written last, so a build that was
-   interrupted is started again, never half-used. A lock file keeps two builds apart.
+   interrupted is started again, never half-used. A lock file keeps two builds apart. A cache
+   built for fewer tools (before ``llama-imatrix`` was one) keeps its configured tree and
+   builds only what is missing; if that fails, it starts from scratch.
 
 :func:`tools` returns the built tools, or says how to build them.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 from mpsearch.errors import MPSearchError
 
 LLAMA_CPP_PYTHON = "0.3.36"
-TOOLS = ("llama-quantize", "llama-embedding", "llama-perplexity")
+TOOLS = ("llama-quantize", "llama-embedding", "llama-perplexity", "llama-imatrix")
 CACHE_ENV = "MPSEARCH_TOOLCHAIN_CACHE"
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=OFF",
@@ -121,21 +123,43 @@ def build(version: str = LLAMA_CPP_PYTHON, jobs: int | None = None, progress: bo
         found = built(version)  # another process may have finished it while we waited
         if found is not None:
             return found
-        for stale in ("src", "build", "bin", _STAMP):
-            path = root / stale
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        log(f"llama.cpp {version}: fetching the llama-cpp-python sdist")
-        _fetch_source(version, root / "src")
-        log("llama.cpp: configuring")
-        run(["cmake", "-S", str(root / "src"), "-B", str(root / "build"), *CMAKE_FLAGS], what="cmake configure")
         jobs = jobs or os.cpu_count() or 2
-        log(f"llama.cpp: building {', '.join(TOOLS)} with {jobs} jobs")
-        _build(root / "build", jobs, progress)
+        if not _add_tools(root, version, jobs, progress, log):
+            for stale in ("src", "build", "bin", _STAMP):
+                path = root / stale
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            log(f"llama.cpp {version}: fetching the llama-cpp-python sdist")
+            _fetch_source(version, root / "src")
+            log("llama.cpp: configuring")
+            run(["cmake", "-S", str(root / "src"), "-B", str(root / "build"), *CMAKE_FLAGS], what="cmake configure")
+            log(f"llama.cpp: building {', '.join(TOOLS)} with {jobs} jobs")
+            _build(root / "build", jobs, progress)
+        shutil.rmtree(root / "bin", ignore_errors=True)
         (root / "bin").mkdir()
         for tool in TOOLS:
             shutil.copy2(_find_binary(root / "build", tool), root / "bin" / tool)
         (root / _STAMP).write_text(json.dumps({"version": version, "tools": list(TOOLS), "flags": list(CMAKE_FLAGS), "built_at": time.time()}) + "\n", encoding="utf-8")
     return LlamaCpp(root, version)
+
+
+def _add_tools(root: Path, version: str, jobs: int, progress: bool, log) -> bool:
+    """Build the missing tools in a tree an earlier build of this version configured (True), or
+    say it cannot (False: no such tree, or its build failed)."""
+    try:
+        stamp = json.loads((root / _STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if stamp.get("version") != version or stamp.get("flags") != list(CMAKE_FLAGS) or not (root / "build" / "CMakeCache.txt").is_file():
+        return False
+    missing = [t for t in TOOLS if t not in stamp.get("tools", [])]
+    log(f"llama.cpp {version}: building {', '.join(missing) or 'the tools'} in the tree built before")
+    (root / _STAMP).unlink()  # until the tools are all there again
+    try:
+        _build(root / "build", jobs, progress)
+    except ToolchainError as e:
+        log(f"llama.cpp: {e}; building from scratch")
+        return False
+    return True
 
 
 def _fetch_source(version: str, dest: Path) -> None:
@@ -208,15 +232,41 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def quantize(llama: LlamaCpp, src: Path, dst: Path, base_type: str, tensor_type_file: Path | None = None, threads: int = 2) -> Path:
-    """``llama-quantize [--tensor-type-file F] SRC DST BASE``. With a float base type (f32, f16)
-    llama-quantize applies no per-tensor type at all, so give a quantized one (q8_0 quantizes
-    only what the file leaves unnamed)."""
-    command = [str(llama.tool("llama-quantize"))]
+def quantize(
+    llama: LlamaCpp, src: Path, dst: Path, base_type: str, tensor_type_file: Path | None = None, threads: int = 2, imatrix: Path | None = None, pure: bool = False,
+) -> Path:
+    """``llama-quantize [--pure] [--imatrix M] [--tensor-type-file F] SRC DST BASE``. With a float
+    base type (f32, f16) llama-quantize applies no per-tensor type at all, so give a quantized one
+    (q8_0 quantizes only what the file leaves unnamed)."""
+    command = [str(llama.tool("llama-quantize"))] + (["--pure"] if pure else [])
+    if imatrix is not None:
+        command += ["--imatrix", str(imatrix)]
     if tensor_type_file is not None:
         command += ["--tensor-type-file", str(tensor_type_file)]
     run([*command, str(src), str(dst), base_type, str(threads)], what="llama-quantize")
     return dst
+
+
+def imatrix(llama: LlamaCpp, model: Path, text: str, n_ctx: int, out: Path, threads: int = 2) -> Path:
+    """``llama-imatrix``: the importance matrix (per input column, the mean squared activation) of a
+    causal LM ``model`` over ``text`` in chunks of ``n_ctx`` tokens, written to ``out`` (GGUF).
+    Written beside ``out`` and renamed, so ``out`` is whole or absent."""
+    with tempfile.TemporaryDirectory(prefix="mpsearch-imatrix-") as tmp:
+        path = Path(tmp) / "calibration.txt"
+        path.write_text(text, encoding="utf-8")
+        partial = out.with_name(f".{out.name}.{os.getpid()}.partial.gguf")
+        command = [str(llama.tool("llama-imatrix")), "-m", str(model), "-f", str(path), "-o", str(partial), "-c", str(n_ctx), "-b", str(n_ctx),
+                   "-t", str(threads), "--no-ppl", "--output-frequency", "100000"]
+        try:
+            done = run(command, what="llama-imatrix")
+        except ToolchainError as e:
+            if "tokenizes to only" in str(e) or "you need at least" in str(e):
+                raise ToolchainError(f"llama-imatrix needs at least {2 * n_ctx} tokens of calibration text; add examples to data.calibration") from None
+            raise
+        if not partial.is_file():
+            raise ToolchainError("llama-imatrix wrote no importance matrix; its log: " + " | ".join(done.stderr.strip().splitlines()[-3:]))
+        os.replace(partial, out)
+    return out
 
 
 def tensor_types(path: Path) -> dict[str, str]:

@@ -200,9 +200,21 @@ class Workload:
                 model_key=self.model_key(),
                 progress=progress,
                 source_dir=self.source_dir() if self.spec.target.format == "gguf" else None,
+                imatrix=self.imatrix_text() if self.spec.target.imatrix else None,
             )
             self._banks[wanted] = bank
         return bank
+
+    def imatrix_text(self) -> tuple[str, int]:
+        """The calibration split as one text for llama-imatrix, and its context length (target.imatrix)."""
+        from mpsearch.workload.data import split
+
+        if not self.is_causal_lm:
+            raise WorkloadError("target.imatrix needs a causal LM (llama-imatrix runs the model as a language model); drop it for this model")
+        texts = split(self.spec.data, self.spec.resolve)[0].texts
+        if texts is None:
+            raise WorkloadError("target.imatrix needs text calibration data (llama-imatrix tokenizes it itself); use a .txt or .jsonl data.source")
+        return "\n\n".join(texts), min(self.spec.data.max_length, 512)
 
     def source_dir(self) -> Path:
         """The model's Hugging Face folder (the gguf target converts it with llama.cpp)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
@@ -118,7 +119,6 @@ def test_smollm2_runs_in_llama_cpp_with_the_perplexity_mpsearch_measured(llama, 
     """A LLaMA: llama.cpp's converter reorders the rows of q_proj and k_proj, and the bank keeps
     the model's order. The GGUF's blocks are the candidates' through that order, and
     llama-perplexity agrees with mpsearch's perplexity of the same plan within 1 %."""
-    import numpy as np
 
     spec = Spec.from_toml(
         '[model]\nsource = "smollm2"\n[data]\nsource = "stdlib-paragraphs"\ncalibration = 4\nevaluation = 16\nmax_length = 64\nbatch_size = 4\n'
@@ -148,3 +148,46 @@ def test_uniform_quantize_takes_each_layers_own_level(study):
     doc = json.loads(done.stdout)
     table = study.workload.layer_table()
     assert doc["method"] == "llama.cpp" and doc["bytes"] == table.bytes(table.uniform(2)) and doc["bpw"] == 3.875
+
+
+def test_an_importance_matrix_weighs_llama_cpps_rounding_in_the_candidates_and_the_export(llama, tmp_path):  # noqa: F811
+    """target.imatrix on SmolLM2: llama-imatrix measures each input column's mean squared activation
+    on the calibration split; the candidates' importance-weighted error is lower than without it,
+    and the export quantizes with the same matrix (write() checks every block is the candidate's)."""
+    base = (
+        '[model]\nsource = "smollm2"\n[data]\nsource = "stdlib-paragraphs"\ncalibration = 8\nevaluation = 16\nmax_length = 64\nbatch_size = 4\n'
+        '[loss]\ntop_k = 64\n[quant]\nbits = [2, 4, 16]\n[target]\nformat = "gguf"\n'
+    )
+    weighted = Workload(Spec.from_toml(base + "imatrix = true\n"), device="cpu")
+    bank = weighted.candidate_bank(cache_dir=tmp_path / "banks")
+    plain = Workload(Spec.from_toml(base), device="cpu").candidate_bank(cache_dir=None)
+    assert bank.imatrix is not None and bank.imatrix.parent == tmp_path / "banks" and plain.imatrix is None and bank.key != plain.key
+    matrix = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(str(bank.imatrix)).tensors}
+    table, modules = weighted.layer_table(), dict(weighted.fp_model().named_modules())
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"):  # Q2_K (rows of 1536), IQ4_NL (576)
+        key = f"{gguf_tensor(name)}.weight"
+        importance = torch.from_numpy(matrix[f"{key}.in_sum2"] / matrix[f"{key}.counts"][0]).float()
+        w, layer = modules[name].weight.detach(), table.layer(name)
+        ours, theirs = bank.candidate(name, 2), plain.candidate(name, 2)
+        assert ours.type == theirs.type and not torch.equal(ours.packed["blocks"], theirs.packed["blocks"])
+        err = [float((importance * (w - c.dequantized(layer)) ** 2).sum()) for c in (ours, theirs)]
+        assert err[0] < err[1], (name, err)
+    # Read back from the cache with its matrix, the same candidates.
+    again = Workload(Spec.from_toml(base + "imatrix = true\n"), device="cpu").candidate_bank(cache_dir=tmp_path / "banks")
+    assert again.imatrix == bank.imatrix and torch.equal(again.candidate(name, 2).packed["blocks"], ours.packed["blocks"])
+
+    plan = table.uniform(2)
+    out = tmp_path / "export"
+    out.mkdir()
+    target_gguf.write(out, weighted, plan, bank)  # raises unless every planned tensor holds the candidate's blocks
+    assert (out / target_gguf.IMATRIX_FILE).read_bytes() == bank.imatrix.read_bytes()
+    texts = split(weighted.spec.data, weighted.spec.resolve)[1].texts
+    assert target_gguf.check_perplexity(out / target_gguf.FILE, weighted, plan, bank, texts)["gap"] <= target_gguf.MAX_PPL_GAP
+
+
+def test_an_importance_matrix_is_refused_where_llama_imatrix_cannot_make_one():
+    from mpsearch.errors import WorkloadError
+
+    spec = Spec.from_toml(tiny_spec_text().replace("bits = [3, 8]\n", "") + '[target]\nformat = "gguf"\nimatrix = true\n')
+    with pytest.raises(WorkloadError, match="needs a causal LM"):  # MiniLM, an encoder
+        Workload(spec, device="cpu").candidate_bank(cache_dir=None)

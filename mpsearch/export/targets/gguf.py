@@ -11,7 +11,8 @@ A study with ``[target] format = "gguf"`` searched over llama.cpp's own types
    llama-quantize ignore the file; with every matrix stated, the base type applies to none);
 3. reads the file back with the ``gguf`` package: each tensor's written type must be its stated
    one, its bytes the plan's, and each planned tensor's blocks byte-identical to the candidate the
-   search evaluated, so what was searched is what is deployed;
+   search evaluated, so what was searched is what is deployed. With ``target.imatrix`` step 2
+   quantizes with the importance matrix the candidates were made with, shipped as ``imatrix.gguf``;
 4. with verification on, runs llama.cpp on the evaluation texts and compares it with mpsearch's
    own forward pass of the same plan: for an encoder ``llama-embedding``'s embeddings (mean
    cosine at least :data:`MIN_MEAN_COSINE`), for a causal LM ``llama-perplexity`` (within
@@ -21,6 +22,7 @@ A study with ``[target] format = "gguf"`` searched over llama.cpp's own types
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from mpsearch.quant.layers import weight_matrix
 
 FILE = "model.gguf"
 TYPES_FILE = "llama_cpp_tensor_types.txt"
+IMATRIX_FILE = "imatrix.gguf"  # target.imatrix: the importance matrix the candidates and the file were quantized with
 MIN_MEAN_COSINE = 0.999
 MAX_PPL_GAP = 0.01
 MAX_TOKENS = 512  # llama-embedding runs with a context of 512; mpsearch's side truncates there too
@@ -86,7 +89,9 @@ def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
             raise ExportError(f"the converted GGUF has no tensor {absent[0]}; the study ran with another converter")
         types_file = folder / TYPES_FILE
         types_file.write_text("".join(f"^{re.escape(name)}$={ggml_name(kind)}\n" for name, kind in wanted.items()), encoding="utf-8")
-        llama_cpp.quantize(llama, base, folder / FILE, "q8_0", types_file)
+        llama_cpp.quantize(llama, base, folder / FILE, "q8_0", types_file, imatrix=bank.imatrix)  # the candidates' own matrix
+    if bank.imatrix is not None:  # shipped: with it and the tensor-type file, llama-quantize makes this file again
+        shutil.copyfile(bank.imatrix, folder / IMATRIX_FILE)
     written = {t.name: t for t in GGUFReader(str(folder / FILE)).tensors}
     rows, stated = [], {}
     for name, kind in wanted.items():
