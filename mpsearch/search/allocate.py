@@ -92,16 +92,20 @@ class Costs:
     @cached_property
     def steps(self) -> tuple[np.ndarray, np.ndarray]:
         """``(down, up)``, each (layers × widths): the width one step down (up) from each width,
-        the next one that costs fewer (more) bytes, or the width itself where there is none.
-        Across the menu that is the neighbour; a width that stands for another (gguf target)
-        is stepped over, so a step always changes the plan."""
+        or the width itself where there is none. Down is the next one that costs fewer bytes (a
+        step down must make room); up is the next one of another candidate, which costs as many
+        bytes or more. Across the menu that is the neighbour; a width that stands for another
+        (gguf target) is stepped over, so a step always changes the plan, and an equal-byte width
+        of other codes (compressed-tensors' asymmetric layers: a byte a code at 2 to 8 bits) is a
+        free step up."""
         layers, widths = self.nbytes.shape
+        level = self.levels if self.levels is not None else np.tile(np.asarray(self.menu), (layers, 1))
         down = np.tile(np.arange(widths), (layers, 1))
         up = down.copy()
         for i in range(layers):
             for j in range(widths):
                 lower = [k for k in range(j) if self.nbytes[i, k] < self.nbytes[i, j]]
-                higher = [k for k in range(j + 1, widths) if self.nbytes[i, k] > self.nbytes[i, j]]
+                higher = [k for k in range(j + 1, widths) if level[i, k] != level[i, j] and self.nbytes[i, k] >= self.nbytes[i, j]]
                 down[i, j] = lower[-1] if lower else j
                 up[i, j] = higher[0] if higher else j
         return down, up

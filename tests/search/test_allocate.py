@@ -115,3 +115,17 @@ def test_the_relinearised_ilp_is_exact_on_the_local_costs_around_a_plan(seed):
     assert costs.bytes_of(result) <= budget and is_maximal(costs, result, budget)
     assert (result >= index - 1).all()
     assert gain(np.clip(result - index, -1, 1)) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_equal_byte_widths_of_other_codes_are_free_steps_up():
+    """compressed-tensors' asymmetric layers cost a byte a code at 2, 4 and 8 bits alike: fill and
+    greedy take the better codes for nothing (steps used to skip every width of equal bytes, as
+    if it stood for the same candidate, and left greedy at 2 bits)."""
+    nbytes = np.array([[10, 10, 10, 20], [10, 10, 10, 20]], dtype=np.int64)
+    cost = np.array([[3.0, 2.0, 1.0, 0.0], [5.0, 1.0, 0.5, 0.0]])
+    costs = Costs(("a", "b"), (2, 4, 8, 16), nbytes, cost, 0)
+    down, up = costs.steps
+    assert up[0].tolist() == [1, 2, 3, 3] and down[0].tolist() == [0, 1, 2, 2]  # down must make room: only 16 has a step down
+    assert greedy(costs, 20).bits() == {"a": 8, "b": 8}
+    assert greedy(costs, 30).bits() == {"a": 16, "b": 8}  # the one raise that costs bytes goes where it gains most
+    assert not is_maximal(costs, {"a": 2, "b": 8}, 20) and is_maximal(costs, {"a": 8, "b": 8}, 20)
