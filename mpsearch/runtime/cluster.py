@@ -17,8 +17,8 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
 
     A cluster's head runs with token auth or without, and a client must match it: a token sent
     to a head without auth breaks its actors, and a head with auth refuses a client without one.
-    Unless ``RAY_AUTH_MODE`` says which, a client connects without and, refused, with the token
-    it has (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``).
+    Unless ``RAY_AUTH_MODE`` says which, a client connects with the token it has
+    (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``) only when the head refuses a client without.
     """
     if address:
         check_reachable(address)
@@ -41,10 +41,13 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
         try:
             ray.init(address=address, **kwargs)
         except ConnectionError:
-            if not ray_client_env():  # no token to offer, or a mode chosen already: nothing else to try
-                raise
+            # With a token only where the head asks for one: a driver in token mode on a head
+            # without auth connects, but the head's raylet cannot call it back (InvalidAuthToken)
+            # and its actors die. Refused for another reason (a loaded head), it tries once more
+            # as it was (seen once in CI: the actors of a cluster scan died that way).
             ray.shutdown()
-            _token_mode()
+            if ray_client_env() and _needs_token(address):
+                _token_mode()
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or "a local Ray"
