@@ -127,6 +127,9 @@ class Export(Base):
     bpw: Mapped[float] = mapped_column(sa.Float)
     out_dir: Mapped[str] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # {"loss", "test_loss", "verified_loss", "refinement"?, "repair"?}: the trial's losses, the file's as
+    # loaded back, and each step's before and after on evaluation and test (schema 0004; older rows: None)
+    losses: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, nullable=True)
 
     files: Mapped[list["ExportFile"]] = relationship(back_populates="export", order_by="ExportFile.path", cascade="all, delete-orphan")
 

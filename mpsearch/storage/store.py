@@ -299,12 +299,15 @@ class Storage:
 
     # -- exports -----------------------------------------------------------------------
 
-    def record_export(self, study: str, trial: int, plan: Mapping[str, Any], nbytes: int, bpw: float, out_dir: str, files: Sequence[tuple[str, int, str]]) -> int:
-        """Record an export and each file written: (path, size, sha256)."""
+    def record_export(
+        self, study: str, trial: int, plan: Mapping[str, Any], nbytes: int, bpw: float, out_dir: str, files: Sequence[tuple[str, int, str]],
+        losses: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Record an export, each file written: (path, size, sha256), and its ``losses``."""
 
         def run():
             with self.session() as s:
-                row = Export(study=study, trial=trial, plan=dict(plan), bytes=nbytes, bpw=bpw, out_dir=out_dir)
+                row = Export(study=study, trial=trial, plan=dict(plan), bytes=nbytes, bpw=bpw, out_dir=out_dir, losses=dict(losses) if losses else None)
                 row.files = [ExportFile(path=p, size=size, sha256=digest) for p, size, digest in files]
                 s.add(row)
                 s.flush()

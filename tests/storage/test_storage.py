@@ -36,7 +36,7 @@ def tables(url: str) -> set[str]:
 def test_a_fresh_database_gets_both_schemas_side_by_side(storage_url):
     store = Storage(storage_url)
     store.optuna()
-    assert store.revision == schema.head() == "0003"
+    assert store.revision == schema.head() == "0004"
     names = tables(storage_url)
     assert {"mpsearch_jobs", "mpsearch_job_events", "mpsearch_sensitivity_profiles", "mpsearch_exports", "mpsearch_export_files"} <= names
     assert {"studies", "trials", "trial_values", "alembic_version"} <= names  # Optuna's, untouched
@@ -69,12 +69,12 @@ def test_a_database_at_the_first_revision_is_refused_then_upgraded_with_its_data
         )
     engine.dispose()
 
-    with pytest.raises(StorageError, match=r"has mpsearch schema 0001, this mpsearch needs 0003; run `mpsearch db upgrade --storage "):
+    with pytest.raises(StorageError, match=r"has mpsearch schema 0001, this mpsearch needs 0004; run `mpsearch db upgrade --storage "):
         Storage(storage_url)
 
     out = subprocess.run([sys.executable, "-m", "mpsearch", "db", "upgrade", "--storage", storage_url], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "mpsearch schema 0001 -> 0003" in out.stdout
+    assert "mpsearch schema 0001 -> 0004" in out.stdout
     assert "INFO" not in out.stderr
 
     store = Storage(storage_url)
@@ -86,8 +86,11 @@ def test_a_database_at_the_first_revision_is_refused_then_upgraded_with_its_data
 
     with Lease(store, "minilm"):  # and the one 0003 added
         pass
+    losses = {"loss": 0.02, "test_loss": 0.021, "verified_loss": 0.02, "repair": {"loss_before": 0.02, "loss_after": 0.018}}
+    export_id = store.record_export("minilm", 3, {"format_version": 1, "layers": {}}, 10, 4.0, "/nowhere", [], losses)
+    assert store.export(export_id).losses == losses  # and the column 0004 added
     again = subprocess.run([sys.executable, "-m", "mpsearch", "db", "upgrade", "--storage", storage_url], capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "already at mpsearch schema 0003" in again.stdout
+    assert again.returncode == 0 and "already at mpsearch schema 0004" in again.stdout
     store.close()
 
 
@@ -97,7 +100,7 @@ def test_a_database_from_a_newer_mpsearch_is_refused(storage_url):
     with engine.begin() as connection:
         connection.execute(sa.text(f"UPDATE {schema.VERSION_TABLE} SET version_num = '0099'"))
     engine.dispose()
-    with pytest.raises(StorageError, match=r"has mpsearch schema 0099, newer than this mpsearch knows \(its newest is 0003\); upgrade mpsearch"):
+    with pytest.raises(StorageError, match=r"has mpsearch schema 0099, newer than this mpsearch knows \(its newest is 0004\); upgrade mpsearch"):
         Storage(storage_url)
     out = subprocess.run([sys.executable, "-m", "mpsearch", "db", "upgrade", "--storage", storage_url], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "newer than this mpsearch knows" in out.stderr

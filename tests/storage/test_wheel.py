@@ -46,5 +46,5 @@ def test_db_upgrade_runs_from_the_installed_wheel_not_the_checkout(tmp_path):
     assert out.returncode == 0, out.stderr
     engine = sa.create_engine(f"sqlite:///{workdir / 'installed.db'}")
     with engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM mpsearch_alembic_version")).scalar() == "0003"
+        assert c.execute(sa.text("SELECT version_num FROM mpsearch_alembic_version")).scalar() == "0004"
     engine.dispose()
