@@ -2,18 +2,20 @@
 
 For each budget (default: 4.125 and 3.125 bpw, the sizes of uniform 4- and 3-bit, and 3.0),
 the default study (``studies/minilm.toml``) is searched (``--trials`` trials, its search
-settings otherwise), and its best plan is exported three ways, in one process:
+settings otherwise) twice, and the best plans are exported, in one process:
 
-* plain: the plan's candidates, as the search scored them;
-* + sequential: ``--refine sequential`` (GPTQ in forward order);
+* plain: the best plan of the study's menu (bits alone), its candidates as the search scored them;
+* + scheme options: the best plan of a second search whose menu adds ``--options`` (``quant.options``:
+  other group sizes, asymmetric entries), each at its exact bytes;
+* + sequential: that plan with ``--refine sequential`` (GPTQ in forward order);
 * + repair: ``--refine sequential --repair STEPS``.
 
 For each it prints the loss on the evaluation split (selected on) and the test split (never
 searched on), and the time the step took. The loss is the study's: 1 − cosine of mean-pooled
-embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for scale.
-Scheme options beyond bits (group sizes, asymmetric entries) are not built yet: no row.
+embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for scale, and so is
+each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--options 2a,3a,4a,2g64a,3g64a]
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repair", type=int, default=100, help="repair steps")
     parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder")
+    parser.add_argument("--options", default="2a,3a,4a,2g64a,3g64a", help="the scheme options of the second search, comma-separated")
+    parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
     args = parser.parse_args()
 
     from mpsearch.export import export_study
@@ -44,8 +48,13 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="mpsearch-candidates-"))
     storage = Storage(args.storage or f"sqlite:///{folder / 'mpsearch.db'}")
     rows = []
+    base = Spec.load(STUDY)
+    options = [o for o in args.options.split(",") if o]
+    quant = {**base.quant.model_dump(), "options": options}
+    if args.uniform:
+        uniform(base.with_overrides(quant=quant))
     for bpw in (float(b) for b in args.budgets.split(",")):
-        spec = Spec.load(STUDY).with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
+        spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
         name = f"candidates-{bpw}"
         start = time.perf_counter()
         outcome = Search(Workload(spec, device="cpu"), storage, study=name, progress=True).run()
@@ -56,6 +65,13 @@ def main() -> None:
                 rows.append((bpw, f"uniform {base}-bit gptq", b["loss"], b.get("test_loss"), None))
         plain = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
         rows.append((bpw, f"plain plan ({args.trials} trials)", plain.loss, plain.test_loss, searched))
+        if options:
+            name = f"candidates-{bpw}-options"
+            start = time.perf_counter()
+            Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True).run()
+            searched = time.perf_counter() - start
+            chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
+            rows.append((bpw, f"+ scheme options {'/'.join(options)} ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
         refined = export_study(storage, name, folder / f"{name}-seq", verify=False, refine="sequential")
         r = refined.refinement
         rows.append((bpw, "+ sequential" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
@@ -68,6 +84,21 @@ def main() -> None:
     for bpw, label, loss, test, seconds in rows:
         test_cell = "-" if test is None else f"{test:.5f}"
         print(f"| {bpw:g} | {label} | {loss:.5f} | {test_cell} | {'-' if seconds is None else f'{seconds:.0f}'} |")
+
+
+def uniform(spec) -> None:
+    """Each menu entry at every layer: its bpw and its loss on evaluation and test."""
+    from mpsearch.workload import Workload
+
+    workload = Workload(spec, device="cpu")
+    table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.fp_model()
+    workload.reference("evaluation")
+    workload.reference("test")
+    print("\n| entry | bpw | evaluation loss | test loss |\n|---|---|---|---|")
+    for width in table.menu:
+        plan = table.uniform(width)
+        with bank.applied(model, plan):
+            print(f"| {width} | {table.bpw(plan):.4f} | {workload.loss(model):.5f} | {workload.loss(model, 'test'):.5f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Iterator, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -44,6 +45,77 @@ PLAN_BITS = (2, 3, 4, 5, 6, 8, 16)
 gguf target, :mod:`mpsearch.quant.gguf`)."""
 
 FLOAT_BITS = 16
+
+Width = int | str
+"""One entry of a study's menu: bits under the study's scheme (``4``), or a scheme option's label
+(``"2g32"``: 2 bits in groups of 32; ``"3g64a"``: 3 bits in groups of 64, asymmetric; ``"4s"``:
+4 bits symmetric in an asymmetric study). A plan holds an option as the layer's ``bits`` with its
+own ``group_size`` and ``symmetric``, so a plan is still one document; :func:`width_of` reads it back."""
+
+_OPTION = re.compile(r"^([0-9]+)(?:g([0-9]+))?([as])?$")
+
+
+def parse_width(width: Width) -> tuple[int, int | None, bool | None]:
+    """``(bits, group_size, symmetric)`` of a menu entry; None where it keeps the study's.
+
+    >>> parse_width(4), parse_width("2g32"), parse_width("3g64a")
+    ((4, None, None), (2, 32, None), (3, 64, False))
+    >>> parse_width("2x")
+    Traceback (most recent call last):
+    ...
+    mpsearch.errors.MPSearchError: '2x' is not a scheme option; write BITS[gGROUP][a|s], e.g. "2g32" or "3g64a"
+    """
+    if isinstance(width, int) and not isinstance(width, bool):
+        return width, None, None
+    m = _OPTION.match(str(width))
+    if not m or (m.group(2) is None and m.group(3) is None) or (m.group(2) is not None and int(m.group(2)) < 1):
+        raise MPSearchError(f'{width!r} is not a scheme option; write BITS[gGROUP][a|s], e.g. "2g32" or "3g64a"')
+    return int(m.group(1)), int(m.group(2)) if m.group(2) else None, None if m.group(3) is None else m.group(3) == "s"
+
+
+def bits_of(width: Width) -> int:
+    return parse_width(width)[0]
+
+
+def width_of(choice: "LayerChoice", group_size: int | None = None, symmetric: bool | None = None) -> Width:
+    """The menu entry a layer's choice is: its bits, or an option's label where its group size or
+    symmetry differs from the study's (``group_size``, ``symmetric``: the layer's own, so that a
+    resolved choice that writes them out reads back as plain bits).
+
+    >>> width_of(LayerChoice(bits=2, group_size=32)), width_of(LayerChoice(bits=4, group_size=128, symmetric=True), 128, True)
+    ('2g32', 4)
+    """
+    group = None if choice.group_size == group_size else choice.group_size
+    sym = None if choice.symmetric == symmetric else choice.symmetric
+    if choice.bits == FLOAT_BITS or (group is None and sym is None):
+        return choice.bits
+    return f"{choice.bits}{'' if group is None else f'g{group}'}{'' if sym is None else 's' if sym else 'a'}"
+
+
+def width_key(key: Any) -> Width:
+    """A menu entry from a JSON key (``"4"`` → 4, ``"2g32"`` as it is).
+
+    >>> width_key("4"), width_key(8), width_key("2g32")
+    (4, 8, '2g32')
+    """
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    return key if isinstance(key, str) else int(key)
+
+
+def choice_of(width: Width) -> "LayerChoice":
+    bits, group, sym = parse_width(width)
+    return LayerChoice(bits=bits, group_size=group, symmetric=sym)
+
+
+def width_order(width: Width) -> tuple:
+    """A sort key for menus: by bits, then options by their overhead (smaller groups cost more).
+
+    >>> sorted([4, "2g32", 2, "2g64", 16, "2g128a"], key=width_order)
+    [2, '2g128a', '2g64', '2g32', 4, 16]
+    """
+    bits, group, sym = parse_width(width)
+    return (bits, (1 / group if group else 0) + (0.5 / (group or 128) if sym is False else 0), str(width))
 
 
 class LayerChoice(BaseModel):
@@ -79,12 +151,13 @@ class Plan(BaseModel):
     # -- building --------------------------------------------------------------------
 
     @classmethod
-    def of_bits(cls, bits: Mapping[str, int]) -> "Plan":
-        """A plan that gives each layer ``bits[layer]`` under the study's scheme."""
+    def of_bits(cls, bits: Mapping[str, Width]) -> "Plan":
+        """A plan that gives each layer ``bits[layer]``: bits under the study's scheme, or a
+        scheme option's label (see :data:`Width`)."""
         layers = {}
         for name, b in bits.items():
             try:
-                layers[name] = LayerChoice(bits=int(b) if not isinstance(b, bool) else b)
+                layers[name] = choice_of(b) if isinstance(b, str) else LayerChoice(bits=int(b) if not isinstance(b, bool) else b)
             except ValidationError:
                 raise MPSearchError(f"plan: layer {name!r} has {b} bits; a plan's bits are 2, 3, 4, 5, 6, 8 or 16") from None
         return cls(layers=layers)
@@ -121,6 +194,12 @@ class Plan(BaseModel):
     def bits(self) -> dict[str, int]:
         """``{layer: bits}``, in the plan's order."""
         return {name: choice.bits for name, choice in self.layers.items()}
+
+    def widths(self) -> dict[str, Width]:
+        """``{layer: menu entry}``: bits, or a scheme option's label (:func:`width_of`). A plan
+        whose choices write out every field (plan.json) is read against its model's layers by
+        :meth:`~mpsearch.quant.layers.LayerTable.widths`."""
+        return {name: width_of(c) for name, c in self.layers.items()}
 
     def names(self) -> list[str]:
         return list(self.layers)

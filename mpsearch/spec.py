@@ -29,7 +29,7 @@ from mpsearch.errors import MPSearchError, SpecError
 from mpsearch.hashing import json_digest
 from mpsearch.quant.apply import QUANTIZERS
 from mpsearch.quant.budget import Budget
-from mpsearch.plan import PLAN_BITS
+from mpsearch.plan import FLOAT_BITS, PLAN_BITS, parse_width
 from mpsearch.quant.scheme import BIT_MENU, Scheme
 
 FORMAT_VERSION = 1
@@ -84,6 +84,10 @@ class LossSection(_Section):
 
 class QuantSection(_Section):
     bits: tuple[int, ...] = BIT_MENU
+    options: tuple[str, ...] = Field(
+        (), description='scheme options added to the menu beside quant.bits: BITS[gGROUP][a|s], e.g. "2g32" (2 bits in groups of 32), '
+        '"3g64a" (3 bits, groups of 64, asymmetric); each is a candidate of its own, at its exact bytes',
+    )
     group_size: int = 128
     symmetric: bool = True
     method: str = Field("rtn", description="a quantization method: rtn or gptq")
@@ -105,6 +109,39 @@ class QuantSection(_Section):
         if len(set(value)) != len(value):
             raise ValueError("lists a bit-width twice")
         return tuple(sorted(value))
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, value: Any):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError('expected a list of scheme options such as ["2g32", "3g64a"]')
+        for label in value:
+            if not isinstance(label, str):
+                raise ValueError(f'{label!r} is not a scheme option; write BITS[gGROUP][a|s] as a string, e.g. "2g32"')
+            try:
+                bits = parse_width(label)[0]
+            except MPSearchError as e:
+                raise ValueError(str(e)) from None
+            if bits not in BIT_MENU or bits == FLOAT_BITS:
+                raise ValueError(f"{label!r}: an option's bits are 2, 3, 4 or 8 (mpsearch's integer codes)")
+        if len(set(value)) != len(value):
+            raise ValueError("lists an option twice")
+        return tuple(value)
+
+    @model_validator(mode="after")
+    def _distinct_options(self):
+        for label in self.options:
+            _bits, group, sym = parse_width(label)
+            if group in (None, self.group_size) and sym in (None, self.symmetric):
+                raise ValueError(
+                    f"option {label!r} is plain {_bits} bits under this scheme (group_size {self.group_size}, "
+                    f"{'symmetric' if self.symmetric else 'asymmetric'}); drop it, or give it another group size or symmetry"
+                )
+        return self
+
+    def menu(self) -> tuple:
+        """The search's menu: ``bits`` and the scheme ``options``."""
+        return (*self.bits, *self.options)
 
     @field_validator("method")
     @classmethod
@@ -138,8 +175,9 @@ class LayersSection(_Section):
     embeddings: bool = False
     # A layer whose output no term of the loss reads (mpsearch.workload.reach): "exclude" leaves
     # it out of the plan at the model's own dtype, as `exclude` would; "search" keeps it in, where
-    # it costs nothing at the smallest width (and the output it feeds degrades).
-    unseen: Literal["exclude", "search"] = "exclude"
+    # it costs nothing at the smallest width (and the output it feeds degrades); "fp16" keeps it in
+    # the plan at 16 bits whatever the search does (its bytes count against the budget).
+    unseen: Literal["exclude", "search", "fp16"] = "exclude"
 
 
 class BudgetSection(_Section):
@@ -192,7 +230,7 @@ class SearchSection(_Section):
 
 # Fields added since mpsearch 0.1.0, keyed only when they differ from the value that behaves as
 # that version did (a study made then keeps its digest, and resumes).
-_LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"))
+_LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"), ("quant", "options", []))
 
 
 class ExportSection(_Section):
@@ -331,6 +369,10 @@ class Spec(_Section):
         odd = [b for b in self.quant.bits if b not in BIT_MENU]
         if odd and self.target.format != "gguf":
             raise SpecError("quant.bits", f"{odd[0]} bits are llama.cpp's Q{odd[0]} types: set target.format = \"gguf\", or choose from {', '.join(map(str, BIT_MENU))}")
+        if self.layers.unseen == "fp16" and FLOAT_BITS not in self.quant.bits:
+            raise SpecError("layers.unseen", "\"fp16\" keeps the layers the loss cannot see at 16 bits: add 16 to quant.bits, or choose \"exclude\"")
+        if self.quant.options and self.target.format == "gguf":
+            raise SpecError("quant.options", "the gguf target's candidates are llama.cpp's types, one a level: drop quant.options, or use another target")
         if self.target.imatrix and self.target.format != "gguf":
             raise SpecError("target.imatrix", "an importance matrix weighs llama.cpp's quantizers: set target.format = \"gguf\", or drop it")
 

@@ -139,7 +139,9 @@ def analyze(spec, method, mode, estimator, tol, max_probes, workers, address, st
 def _print_unseen(table) -> None:
     """Name the layers the loss cannot see: left out of the plan, or searched at no cost."""
     left = [name for name in table.unseen if name not in table.names]
-    searched = [name for name in table.unseen if name in table.names]
+    searched = [name for name in table.unseen if name in table.names and name not in table.pinned]
+    if table.pinned:
+        click.echo(f"kept at 16 bits in every plan, the loss cannot see them: {', '.join(table.pinned)} (layers.unseen = \"fp16\")")
     if left:
         click.echo(f"left out of the plan, the loss cannot see them: {', '.join(left)} (they stay at the model's dtype; layers.unseen = \"search\" puts them in)")
     if searched:
@@ -210,7 +212,9 @@ def _print_layers(doc: dict) -> None:
         console.print(f"[{number}] {rule}", markup=False)
     for item in doc["excluded"]:
         console.print(f"not quantized: {item['name']} — {item['reason']}", markup=False)
-    searched = [name for name in doc.get("unseen", []) if name in {row["name"] for row in doc["layers"]}]
+    searched = [name for name in doc.get("unseen", []) if name in {row["name"] for row in doc["layers"]} and name not in doc.get("pinned", [])]
+    if doc.get("pinned"):
+        console.print(f"kept at 16 bits in every plan, the loss cannot see them: {', '.join(doc['pinned'])} (layers.unseen = \"fp16\")", markup=False)
     if searched:
         console.print(unseen_warning(searched), markup=False)
     for row in doc["layers"]:

@@ -72,6 +72,8 @@ def _print_outcome(result) -> None:
         wide_console().print(front)
     if result.unseen and result.searched_unseen:
         click.echo(unseen_warning(result.unseen))
+    elif result.unseen and result.pinned_unseen:
+        click.echo(f"kept at 16 bits in every plan, the loss cannot see them: {', '.join(result.unseen)} (layers.unseen = \"fp16\")")
     elif result.unseen:
         click.echo(f"left out of the plan, the loss cannot see them: {', '.join(result.unseen)} (at the model's dtype; layers.unseen = \"search\" puts them in)")
 

@@ -206,7 +206,12 @@ def export_study(
             (p.relative_to(tmp).as_posix(), p.stat().st_size, doc.files[MODEL_FILE].sha256 if p.name == MODEL_FILE and p.parent == tmp else sha256_of(p))
             for p in sorted(tmp.rglob("*")) if p.is_file()
         ]
-        export_id = _publish(storage, tmp, out, study_name, chosen.number, chosen.plan, doc.totals.bytes, doc.totals.bpw, files)
+        losses = {
+            "loss": chosen.loss, "test_loss": test_loss, "verified_loss": verified,
+            **({"refinement": refinement.model_dump(mode="json")} if refinement is not None else {}),
+            **({"repair": repaired.model_dump(mode="json")} if repaired is not None else {}),
+        }
+        export_id = _publish(storage, tmp, out, study_name, chosen.number, chosen.plan, doc.totals.bytes, doc.totals.bpw, files, losses)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -259,7 +264,7 @@ def _export_gguf(storage, tmp: Path, out: Path, workload, log, chosen, target: s
     for p in tmp.rglob("*"):
         os.chmod(p, 0o666 & ~_umask())
     files = [(p.relative_to(tmp).as_posix(), p.stat().st_size, sha256_of(p)) for p in sorted(tmp.rglob("*")) if p.is_file()]
-    export_id = _publish(storage, tmp, out, study, chosen.number, chosen.plan, nbytes, doc.totals.bpw, files)
+    export_id = _publish(storage, tmp, out, study, chosen.number, chosen.plan, nbytes, doc.totals.bpw, files, {"loss": chosen.loss, "test_loss": test_loss})
     return ExportResult(out, study, chosen.number, chosen.loss, None, nbytes, doc.totals.bpw, export_id, files, test_loss, {"gguf": report.to_json()})
 
 
@@ -274,7 +279,8 @@ def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: 
     if has_test:
         workload.reference("test")
     model = workload.build_model()
-    forms, methods = sequential_forms(model, workload.layer_table(), built.plan.bits(), workload.calibration_batches(), workload.forward, progress)
+    table = workload.layer_table()
+    forms, methods = sequential_forms(model, table, table.check_plan(built.plan), workload.calibration_batches(), workload.forward, progress)
     after = workload.loss(model)
     refinement = Refinement(
         method="sequential-gptq", kept=after < chosen.loss, loss_before=chosen.loss, loss_after=after,
@@ -300,7 +306,7 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
     from mpsearch.quant.repair import decode_into, repair
 
     table = workload.layer_table()
-    bits = built.plan.bits()
+    bits = table.check_plan(built.plan)  # menu entries: a scheme option's layer decodes in its own groups
     forms = {layer.name: {k.removeprefix(layer.name + "."): t for k, t in built.tensors.items() if k.rsplit(".", 1)[0] == layer.name and k.rsplit(".", 1)[1] in _FORM_KEYS} for layer in table.layers}
     has_test = bool(workload.batches("test"))
     for split in ("calibration", "evaluation", *(("test",) if has_test else ())):
@@ -312,7 +318,7 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
 
     seed = workload.spec.search.seed
     done = repair(workload.build_model(), table, bits, forms, step_loss, len(workload.calibration_batches()), steps, seed=seed, progress=progress)
-    model = decode_into(workload.build_model(), table.layers, bits, done.forms)
+    model = decode_into(workload.build_model(), table, bits, done.forms)
     model.load_state_dict(done.tensors, strict=False)
     after = workload.loss(model)
     result = Refinement(
@@ -376,8 +382,9 @@ def _compressed_tensors_study(tmp: Path, packed: Path, doc: PlanDocument, worklo
     model_file = tmp / MODEL_FILE
     os.chmod(model_file, 0o666 & ~_umask())  # like the other files, not a temporary file's 0600
     config_file = tmp / ct.CONFIG_FILE
+    widths = table.check_plan(doc.plan)
     doc = doc.model_copy(update={
-        "layers": [e.model_copy(update={"bytes": table.layer_bytes(e.name, doc.plan[e.name].bits)}) for e in doc.layers],
+        "layers": [e.model_copy(update={"bytes": table.layer_bytes(e.name, widths[e.name])}) for e in doc.layers],
         "totals": Totals(bytes=nbytes, quantized_bytes=table.quantized_bytes(doc.plan), other_bytes=table.other_bytes, bpw=table.bpw(doc.plan), n_weights=table.n_weights),
         "files": {
             MODEL_FILE: FileInfo(bytes=model_file.stat().st_size, tensor_bytes=report.tensor_bytes, sha256=sha256_of(model_file)),
@@ -395,7 +402,7 @@ def _test_loss(workload, plan: Plan) -> float | None:
     """The plan's loss on the test split, the split no trial was selected on (None: no test split)."""
     if not workload.batches("test"):
         return None
-    bank = workload.candidate_bank(sorted(set(plan.bits().values())))
+    bank = workload.candidate_bank(_widths(workload.layer_table(), plan))
     workload.reference("test")  # from the FP weights, before any candidate is swapped in
     model = workload.fp_model()
     with bank.applied(model, plan):
@@ -412,7 +419,13 @@ def _checked_bank(workload, chosen, progress: bool, changed: str):
     nbytes = table.bytes(plan)
     if chosen.bytes not in (None, nbytes):
         raise ExportError(f"the plan costs {nbytes} bytes on this model but the trial recorded {chosen.bytes}: {changed}")
-    return nbytes, workload.candidate_bank(sorted(set(plan.bits().values())), progress=progress)
+    return nbytes, workload.candidate_bank(_widths(table, plan), progress=progress)
+
+
+def _widths(table, plan: Plan) -> list:
+    """The menu entries ``plan`` uses (bits, scheme options), in the menu's order."""
+    used = set(table.check_plan(plan).values())
+    return [w for w in table.menu if w in used]
 
 
 def _packing(table):
@@ -431,9 +444,10 @@ def _build(workload, chosen, progress: bool) -> _Built:
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     assert tensor_bytes == table.bytes(plan), (tensor_bytes, table.bytes(plan))  # DESIGN.md's contract; the ledger and the tensors agree
     resolved = _resolved(table, plan, bank)
+    widths = table.check_plan(plan)
     entries = [
-        LayerEntry(name=l.name, kind=l.kind, shape=list(l.shape), rows=l.rows, cols=l.cols, bytes=l.bytes(plan[l.name].bits, table.scheme), aliases=list(l.aliases), rule=l.rule)
-        for l in table.layers
+        LayerEntry(name=l.name, kind=l.kind, shape=list(l.shape), rows=l.rows, cols=l.cols, bytes=table.layer_bytes(l.name, widths[l.name]), aliases=list(l.aliases), rule=l.rule)
+        for l in (table.at(name, widths[name])[0] for name in table.names)  # a scheme option's layer: its own group rule
     ]
     layers_meta = [
         {"name": e.name, "kind": e.kind, "bits": c.bits, "rows": e.rows, "cols": e.cols, "group_size": c.group_size, "symmetric": c.symmetric, "shape": e.shape}
@@ -569,7 +583,7 @@ def _remove_stale(out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _publish(storage, tmp: Path, out: Path, study: str, trial: int, plan: Plan, nbytes: int, bpw: float, files) -> int:
+def _publish(storage, tmp: Path, out: Path, study: str, trial: int, plan: Plan, nbytes: int, bpw: float, files, losses: dict | None = None) -> int:
     """Rename ``tmp`` to ``out`` and record it; on failure the old ``out`` (if any) is back in place."""
     old = None
     if out.exists():
@@ -577,7 +591,7 @@ def _publish(storage, tmp: Path, out: Path, study: str, trial: int, plan: Plan, 
         os.rename(out, old)
     os.rename(tmp, out)
     try:
-        export_id = storage.record_export(study, trial, plan.to_json(), nbytes, bpw, str(out), files)
+        export_id = storage.record_export(study, trial, plan.to_json(), nbytes, bpw, str(out), files, losses)
     except BaseException:
         os.rename(out, tmp)  # the caller removes tmp
         if old is not None:
@@ -605,10 +619,10 @@ def _shared_names(model, stored: dict) -> dict[str, list[str]]:
 
 def _resolved(table, plan: Plan, bank) -> Plan:
     """``plan`` with every choice written out: bits, group size, symmetric, method (``fp16`` at 16 bits)."""
-    scheme = table.scheme
+    widths = table.check_plan(plan)
     choices = {}
-    for layer in table.layers:
-        bits = plan[layer.name].bits
+    for name in table.names:
+        layer, scheme, bits = table.at(name, widths[name])  # a scheme option: its own group size and symmetry
         if bits == FLOAT_BITS:
             choices[layer.name] = LayerChoice(bits=bits, method="fp16")
         else:

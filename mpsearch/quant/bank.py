@@ -43,7 +43,7 @@ from torch import nn
 from mpsearch.errors import MPSearchError
 from mpsearch.hashing import batches_digest, json_digest, model_digest
 from mpsearch.memory import trim
-from mpsearch.plan import Plan
+from mpsearch.plan import Plan, Width, bits_of, width_order
 from mpsearch.quant.apply import module_layout, quantizer
 from mpsearch.quant.calibration import input_moments, unsupported_reason
 from mpsearch.quant.gptq import Curvature
@@ -78,6 +78,7 @@ class Candidate:
     mse: float
     sqnr: float
     type: str | None = None  # the gguf target's llama.cpp type (Q4_K, ...)
+    group_size: int | None = None  # a scheme option's group size (None: the layer's)
 
     def quantized_weight(self, group_size: int, rows: int, cols: int) -> QuantizedWeight:
         codes = unpack(self.packed["qweight"], self.bits, rows * cols).reshape(rows, cols)
@@ -91,7 +92,7 @@ class Candidate:
             from mpsearch.quant.gguf import dequantize
 
             return dequantize(self.packed["blocks"], self.type, layer.rows, layer.cols)
-        return self.quantized_weight(layer.group_size, layer.rows, layer.cols).dequantize()
+        return self.quantized_weight(self.group_size or layer.group_size, layer.rows, layer.cols).dequantize()
 
 
 @dataclass
@@ -113,7 +114,7 @@ class CandidateBank:
         self.key = key
         self.notes = notes
         self.device = device
-        self.bits = tuple(sorted({b for _, b in candidates}))
+        self.bits = tuple(sorted({b for _, b in candidates}, key=width_order))  # the menu entries it holds: bits, and scheme options
         self.decoded = 0  # layers decoded into a model so far (a delta swap decodes only what changed)
         self.imatrix: Path | None = None  # gguf with target.imatrix: the importance matrix its candidates were made with
         self._models: weakref.WeakKeyDictionary[nn.Module, _Held] = weakref.WeakKeyDictionary()
@@ -150,7 +151,7 @@ class CandidateBank:
         the export, which must quantize with the same one.
         """
         method = quantizer(table.scheme.method)
-        bits = tuple(sorted(set(bits if bits is not None else table.menu)))
+        bits = tuple(sorted(set(bits if bits is not None else table.menu), key=width_order))
         unknown = [b for b in bits if b not in table.menu]
         if unknown:
             raise MPSearchError(f"bits {unknown} are not in the bit menu {list(table.menu)}")
@@ -166,7 +167,7 @@ class CandidateBank:
             raise MPSearchError("the gguf target's bank is made by llama.cpp from the model's Hugging Face folder; build it from a Workload")
         key = _cache_key(model, table, batches if method.needs_calibration and not gguf else None, model_key, imatrix if gguf else None)
         folder = Path(cache_dir) if cache_dir is not None else None
-        levels = sorted({table.layer_level(n, b) for n in table.names for b in bits})  # the gguf target's aliases need their level
+        levels = sorted({table.layer_level(n, b) for n in table.names for b in bits}, key=width_order)  # the gguf target's aliases need their level
         forms = {b: found for b in levels if folder is not None and (found := _read_cache(folder, key, b, table, home)) is not None}
         importance = _imatrix_path(folder, key) if gguf and imatrix is not None else None
         if importance is not None and not importance.is_file():
@@ -199,7 +200,7 @@ class CandidateBank:
             return self.candidates[(name, bits)]
         except KeyError:
             self.table.layer(name)
-            raise MPSearchError(f"the bank holds bits {list(self.bits)}, not {bits}; build it with that bit-width") from None
+            raise MPSearchError(f"the bank holds bits {list(self.bits)}, not {bits!r}; build it with that bit-width") from None
 
     def errors(self) -> dict[str, dict[int, dict[str, float]]]:
         """``{layer: {bits: {"mse", "sqnr", "bytes"}}}``."""
@@ -286,14 +287,14 @@ class CandidateBank:
     def _check(self, plan: Plan | Mapping[str, int], partial: bool = False) -> dict[str, int]:
         """The plan's ``{layer: bits}``, once its layers are the table's (some of them, if ``partial``)."""
         if partial:
-            bits = Plan.coerce(plan).bits()
+            bits = self.table.widths(plan)
             for name in bits:
                 self.table.layer(name)
         else:
             bits = self.table.check_plan(plan)
         missing = {b for b in bits.values() if b not in self.bits}
         if missing:
-            raise MPSearchError(f"the plan uses bits {sorted(missing)} but the bank holds {list(self.bits)}")
+            raise MPSearchError(f"the plan uses bits {sorted(missing, key=width_order)} but the bank holds {list(self.bits)}")
         return bits
 
     def _held(self, model: nn.Module) -> _Held:
@@ -395,7 +396,11 @@ def _candidates(table: LayerTable, modules, forms, bits: Sequence[int]) -> dict[
             level = table.layer_level(layer.name, b)
             if level not in made:
                 nbytes = table.layer_bytes(layer.name, level)
-                cand = Candidate(bits=level, packed=forms[level][layer.name], nbytes=nbytes, mse=math.nan, sqnr=math.nan, type=table.type_of(layer.name, level))
+                own, _scheme, level_bits = table.at(layer.name, level)
+                cand = Candidate(
+                    bits=level_bits, packed=forms[level][layer.name], nbytes=nbytes, mse=math.nan, sqnr=math.nan, type=table.type_of(layer.name, level),
+                    group_size=own.group_size if own.group_size != layer.group_size else None,
+                )
                 cand.mse, cand.sqnr = _errors(w, cand.dequantized(layer).to(w.device))
                 made[level] = cand
             candidates[(layer.name, b)] = made[level]
@@ -404,10 +409,12 @@ def _candidates(table: LayerTable, modules, forms, bits: Sequence[int]) -> dict[
     return candidates
 
 
-def packed_form(quantize, w: torch.Tensor, bits: int, layer: QuantLayer, table: LayerTable, curvature) -> dict[str, torch.Tensor]:
+def packed_form(quantize, w: torch.Tensor, width: Width, layer: QuantLayer, table: LayerTable, curvature) -> dict[str, torch.Tensor]:
+    """``layer``'s weight ``w`` at menu entry ``width`` (a scheme option: its group size and symmetry)."""
+    layer, scheme, bits = table.at(layer.name, width)
     if bits == FLOAT_BITS:
         return {"weight": w.to(torch.float16).contiguous()}
-    q = quantize(w, bits, layer.group_size, table.scheme, curvature)
+    q = quantize(w, bits, layer.group_size, scheme, curvature)
     form = {"qweight": pack(q.codes, bits), "scales": q.scales.contiguous()}
     if q.zeros is not None:
         form["zeros"] = q.zeros.contiguous()
@@ -488,7 +495,8 @@ def _own_layers(table: LayerTable, bits: int) -> list[QuantLayer]:
     return [layer for layer in table.layers if table.layer_level(layer.name, bits) == bits]
 
 
-def _expected_shapes(layer: QuantLayer, bits: int, table: LayerTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _expected_shapes(layer: QuantLayer, width: Width, table: LayerTable) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    bits = width if table.target == "gguf" else bits_of(width)
     if bits == FLOAT_BITS:
         return {"weight": ((layer.rows, layer.cols), torch.float16)}
     if table.target == "gguf":
@@ -496,9 +504,10 @@ def _expected_shapes(layer: QuantLayer, bits: int, table: LayerTable) -> dict[st
     from mpsearch.quant.packing import packed_nbytes
     from mpsearch.quant.scheme import SCALE_DTYPES
 
+    layer, scheme, _bits = table.at(layer.name, width)
     groups = (layer.rows, layer.n_groups // layer.rows)
-    shapes = {"qweight": ((packed_nbytes(layer.n, bits),), torch.uint8), "scales": (groups, SCALE_DTYPES[table.scheme.scale_dtype])}
-    if not table.scheme.symmetric:
+    shapes = {"qweight": ((packed_nbytes(layer.n, bits),), torch.uint8), "scales": (groups, SCALE_DTYPES[scheme.scale_dtype])}
+    if not scheme.symmetric:
         shapes["zeros"] = (groups, torch.uint8)
     return shapes
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from mpsearch.errors import BudgetError, MPSearchError, SpecError
-from mpsearch.plan import Plan
+from mpsearch.plan import Plan, Width, parse_width, width_of, width_order
 from mpsearch.quant import ct_layout
 from mpsearch.quant.budget import MIB, Budget
 from mpsearch.quant.scheme import BIT_MENU, FLOAT_BITS, Scheme
@@ -133,12 +133,14 @@ class LayerTable:
     other_bytes: int = 0
     excluded: list[dict] = field(default_factory=list)
     unseen: tuple[str, ...] = ()  # layers the loss cannot see, in the table or left out (mpsearch.workload.reach)
+    pinned: tuple[str, ...] = ()  # layers held at 16 bits whatever a plan says (layers.unseen = "fp16"): every entry is 16 for them
     target: str = "mpsearch"  # whose layout the bytes are: mpsearch's packing, llama.cpp's ("gguf") or "compressed-tensors"
     types: dict[str, dict[int, str]] = field(default_factory=dict)  # gguf: each layer's {level: llama.cpp type}
     dtype_bytes: int = 4  # the model's dtype size: compressed-tensors writes scales in it
 
     def __post_init__(self):
         self._by_name = {layer.name: layer for layer in self.layers}
+        self._resolved: dict[str, dict[tuple, Width]] = {}
         if self.target == "gguf" and not self.types:
             from mpsearch.quant.gguf import layer_types
 
@@ -158,13 +160,15 @@ class LayerTable:
         unseen: Sequence[str] = (),
         leave_unseen: bool = False,
         target: str = "mpsearch",
+        pin_unseen: bool = False,
     ) -> "LayerTable":
         """Find the quantizable layers of ``model``.
 
         A weight shared by several modules becomes one layer (the first name, with the
         others as aliases). A weight tied to a module that is not quantizable, and every
         layer left out by the patterns, is listed in ``excluded`` with the reason; so is each
-        of ``unseen`` (layers the loss cannot see) when ``leave_unseen``.
+        of ``unseen`` (layers the loss cannot see) when ``leave_unseen``; with ``pin_unseen`` they stay
+        in the table, pinned at 16 bits (every menu entry is 16 for them).
         With ``target = "gguf"`` a layer must also be a tensor llama.cpp's converter writes, with
         a type of the menu for its row length (:mod:`mpsearch.quant.gguf`); with ``target =
         "compressed-tensors"`` a weight that library packs (:mod:`mpsearch.quant.ct_layout`). The
@@ -182,7 +186,8 @@ class LayerTable:
                 reason = _gguf_rule(members[0][0], weight_matrix(members[0][1]).shape[1], menu)
             if not reason and target == "compressed-tensors":
                 cols = weight_matrix(members[0][1]).shape[1]
-                reason = ct_layout.rule({_kind(m) for _, m in members}, cols, _group_rule(cols, scheme)[0])
+                for w in menu:  # every option's groups too: the library packs a layer whole or not at all
+                    reason = reason or ct_layout.rule({_kind(m) for _, m in members}, cols, _group_rule(cols, _option_scheme(scheme, w))[0])
             if reason:
                 excluded.append({"name": members[0][0], "reason": reason})
                 continue
@@ -201,7 +206,8 @@ class LayerTable:
             raise SpecError("layers", "no quantizable layer is left after include/exclude; loosen the patterns")
         other_bytes = sum(t.numel() * t.element_size() for t in other_tensors(model, quantized_keys).values())
         return cls(
-            layers=layers, scheme=scheme, menu=tuple(sorted(set(menu))), other_bytes=other_bytes, excluded=excluded, unseen=tuple(unseen),
+            layers=layers, scheme=scheme, menu=tuple(sorted(set(menu), key=width_order)), other_bytes=other_bytes, excluded=excluded, unseen=tuple(unseen),
+            pinned=tuple(n for n in unseen if pin_unseen and any(layer.name == n for layer in layers)),
             target=target, dtype_bytes=next(model.parameters()).element_size(),
         )
 
@@ -221,15 +227,62 @@ class LayerTable:
         except KeyError:
             raise MPSearchError(f"no quantizable layer named {name!r}; `mpsearch layers` lists them") from None
 
-    def levels(self, name: str) -> tuple[int, ...]:
-        """The menu's levels layer ``name`` can take (all of them, but for the gguf target)."""
-        self.layer(name)
-        return tuple(sorted(self.types[name])) if self.target == "gguf" else self.menu
+    def widths(self, plan: Plan | Mapping[str, int]) -> dict[str, Width]:
+        """The plan's menu entry for each layer, matched by what its choice quantizes to (bits,
+        group size, symmetry): a resolved choice (plan.json writes every field) reads back as the
+        entry it came from, and an option that comes to the same as another entry for a layer (a
+        ragged group's per-channel rule) reads as the first of them."""
+        plan = Plan.coerce(plan)
+        out = {}
+        for name, choice in plan.layers.items():
+            if name not in self._by_name:
+                out[name] = width_of(choice)
+                continue
+            layer = self.layer(name)
+            group = choice.group_size if choice.group_size is not None else layer.group_size
+            sym = choice.symmetric if choice.symmetric is not None else self.scheme.symmetric
+            out[name] = self._entries(name).get(_entry_key(choice.bits, group, sym), width_of(choice, layer.group_size, self.scheme.symmetric))
+        return out
 
-    def layer_level(self, name: str, bits: int) -> int:
-        """The level the layer takes for ``bits``: ``bits``, or the next one up it can take."""
+    def _entries(self, name: str) -> dict[tuple, Width]:
+        """``{(bits, group size, symmetric): menu entry}`` for layer ``name`` (the first entry of each)."""
+        found = self._resolved.get(name)
+        if found is None:
+            found = {}
+            entries = (FLOAT_BITS,) if name in self.pinned else sorted(self.types[name], key=width_order) if self.target == "gguf" else self.menu
+            for w in entries:
+                layer, scheme, bits = self.at(name, w)
+                found.setdefault(_entry_key(bits, layer.group_size, scheme.symmetric), w)
+            self._resolved[name] = found
+        return found
+
+    def at(self, name: str, width: Width) -> tuple[QuantLayer, Scheme, int]:
+        """Layer ``name`` as menu entry ``width`` quantizes it: the layer with the group size it
+        takes then, the scheme, and the bits. Plain bits keep the study's scheme; a scheme option
+        (``"2g32"``) takes its own group size (under the study's ragged rule) and symmetry."""
+        layer = self.layer(name)
+        bits, group, sym = parse_width(width)
+        if group is None and sym is None:
+            return layer, self.scheme, bits
+        scheme = _option_scheme(self.scheme, width)
+        g, rule = _group_rule(layer.cols, scheme)
+        return replace(layer, group_size=g, rule=rule), scheme, bits
+
+    def levels(self, name: str) -> tuple[Width, ...]:
+        """The menu's entries layer ``name`` can take, each once: for the gguf target the levels
+        its types give it; else the menu, less an option that comes to the same as an earlier entry."""
+        self.layer(name)
+        return tuple(self._entries(name).values())
+
+    def layer_level(self, name: str, bits: Width) -> Width:
+        """The level the layer takes for ``bits``: ``bits``, or the next one up it can take (gguf);
+        for a scheme option that comes to the same as an earlier entry for this layer (a group the
+        ragged rule makes per-channel), that entry."""
+        if name in self.pinned:
+            return FLOAT_BITS
         if self.target != "gguf":
-            return bits
+            layer, scheme, b = self.at(name, bits)
+            return self._entries(name).get(_entry_key(b, layer.group_size, scheme.symmetric), bits)
         from mpsearch.quant.gguf import effective_level
 
         return effective_level(self.types[name], bits)
@@ -238,23 +291,27 @@ class LayerTable:
         """The llama.cpp type layer ``name`` takes for ``bits`` (gguf target), else None."""
         return self.types[name][self.layer_level(name, bits)] if self.target == "gguf" else None
 
-    def layer_bytes(self, name: str, bits: int) -> int:
-        """Exact bytes of layer ``name`` at ``bits`` (at the level it takes for them)."""
-        layer = self.layer(name)
+    def layer_bytes(self, name: str, bits: Width) -> int:
+        """Exact bytes of layer ``name`` at menu entry ``bits`` (at the level it takes for them)."""
+        if name in self.pinned:
+            bits = FLOAT_BITS
         if self.target == "compressed-tensors":
+            layer, scheme, b = self.at(name, bits)
             return ct_layout.layer_bytes(
-                rows=layer.rows, cols=layer.cols, bits=bits, group_size=layer.group_size, symmetric=self.scheme.symmetric, scale_bytes=self.dtype_bytes,
+                rows=layer.rows, cols=layer.cols, bits=b, group_size=layer.group_size, symmetric=scheme.symmetric, scale_bytes=self.dtype_bytes,
             )
         if self.target != "gguf":
-            return layer.bytes(bits, self.scheme)
+            layer, scheme, b = self.at(name, bits)
+            return layer.bytes(b, scheme)
+        layer = self.layer(name)
         from mpsearch.quant.gguf import type_bytes
 
         kind = self.type_of(name, bits)
         return 2 * layer.n if kind == "F16" else type_bytes(kind, layer.rows, layer.cols)
 
-    def check_plan(self, plan: Plan | Mapping[str, int]) -> dict[str, int]:
-        """The plan's ``{layer: bits}``, once it names exactly this table's layers with bits of its menu."""
-        bits = Plan.coerce(plan).bits()
+    def check_plan(self, plan: Plan | Mapping[str, int]) -> dict[str, Width]:
+        """The plan's ``{layer: menu entry}``, once it names exactly this table's layers with entries of its menu."""
+        bits = self.widths(plan)
         missing = [n for n in self.names if n not in bits]
         extra = [n for n in bits if n not in self._by_name]
         if missing or extra:
@@ -264,7 +321,7 @@ class LayerTable:
         if bad:
             name, b = next(iter(bad.items()))
             menu = "the bit menu" if self.target != "gguf" else f"the levels llama.cpp's types give this layer (rows of {self.layer(name).cols})"
-            raise MPSearchError(f"plan gives {name!r} {b} bits, which is not in {menu} {list(self.levels(name))}")
+            raise MPSearchError(f"plan gives {name!r} {b!r} bits, which is not in {menu} {list(self.levels(name))}")
         return bits
 
     def quantized_bytes(self, plan: Plan | Mapping[str, int]) -> int:
@@ -280,7 +337,7 @@ class LayerTable:
         """Effective bits per quantizable weight, scales and zero points included."""
         return self.quantized_bytes(plan) * 8 / self.n_weights
 
-    def uniform(self, bits: int) -> Plan:
+    def uniform(self, bits: Width) -> Plan:
         """Every layer at ``bits`` (for the gguf target, at the level each takes for them)."""
         return Plan.of_bits({name: self.layer_level(name, bits) for name in self.names})
 
@@ -337,6 +394,7 @@ class LayerTable:
             "total_bytes": {str(b): self.bytes(self.uniform(b)) for b in self.menu},
             "excluded": self.excluded,
             "unseen": list(self.unseen),
+            "pinned": list(self.pinned),
             "target": self.target,
         }
 
@@ -423,6 +481,17 @@ def _quant_layer(members: list[tuple[str, nn.Module]], scheme: Scheme) -> QuantL
         rule=rule,
         aliases=tuple(n for n, _ in members[1:]),
     )
+
+
+def _entry_key(bits: int, group: int, symmetric: bool) -> tuple:
+    """What a menu entry quantizes a layer to: two entries with the same key are one candidate."""
+    return (FLOAT_BITS, None, None) if bits == FLOAT_BITS else (bits, group, symmetric)
+
+
+def _option_scheme(scheme: Scheme, width: Width) -> Scheme:
+    """The study's scheme with a scheme option's group size and symmetry."""
+    _bits, group, sym = parse_width(width)
+    return replace(scheme, group_size=scheme.group_size if group is None else group, symmetric=scheme.symmetric if sym is None else sym)
 
 
 def _group_rule(cols: int, scheme: Scheme) -> tuple[int, str | None]:

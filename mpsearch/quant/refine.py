@@ -31,13 +31,14 @@ from mpsearch.quant.calibration import input_moments, unsupported_reason
 from mpsearch.quant.gptq import Curvature
 from mpsearch.quant.layers import LayerTable, weight_matrix
 from mpsearch.quant.repair import decode_into
+from mpsearch.plan import Width, bits_of
 from mpsearch.quant.scheme import FLOAT_BITS
 
 
 def sequential_forms(
     model: nn.Module,
     table: LayerTable,
-    bits: Mapping[str, int],
+    bits: Mapping[str, Width],
     batches: Sequence[Mapping[str, torch.Tensor]],
     forward: Callable[[nn.Module, Mapping[str, torch.Tensor]], object],
     progress: bool = False,
@@ -57,16 +58,16 @@ def sequential_forms(
     methods: dict[str, str] = {}
     for layer in tqdm(table.layers, desc="sequential gptq", unit="layer", disable=not progress, leave=False):
         module = modules[layer.name]
-        b = bits[layer.name]
+        b = bits_of(bits[layer.name])
         curvature = None
         if b != FLOAT_BITS and unsupported_reason(module) is None:
             moment = input_moments(model, table, batches, forward, layers=[layer], share=False, stop_early=not layer.aliases).get(layer.name)
             if moment is not None:
                 curvature = Curvature.from_moment(moment.xtx, scheme.damp, scheme.act_order)
         w = weight_matrix(module).detach().to(torch.float32)
-        form = packed_form(gptq.quantize, w, b, layer, table, curvature)
+        form = packed_form(gptq.quantize, w, bits[layer.name], layer, table, curvature)
         forms[layer.name] = {k: t.cpu() for k, t in form.items()}
         methods[layer.name] = "fp16" if b == FLOAT_BITS else "gptq" if curvature is not None else "rtn"
-        decode_into(model, [layer], bits, {layer.name: form})
+        decode_into(model, table, bits, {layer.name: form})
         del w, curvature
     return forms, methods

@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mpsearch.plan import Width
 from mpsearch.quant.apply import module_layout
 from mpsearch.quant.layers import Conv1D, LayerTable, QuantLayer
 from mpsearch.quant.packing import unpack
@@ -68,15 +69,17 @@ class _Dequant(nn.Module):
         return matrix.t() if self.transposed else matrix.reshape(self.shape)
 
 
-def decode_into(model: nn.Module, layers: Iterable[QuantLayer], bits: Mapping[str, int], forms: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
-    """Give each of ``layers`` in ``model`` the decoded weight of its packed form (as the bank does)."""
+def decode_into(model: nn.Module, table: LayerTable, widths: Mapping[str, Width], forms: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:
+    """Give each layer of ``forms`` in ``model`` the decoded weight of its packed form at its menu
+    entry ``widths[layer]`` (as the bank does)."""
     from mpsearch.quant.bank import Candidate
 
     modules = dict(model.named_modules(remove_duplicate=False))
     with torch.no_grad():
-        for layer in layers:
-            module = modules[layer.name]
-            decoded = Candidate(bits=bits[layer.name], packed=dict(forms[layer.name]), nbytes=0, mse=math.nan, sqnr=math.nan).dequantized(layer)
+        for name in forms:
+            layer, _scheme, bits = table.at(name, widths[name])
+            module = modules[name]
+            decoded = Candidate(bits=bits, packed=dict(forms[name]), nbytes=0, mse=math.nan, sqnr=math.nan).dequantized(layer)
             module.weight.data.copy_(module_layout(module, decoded.to(module.weight.device)))
     return model
 
@@ -84,7 +87,7 @@ def decode_into(model: nn.Module, layers: Iterable[QuantLayer], bits: Mapping[st
 def repair(
     model: nn.Module,
     table: LayerTable,
-    bits: Mapping[str, int],
+    bits: Mapping[str, Width],
     forms: Mapping[str, Mapping[str, torch.Tensor]],
     step_loss: Callable[[nn.Module, int], torch.Tensor],
     n_batches: int,
@@ -105,8 +108,9 @@ def repair(
         p.requires_grad_(False)
     gains: dict[str, _Dequant] = {}
     tuned: dict[str, nn.Parameter] = {}
-    for layer in table.layers:
-        module, b = modules[layer.name], bits[layer.name]
+    for name in table.names:
+        layer, _scheme, b = table.at(name, bits[name])  # a scheme option: its own group size
+        module = modules[layer.name]
         if b == FLOAT_BITS:
             with torch.no_grad():
                 module.weight.copy_(module_layout(module, forms[layer.name]["weight"].to(device, torch.float32)))

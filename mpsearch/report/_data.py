@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpsearch.plan import bits_of
 from mpsearch.storage.trials import BPW, RELINEARISED, SAMPLED, Outcome, TrialLog, TrialRecord, pareto_front
 
 # The profile a report shows beside the plan: Δloss with the layer alone quantized, else Hessian.
@@ -36,7 +37,8 @@ class StudyData:
 
     @property
     def menu(self) -> list[int]:
-        return sorted(self.meta.get("menu") or {b for r in self.top if r.plan for b in r.plan.bits().values()})
+        """The bit-widths plans may hold (a scheme option, ``"2g32"``, counts as its bits)."""
+        return sorted({bits_of(w) for w in self.meta.get("menu") or ()} or {b for r in self.top if r.plan for b in r.plan.bits().values()})
 
     @property
     def budget_bytes(self) -> int | None:

@@ -25,28 +25,32 @@ the vectorised loops work on; :meth:`Costs.plan` and :meth:`Costs.index` convert
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-from mpsearch.errors import BudgetError
-from mpsearch.plan import Plan
+from mpsearch.errors import BudgetError, MPSearchError
+from mpsearch.plan import Plan, width_key
 
 PlanLike = Plan | Mapping[str, int] | np.ndarray
 
 
 @dataclass(frozen=True)
 class Costs:
-    """Per-layer bytes and additive loss costs at each bit-width of ``menu`` (ascending)."""
+    """Per-layer bytes and additive loss costs at each entry of ``menu`` (ascending): a bit-width,
+    or a scheme option (``"2g32"``; :data:`~mpsearch.plan.Width`)."""
 
     names: tuple[str, ...]
     menu: tuple[int, ...]
     nbytes: np.ndarray  # (layers, widths) int64, exact bytes of each layer at each width
     cost: np.ndarray  # (layers, widths) float64, monotone non-increasing along widths
     other_bytes: int
-    levels: np.ndarray | None = None  # (layers, widths) the bits each layer takes at each width (gguf target); None: the menu's
+    levels: np.ndarray | None = None  # (layers, widths) the menu position of the entry each layer takes at each width (gguf; equal options); None: its own
+    # The table's reader of a plan's menu entries (LayerTable.widths: a choice is matched by what it
+    # quantizes to, so a resolved plan reads back as its entries); None: Plan.widths.
+    widths_of: Callable[[Plan], dict] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, table, scores: Mapping[str, Mapping[int | str, float]] | None) -> "Costs":
@@ -59,28 +63,34 @@ class Costs:
         """
         names = tuple(table.names)
         menu = tuple(table.menu)
-        levels = np.array([[table.layer_level(n, b) for b in menu] for n in names], dtype=np.int64)
+        taken = [[table.layer_level(n, b) for b in menu] for n in names]
         nbytes = np.array([[table.layer_bytes(n, b) for b in menu] for n in names], dtype=np.int64)
         cost = np.zeros((len(names), len(menu)))
         if scores is not None:
             for i, n in enumerate(names):
-                per = {int(k): v for k, v in scores[n].items()}
-                cost[i] = [max(float(per.get(int(b), 0.0) or 0.0), 0.0) for b in levels[i]]
+                per = {width_key(k): v for k, v in scores[n].items()}
+                cost[i] = [max(float(per.get(b, 0.0) or 0.0), 0.0) for b in taken[i]]
             cost = np.maximum.accumulate(cost[:, ::-1], axis=1)[:, ::-1]
-        same = bool((levels == np.array(menu)).all())
-        return cls(names, menu, nbytes, cost, int(table.other_bytes), None if same else levels)
+        same = all(row == list(menu) for row in taken)
+        position = {w: j for j, w in enumerate(menu)}
+        levels = None if same else np.array([[position[w] for w in row] for row in taken], dtype=np.int64)
+        return cls(names, menu, nbytes, cost, int(table.other_bytes), levels, table.widths)
 
     def index(self, plan: PlanLike) -> np.ndarray:
         """The menu index of each layer's bits (an index array is returned as a copy)."""
         if isinstance(plan, np.ndarray):
             return plan.astype(np.int64, copy=True)
-        bits = Plan.coerce(plan).bits()
+        plan = Plan.coerce(plan)
+        bits = self.widths_of(plan) if self.widths_of is not None else plan.widths()
         position = {b: j for j, b in enumerate(self.menu)}
-        return np.array([position[int(bits[n])] for n in self.names], dtype=np.int64)
+        try:
+            return np.array([position[bits[n]] for n in self.names], dtype=np.int64)
+        except KeyError as e:
+            raise MPSearchError(f"the plan holds {e.args[0]!r}, which is not in the study's menu {list(self.menu)}") from None
 
     def plan(self, index: np.ndarray) -> Plan:
         if self.levels is not None:
-            return Plan.of_bits({n: int(self.levels[i, int(j)]) for i, (n, j) in enumerate(zip(self.names, index))})
+            return Plan.of_bits({n: self.menu[int(self.levels[i, int(j)])] for i, (n, j) in enumerate(zip(self.names, index))})
         return Plan.of_bits({n: self.menu[int(j)] for n, j in zip(self.names, index)})
 
     def bytes_of(self, plan: PlanLike) -> int:
@@ -99,7 +109,7 @@ class Costs:
         of other codes (compressed-tensors' asymmetric layers: a byte a code at 2 to 8 bits) is a
         free step up."""
         layers, widths = self.nbytes.shape
-        level = self.levels if self.levels is not None else np.tile(np.asarray(self.menu), (layers, 1))
+        level = self.levels if self.levels is not None else np.tile(np.arange(widths), (layers, 1))
         down = np.tile(np.arange(widths), (layers, 1))
         up = down.copy()
         for i in range(layers):
@@ -228,5 +238,5 @@ def relinearised(costs: Costs, plan: PlanLike, down: np.ndarray, up: np.ndarray,
         local[i, top + 1 :] = local[i, top]
         bottom = int(np.flatnonzero(allowed[i]).min())
         local[i, :bottom] = local[i, bottom] + pad
-    anchored = Costs(costs.names, costs.menu, costs.nbytes, local, costs.other_bytes, costs.levels)
+    anchored = Costs(costs.names, costs.menu, costs.nbytes, local, costs.other_bytes, costs.levels, costs.widths_of)
     return ilp(anchored, budget, allowed=allowed)

@@ -154,7 +154,9 @@ class Search:
             "pareto": self.pareto,
             "layers": list(table.names),
             "menu": list(table.menu),
-            "space": "log-bits",  # how plans are the trials' Optuna parameters (mpsearch.search.space)
+            # How plans are the trials' Optuna parameters (mpsearch.search.space): bits on a log scale, or,
+            # where the menu has scheme options (two entries of the same bits), an index into the menu.
+            "space": "menu-index" if any(isinstance(w, str) for w in table.menu) else "log-bits",
             "scheme": s.quant.model_dump(mode="json"),
             # What `mpsearch export STUDY` rebuilds the workload from (the storage URL left out).
             "spec": s.model_dump(mode="json", exclude={"storage", "base_dir"}),
@@ -300,7 +302,8 @@ class Search:
     def _named_unseen(self, outcome: Outcome) -> Outcome:
         table = self.workload.layer_table()
         outcome.unseen = list(table.unseen)
-        outcome.searched_unseen = any(name in table.names for name in table.unseen)
+        outcome.searched_unseen = any(name in table.names and name not in table.pinned for name in table.unseen)
+        outcome.pinned_unseen = bool(table.pinned)
         return outcome
 
     def _score_test(self, trials: TrialLog, pool) -> None:

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mpsearch.plan import FLOAT_BITS
+from mpsearch.plan import FLOAT_BITS, width_key
 from mpsearch.registry import Registry
 
 
@@ -74,7 +74,7 @@ class Profile:
 
     def scores(self) -> dict[str, dict[int, float]]:
         """``{layer: {bits: score}}``: what the allocators read."""
-        return {row["name"]: {int(b): v for b, v in row["score"].items()} for row in self.layers}
+        return {row["name"]: {width_key(b): v for b, v in row["score"].items()} for row in self.layers}
 
     @classmethod
     def from_values(cls, method: str, values: dict, params: dict, seconds: float, reused: bool) -> "Profile":
@@ -83,7 +83,7 @@ class Profile:
 
 def lowest_bits(menu: tuple[int, ...]) -> str:
     """The menu's lowest integer bit-width, as a score key: the one layers are ranked by."""
-    return str(min((b for b in menu if b != FLOAT_BITS), default=menu[0]))
+    return str(min((b for b in menu if isinstance(b, int) and b != FLOAT_BITS), default=menu[0]))  # scheme options ("2g32") aside
 
 
 def rank(layers: list[dict], menu: tuple[int, ...]) -> list[str]:

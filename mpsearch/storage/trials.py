@@ -203,6 +203,7 @@ class Outcome:
     n_pruned: int = 0  # sampled plans stopped after a stage of their evaluation (see search.pruner)
     unseen: list[str] = field(default_factory=list)  # layers the loss cannot see (the layer table's)
     searched_unseen: bool = False  # whether they were in the plan (layers.unseen = "search") or left out
+    pinned_unseen: bool = False  # whether they were in the plan at 16 bits (layers.unseen = "fp16")
 
     def to_json(self) -> dict:
         doc = {
@@ -219,7 +220,7 @@ class Outcome:
         if self.pareto:
             doc["pareto"] = self.pareto
         if self.unseen:
-            doc["unseen"] = {"layers": self.unseen, "policy": "search" if self.searched_unseen else "exclude"}
+            doc["unseen"] = {"layers": self.unseen, "policy": "search" if self.searched_unseen else "fp16" if self.pinned_unseen else "exclude"}
         return doc
 
 

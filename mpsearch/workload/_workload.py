@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mpsearch.errors import WorkloadError
+from mpsearch.plan import width_order
 from mpsearch.quant.bank import CandidateBank, default_cache_dir
 from mpsearch.quant.budget import Budget
 from mpsearch.quant.layers import LayerTable
@@ -157,11 +158,11 @@ class Workload:
         if self._table is None:
             s = self.spec
             table = partial(
-                LayerTable.from_model, self.loaded.model, s.scheme, menu=s.quant.bits,
+                LayerTable.from_model, self.loaded.model, s.scheme, menu=s.quant.menu(),
                 include=s.layers.include, exclude=s.layers.exclude, embeddings=s.layers.embeddings, target=s.target.format,
             )
             unseen = self.unseen_layers(table().names)
-            self._table = table(unseen=unseen, leave_unseen=s.layers.unseen == "exclude")
+            self._table = table(unseen=unseen, leave_unseen=s.layers.unseen == "exclude", pin_unseen=s.layers.unseen == "fp16")
         return self._table
 
     def unseen_layers(self, names: list[str]) -> list[str]:
@@ -186,7 +187,7 @@ class Workload:
         batches for methods that need them, and cached on disk (``cache_dir``, by default
         ``$MPSEARCH_CACHE_DIR`` or ``~/.cache/mpsearch/banks``; ``None`` for no cache).
         """
-        wanted = tuple(sorted(set(bits if bits is not None else self.spec.quant.bits)))
+        wanted = tuple(sorted(set(bits if bits is not None else self.layer_table().menu), key=width_order))
         bank = self._banks.get(wanted)
         if bank is None:
             folder = default_cache_dir() if cache_dir == "default" else cache_dir

@@ -54,7 +54,7 @@ def test_zero_steps_give_back_the_plan_and_steps_change_scales_only(workload):
     assert moved == sum(b != 16 for b in bits.values())  # every quantized layer's scales were tuned
     assert any("LayerNorm" in k for k in tuned.tensors) and all(t.dtype == torch.float32 for t in tuned.tensors.values())
     # The tuned forms, decoded into a fresh model, score below the plan on the data they were tuned on.
-    before = decode_into(workload.build_model(), table.layers, bits, forms)
-    after = decode_into(workload.build_model(), table.layers, bits, tuned.forms)
+    before = decode_into(workload.build_model(), table, bits, forms)
+    after = decode_into(workload.build_model(), table, bits, tuned.forms)
     after.load_state_dict(tuned.tensors, strict=False)
     assert workload.loss(after, "calibration") < workload.loss(before, "calibration")

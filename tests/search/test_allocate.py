@@ -129,3 +129,53 @@ def test_equal_byte_widths_of_other_codes_are_free_steps_up():
     assert greedy(costs, 20).bits() == {"a": 8, "b": 8}
     assert greedy(costs, 30).bits() == {"a": 16, "b": 8}  # the one raise that costs bytes goes where it gains most
     assert not is_maximal(costs, {"a": 2, "b": 8}, 20) and is_maximal(costs, {"a": 8, "b": 8}, 20)
+
+
+def test_scheme_options_are_menu_entries_of_their_own_through_costs_ilp_and_plans():
+    """A menu of bits and scheme options (group sizes, asymmetric): exact bytes from the ledger,
+    the ILP exact against brute force over it, and plans that carry each layer's scheme."""
+    from torch import nn
+
+    from mpsearch.plan import LayerChoice, Plan
+    from mpsearch.quant.layers import LayerTable
+    from mpsearch.quant.scheme import Scheme
+
+    model = nn.Sequential(nn.Linear(256, 64), nn.Linear(64, 256), nn.Linear(256, 128))
+    menu = (2, "2g32", "2g128a", 3, "3g64", 4, 16)
+    table = LayerTable.from_model(model, Scheme(group_size=128), menu=menu)
+    assert table.menu == (2, "2g128a", "2g32", 3, "3g64", 4, 16)  # by bits, then by overhead
+    first = table.layers[0]  # 64 × 256
+    assert table.layer_bytes(first.name, "2g32") == 64 * 256 * 2 // 8 + 64 * 8 * 2
+    assert table.layer_bytes(first.name, "2g128a") == 64 * 256 * 2 // 8 + 64 * 2 * 3
+    assert table.layer_bytes("1", "2g32") == 256 * 64 * 2 // 8 + 256 * 2 * 2  # 64 inputs: 2 groups of 32, where plain 2 bits has 1 of 64
+
+    rng = np.random.default_rng(0)
+    scores = {n: {str(w): float(c) for w, c in zip(table.menu, sorted(rng.uniform(0, 1, len(table.menu)) * [1, 1, 1, 1, 1, 1, 0], reverse=True))} for n in table.names}
+    costs = Costs.of(table, scores)
+    low, high = costs.bytes_of(np.zeros(3, dtype=int)), costs.bytes_of(np.full(3, len(table.menu) - 2))
+    for fraction in (0.1, 0.3, 0.6):
+        budget = int(low + (high - low) * fraction)
+        best = min(
+            costs.cost_of(np.array(i)) for i in itertools.product(range(len(table.menu)), repeat=3) if costs.bytes_of(np.array(i)) <= budget
+        )
+        plan = ilp(costs, budget)
+        assert costs.cost_of(plan) == pytest.approx(best, rel=1e-9, abs=1e-12) and table.bytes(plan) == costs.bytes_of(plan) <= budget
+
+    plan = costs.plan(np.array([1, 2, 4]))
+    assert plan.to_json()["layers"] == {
+        "0": {"bits": 2, "group_size": 128, "symmetric": False}, "1": {"bits": 2, "group_size": 32}, "2": {"bits": 3, "group_size": 64},
+    }
+    assert list(costs.index(plan)) == [1, 2, 4] and table.check_plan(plan) == {"0": "2g128a", "1": "2g32", "2": "3g64"}
+    # A plan with every field written out (as plan.json holds it) reads back as the same entries.
+    resolved = Plan(layers={
+        "0": LayerChoice(bits=2, group_size=128, symmetric=False, method="rtn"),
+        "1": LayerChoice(bits=3, group_size=64, symmetric=True, method="rtn"),  # 64 inputs: plain 3 bits is one group of 64 already
+        "2": LayerChoice(bits=16, method="fp16"),
+    })
+    assert table.check_plan(resolved) == {"0": "2g128a", "1": 3, "2": 16}
+    # For that layer "3g64" is the very candidate of plain 3 bits: one entry, one cost, and plans hold 3.
+    assert "3g64" not in table.levels("1") and table.layer_level("1", "3g64") == 3
+    assert costs.plan(np.array([4, 4, 4])).bits() == {"0": 3, "1": 3, "2": 3} and table.check_plan(costs.plan(np.array([4, 4, 4])))["1"] == 3
+    assert list(costs.index(resolved)) == [1, 3, 6]
+    with pytest.raises(Exception, match="not in the bit menu"):
+        table.check_plan(Plan.of_bits({"0": "4g32", "1": 4, "2": 4}))

@@ -48,3 +48,26 @@ def test_a_causal_lm_s_loss_sees_every_layer(tiny_gpt2_dir):
     """)
     table = Workload(spec, device="cpu").layer_table()
     assert table.unseen == () and len(table.names) == 8  # 2 blocks x (c_attn, c_proj, c_fc, mlp.c_proj)
+
+
+def test_unseen_fp16_keeps_the_pooler_in_every_plan_at_16_bits(minilm_workload):
+    """layers.unseen = "fp16": in the plan, at 16 bits whatever the allocator or a sampler asks,
+    at 16-bit bytes against the budget; a plan that gives it fewer bits is refused."""
+    import numpy as np
+    import pytest
+
+    from mpsearch.errors import MPSearchError
+    from mpsearch.search.allocate import Costs, ilp
+    from mpsearch.spec import Spec
+
+    table = Workload(minilm_workload.spec.with_overrides(layers={"unseen": "fp16"}), device="cpu").layer_table()
+    assert table.pinned == ("pooler.dense",) and table.names[-1] == "pooler.dense"
+    assert table.levels("pooler.dense") == (16,) and table.uniform(2).bits()["pooler.dense"] == 16
+    assert all(table.layer_bytes("pooler.dense", b) == 2 * 384 * 384 for b in table.menu)
+    costs = Costs.of(table, None)
+    assert costs.plan(np.zeros(len(table.names), dtype=np.int64)).bits()["pooler.dense"] == 16
+    assert ilp(costs, table.bytes(table.uniform(2)) + 10_000).bits()["pooler.dense"] == 16
+    with pytest.raises(MPSearchError, match="pooler.dense"):
+        table.check_plan({**table.uniform(4).bits(), "pooler.dense": 2})
+    with pytest.raises(MPSearchError, match="add 16 to quant.bits"):
+        Spec.from_toml('[layers]\nunseen = "fp16"\n[quant]\nbits = [2, 4]\n')
