@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repair", type=int, default=100, help="repair steps")
-    parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder")
+    parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder (a study already complete there is reused)")
     parser.add_argument("--options", default="2a,3a,4a,2g64a,3g64a", help="the scheme options of the second search, comma-separated")
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
     args = parser.parse_args()
@@ -57,18 +57,18 @@ def main() -> None:
         spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
         name = f"candidates-{bpw}"
         start = time.perf_counter()
-        outcome = Search(Workload(spec, device="cpu"), storage, study=name, progress=True).run()
+        outcome = Search(Workload(spec, device="cpu"), storage, study=name, progress=True, resume=True).run()
         searched = time.perf_counter() - start
-        for label, base in (("uniform-4", 4), ("uniform-3", 3)):
+        for label, bits in (("uniform-4", 4), ("uniform-3", 3)):
             if label in outcome.baselines and abs(outcome.baselines[label]["bpw"] - bpw) < 0.01:
                 b = outcome.baselines[label]
-                rows.append((bpw, f"uniform {base}-bit gptq", b["loss"], b.get("test_loss"), None))
+                rows.append((bpw, f"uniform {bits}-bit gptq", b["loss"], b.get("test_loss"), None))
         plain = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
         rows.append((bpw, f"plain plan ({args.trials} trials)", plain.loss, plain.test_loss, searched))
         if options:
             name = f"candidates-{bpw}-options"
             start = time.perf_counter()
-            Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True).run()
+            Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True, resume=True).run()
             searched = time.perf_counter() - start
             chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
             rows.append((bpw, f"+ scheme options {'/'.join(options)} ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
@@ -79,11 +79,17 @@ def main() -> None:
         p = repaired.repair
         rows.append((bpw, f"+ repair {args.repair} steps" + ("" if p["kept"] else " (not kept)"), p["loss_after"], p["test_loss_after"], p["seconds"]))
 
+        show(rows)  # after each budget too, so that a stopped run keeps what it measured
+
+    show(rows)
+
+
+def show(rows) -> None:
     print("\n| bpw | plan | evaluation loss | test loss | seconds |")
     print("|---|---|---|---|---|")
     for bpw, label, loss, test, seconds in rows:
         test_cell = "-" if test is None else f"{test:.5f}"
-        print(f"| {bpw:g} | {label} | {loss:.5f} | {test_cell} | {'-' if seconds is None else f'{seconds:.0f}'} |")
+        print(f"| {bpw:g} | {label} | {loss:.5f} | {test_cell} | {'-' if seconds is None else f'{seconds:.0f}'} |", flush=True)
 
 
 def uniform(spec) -> None:

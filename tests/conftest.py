@@ -101,8 +101,11 @@ def bank_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_spec() -> Spec:
     """The default study with small data, so the real model runs in seconds."""
-    return Spec.load(DEFAULT_STUDY).with_overrides(
-        data={"source": "stdlib-docs", "calibration": 16, "evaluation": 32, "max_length": 64, "batch_size": 16, "seed": 0}
+    spec = Spec.load(DEFAULT_STUDY)
+    # Its scheme options are left out to keep the many tests on it quick; tests/export/test_scheme_options.py covers them.
+    return spec.with_overrides(
+        data={"source": "stdlib-docs", "calibration": 16, "evaluation": 32, "max_length": 64, "batch_size": 16, "seed": 0},
+        quant={**spec.quant.model_dump(), "options": []},
     )
 
 

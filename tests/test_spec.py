@@ -15,7 +15,7 @@ def test_default_study_loads_with_the_documented_settings():
     spec = Spec.load(DEFAULT_STUDY)
     assert spec.name == "minilm"
     assert spec.model.source == "minilm"
-    assert spec.quant.bits == (2, 3, 4, 8, 16)
+    assert spec.quant.bits == (2, 3, 4, 8, 16) and spec.quant.menu() == (2, 3, 4, 8, 16, "2a", "3a", "4a", "2g64a", "3g64a")
     assert spec.scheme == Scheme(group_size=128, symmetric=True, method="gptq", scale_dtype="float16", damp=0.1, act_order=True)
     assert spec.budget.to_budget() == Budget("bpw", 4.0)
     assert spec.storage.url == "sqlite:///mpsearch.db"
