@@ -8,14 +8,16 @@ settings otherwise) twice, and the best plans are exported, in one process:
 * + scheme options: the best plan of a second search whose menu adds ``--options`` (``quant.options``:
   other group sizes, asymmetric entries), each at its exact bytes;
 * + sequential: that plan with ``--refine sequential`` (GPTQ in forward order);
-* + repair: ``--refine sequential --repair STEPS``.
+* + repair: ``--refine sequential --repair STEPS``, on the study's loss alone
+  (``export.repair_hidden = 0``) and with the hidden-state term (the default), and a longer
+  repair with it (``--long-repair``).
 
 For each it prints the loss on the evaluation split (selected on) and the test split (never
 searched on), and the time the step took. The loss is the study's: 1 − cosine of mean-pooled
 embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for scale, and so is
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--options 2a,3a,4a,2g64a,3g64a]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repair", type=int, default=100, help="repair steps")
+    parser.add_argument("--long-repair", type=int, default=400, help="steps of a longer repair, with the hidden-state term (0: none)")
     parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder (a study already complete there is reused)")
     parser.add_argument("--options", default="2a,3a,4a,2g64a,3g64a", help="the scheme options of the second search, comma-separated")
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
@@ -49,6 +52,7 @@ def main() -> None:
     storage = Storage(args.storage or f"sqlite:///{folder / 'mpsearch.db'}")
     rows = []
     base = Spec.load(STUDY)
+    base = base.with_overrides(quant={**base.quant.model_dump(), "options": []})  # the first search: bits alone
     options = [o for o in args.options.split(",") if o]
     quant = {**base.quant.model_dump(), "options": options}
     if args.uniform:
@@ -75,9 +79,13 @@ def main() -> None:
         refined = export_study(storage, name, folder / f"{name}-seq", verify=False, refine="sequential")
         r = refined.refinement
         rows.append((bpw, "+ sequential" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
-        repaired = export_study(storage, name, folder / f"{name}-rep", verify=False, refine="sequential", repair_steps=args.repair)
-        p = repaired.repair
-        rows.append((bpw, f"+ repair {args.repair} steps" + ("" if p["kept"] else " (not kept)"), p["loss_after"], p["test_loss_after"], p["seconds"]))
+        alone = spec.with_overrides(quant=quant if options else spec.quant.model_dump(), export={**spec.export.model_dump(), "repair_hidden": 0.0})
+        for steps, label, override in ((args.repair, "the study's loss alone", alone), (args.repair, "+ hidden states", None), (args.long_repair, "+ hidden states", None)):
+            if not steps:
+                continue
+            repaired = export_study(storage, name, folder / f"{name}-rep-{steps}-{override is None}", verify=False, refine="sequential", repair_steps=steps, spec=override)
+            p = repaired.repair
+            rows.append((bpw, f"+ repair {steps} steps, {label}" + ("" if p["kept"] else " (not kept)"), p["loss_after"], p["test_loss_after"], p["seconds"]))
 
         show(rows)  # after each budget too, so that a stopped run keeps what it measured
 

@@ -13,6 +13,11 @@ Each budget also reports the best and the best baseline on the test split (never
 which is the figure the targets are judged on, and the search's wall time: compare samplers,
 pruners and re-linearisation at equal time, not equal trials (a pruned trial is cheap).
 
+``--samplers tpe,evo,evo+race,random,nsga2`` runs one search per sampler (``+race`` adds that
+pruner) at every budget, same seed and trials, and ends with the README's table: sampler x budget x
+wall time (first trial's start to last trial's end: the bank and profiles, built once, are left
+out) x evaluation loss x test loss of the best, and each against the best baseline.
+
 ``--space menu-index`` makes the study as mpsearch 0.1.0 did, each layer's parameter an index
 into the menu instead of its bits on a log scale (:mod:`mpsearch.search.space`): TPE on both,
 same seed, shows whether the encoding Optuna's tools can read costs the sampler anything.
@@ -34,6 +39,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--budgets", default="3.0bpw,4.0bpw")
     parser.add_argument("--sampler", default=None, choices=[None, "tpe", "nsga2", "random", "evo"])
+    parser.add_argument("--samplers", default=None, help="compare: comma-separated samplers, each optionally +PRUNER (e.g. tpe,evo,evo+race)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pruner", default=None, help="search.pruner (none, race, halving, percentile)")
     parser.add_argument("--stages", default=None, help="search.stages, comma-separated fractions (e.g. 0.25,1.0)")
@@ -51,9 +57,12 @@ def main() -> None:
     url = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='mpsearch-quality-')}/quality.db"
     storage = Storage(url)
     checkpoints = [k for k in (50, 100, 200) if k <= args.trials] + ([args.trials] if args.trials not in (50, 100, 200) else [])
-    for budget in args.budgets.split(","):
+    runs = [(budget, *(choice.split("+") + [args.pruner])[:2])
+            for budget in args.budgets.split(",") for choice in (args.samplers or str(args.sampler)).split(",")]
+    table = []
+    for budget, sampler, pruner in runs:
         spec = Spec.load(STUDY).with_overrides(budget=budget)
-        overrides = {"sampler": args.sampler, "pruner": args.pruner, "relinearise_every": args.relinearise_every,
+        overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
                      "stages": [float(x) for x in args.stages.split(",")] if args.stages else None}
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
@@ -65,11 +74,22 @@ def main() -> None:
         start = time.perf_counter()
         result = search.run()
         seconds = time.perf_counter() - start
-        trials = TrialLog.open(storage, name).complete()
+        log = TrialLog.open(storage, name)
+        trials = log.complete()
         s = spec.search
+        stamped = [t for t in log.records() if t.started and t.finished]
+        # the trials' own span: the bank and the sensitivity profiles, built once per machine and study, left out
+        span = (max(t.finished for t in stamped) - min(t.started for t in stamped)).total_seconds() if stamped else seconds
+        space = search.meta().get("space", "log-bits")
         print(f"\nMiniLM at {budget} = {search.budget:,} bytes, sampler {s.sampler}, pruner {s.pruner} (stages {s.stages}), "
-              f"re-linearised every {s.relinearise_every or '-'}, space {args.space}: {len(trials)} complete + {result.n_pruned} pruned trials in {seconds:.0f} s")
+              f"re-linearised every {s.relinearise_every or '-'}, space {space}: {len(trials)} complete + {result.n_pruned} pruned trials in {span:.0f} s "
+              f"({seconds:.0f} s with the setup)")
         test_base = min((b["test_loss"] for b in result.baselines.values() if "test_loss" in b), default=math.nan)
+        eval_base = min(b["loss"] for b in result.baselines.values())
+        if result.best:
+            table.append((s.sampler + ("" if s.pruner == "none" else f" + {s.pruner}"), budget, span, len(trials), result.n_pruned,
+                          result.best["loss"], result.best["loss"] / eval_base, result.best.get("test_loss", math.nan),
+                          result.best.get("test_loss", math.nan) / test_base, result.best.get("source", "")))
         if result.best and "test_loss" in result.best:
             print(f"  test split: best {result.best['test_loss']:.5f} vs best baseline {test_base:.5f} = {result.best['test_loss'] / test_base:.3f} x")
         best_baseline = min(b["loss"] for b in result.baselines.values())
@@ -87,6 +107,11 @@ def main() -> None:
         if sampled:
             half = sampled[len(sampled) // 2]
             print(f"  sampled trials: {len(sampled)}, median loss {half:.5f}, best quarter's mean {sum(sampled[: max(1, len(sampled) // 4)]) / max(1, len(sampled) // 4):.5f}")
+    if len(table) > 1:
+        print("\n| sampler | budget | wall time | complete + pruned | best, evaluation | x best baseline | best, test | x best baseline | best's source |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for row in table:
+            print("| {} | {} | {:.0f} s | {} + {} | {:.5f} | {:.3f} | {:.5f} | {:.3f} | {} |".format(*row))
 
 
 if __name__ == "__main__":

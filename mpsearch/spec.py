@@ -237,6 +237,11 @@ class ExportSection(_Section):
     refine: Literal["none", "sequential"] = Field(
         "none", description="sequential: re-quantize the chosen plan with GPTQ in forward order at export, kept only if the evaluation loss drops",
     )
+    repair_hidden: float = Field(
+        10.0, ge=0,
+        description="export --repair: the weight of its hidden-state term (each block's output against the FP model's, relative squared "
+        "error, averaged over blocks) beside the study's loss; 0 tunes on the study's loss alone",
+    )
 
 
 class TargetSection(_Section):

@@ -101,6 +101,7 @@ class Refinement(_Doc):
     seconds: float
     steps: int | None = None  # repair: Adam steps over the calibration batches
     seed: int | None = None  # repair: torch.manual_seed before the first step
+    hidden: float | None = None  # repair: the weight of the hidden-state term (export.repair_hidden); 0 or None: the study's loss alone
 
 
 class FileInfo(_Doc):

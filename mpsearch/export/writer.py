@@ -303,7 +303,7 @@ def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: 
 def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps: int, progress: bool) -> tuple[_Built, Refinement]:
     """A short distillation of the plan's scales, norms and biases (:mod:`mpsearch.quant.repair`),
     from what the export holds now; its tensors replace those only when the evaluation loss drops."""
-    from mpsearch.quant.repair import decode_into, repair
+    from mpsearch.quant.repair import decode_into, hidden_distance, repair
 
     table = workload.layer_table()
     bits = table.check_plan(built.plan)  # menu entries: a scheme option's layer decodes in its own groups
@@ -312,9 +312,21 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
     for split in ("calibration", "evaluation", *(("test",) if has_test else ())):
         workload.reference(split)  # from the FP model, before any weight changes
 
+    weight = workload.spec.export.repair_hidden
+    fp = workload.fp_model() if weight else None
+
     def step_loss(model, index: int):
-        total, count = workload.loss_terms(model, "calibration", index)
-        return total / count
+        if not weight:
+            total, count = workload.loss_terms(model, "calibration", index)
+            return total / count
+        batch = workload.calibration_batches()[index]
+        outputs, hidden = workload.forward_hidden(model, batch)
+        total, count = workload.loss_fn(outputs, workload.reference("calibration")[index], batch)
+        if hidden is None:
+            return total / count
+        with torch.no_grad():  # the FP model's, batch by batch: held, they would take a causal LM's memory many times over
+            _, reference = workload.forward_hidden(fp, batch)
+        return total / count + weight * hidden_distance(hidden, reference, batch.get("attention_mask"))
 
     seed = workload.spec.search.seed
     done = repair(workload.build_model(), table, bits, forms, step_loss, len(workload.calibration_batches()), steps, seed=seed, progress=progress)
@@ -324,6 +336,7 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
     result = Refinement(
         method="repair", kept=after < loss, loss_before=loss, loss_after=after, test_loss_before=test_loss,
         test_loss_after=workload.loss(model, "test") if has_test else None, seconds=done.seconds, steps=len(done.curve), seed=seed,
+        hidden=weight,
     )
     if not result.kept:
         return built, result

@@ -1,8 +1,12 @@
 """Repair: a short quantization-aware tuning of a chosen plan (``export --repair STEPS``).
 
-The codes stay as they are. What is tuned, by distillation on the calibration split (the
-study's own loss against the FP model's outputs), is what a packed export stores in floating
-point besides them:
+The codes stay as they are. What is tuned, by distillation on the calibration split, is what a
+packed export stores in floating point besides them. The objective (``step_loss``, built by the
+export) is the study's own loss against the FP model's outputs, plus by default a hidden-state
+term (:func:`hidden_distance`, weighted by ``export.repair_hidden``): each block's output against
+the FP model's. The study's loss alone is a few numbers a sentence (one pooled embedding); the
+hidden states give every block a target on every token, which is what keeps a longer repair from
+fitting the calibration sentences and losing on held-out ones. What is tuned:
 
 * each quantized layer's group scales, as a learned gain ``exp(g)`` on the stored scale (one
   ``g`` per group, starting at 0, so the first step starts from the plan itself);
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -67,6 +71,22 @@ class _Dequant(nn.Module):
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
         matrix = (self.scales()[..., None] * self.centred).reshape(self.centred.shape[0], -1)[:, : self.cols]
         return matrix.t() if self.transposed else matrix.reshape(self.shape)
+
+
+def hidden_distance(hidden: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over blocks of each block output's relative squared error to the FP model's,
+    ``Σ (h − r)² / Σ r²`` over the tokens ``mask`` keeps (all without one).
+
+    >>> r = [torch.ones(1, 2, 4)]
+    >>> float(hidden_distance(r, r)), float(hidden_distance([torch.zeros(1, 2, 4)], r))
+    (0.0, 1.0)
+    """
+    terms = []
+    for h, r in zip(hidden, reference, strict=True):
+        keep = torch.ones(h.shape[:-1], device=h.device) if mask is None else mask.to(h.device, torch.float32)
+        keep = keep[..., None]
+        terms.append(((h - r) ** 2 * keep).sum() / ((r**2) * keep).sum().clamp_min(torch.finfo(torch.float32).tiny))
+    return torch.stack(terms).mean()
 
 
 def decode_into(model: nn.Module, table: LayerTable, widths: Mapping[str, Width], forms: Mapping[str, Mapping[str, torch.Tensor]]) -> nn.Module:

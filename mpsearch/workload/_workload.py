@@ -293,6 +293,16 @@ class Workload:
     def forward(self, model: nn.Module, batch: Batch) -> Outputs:
         return Outputs.of(model(**_accepted_inputs(model, batch)))
 
+    def forward_hidden(self, model: nn.Module, batch: Batch) -> tuple[Outputs, tuple[torch.Tensor, ...] | None]:
+        """The outputs, and each block's output (transformers' ``hidden_states`` after the
+        embeddings), or None for a model that does not give them."""
+        inputs = _accepted_inputs(model, batch)
+        if not hasattr(getattr(model, "config", None), "output_hidden_states"):
+            return self.forward(model, batch), None
+        raw = model(**inputs, output_hidden_states=True)
+        hidden = getattr(raw, "hidden_states", None)
+        return Outputs.of(raw), (tuple(hidden[1:]) if hidden is not None and len(hidden) > 1 else None)
+
     def reference(self, which: Split) -> list[Outputs] | list[None]:
         """The FP model's outputs on each batch of ``which``, computed on first use.
 

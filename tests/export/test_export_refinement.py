@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mpsearch.export import export_study, read_plan
 from mpsearch.export.loader import MODEL_FILE, file_layout, sha256_of
@@ -92,3 +93,25 @@ def test_a_repair_that_does_not_help_is_not_kept(minilm, tmp_path):
     assert not repaired.repair["kept"] and repaired.repair["loss_after"] >= repaired.repair["loss_before"]
     assert sha256_of(tmp_path / "repaired" / MODEL_FILE) == sha256_of(tmp_path / "plain" / MODEL_FILE)
     assert repaired.verified_loss == pytest.approx(plain.loss, rel=1e-4)
+
+
+def test_the_repairs_hidden_state_term_is_on_by_default_recorded_and_can_be_turned_off(minilm, tmp_path):
+    """The repair's objective adds each block's hidden-state error to the study's loss
+    (``export.repair_hidden``, 10 by default); 0 tunes on the study's loss alone, another file."""
+    w = minilm.workload
+    batch = w.calibration_batches()[0]
+    fp = w.fp_model()
+    outputs, hidden = w.forward_hidden(fp, batch)
+    assert hidden is not None and len(hidden) == fp.config.num_hidden_layers  # each block's output, not the embeddings
+    with torch.no_grad():
+        assert torch.equal(outputs.value, w.forward(fp, batch).value)  # asking for the hidden states changes no output
+    from mpsearch.quant.repair import hidden_distance
+
+    assert float(hidden_distance(hidden, hidden, batch["attention_mask"])) == 0.0
+    on = export_study(minilm.storage, minilm.name, tmp_path / "on", trial=minilm.mixed, repair_steps=6, verify=False)
+    off_spec = w.spec.with_overrides(export={**w.spec.export.model_dump(), "repair_hidden": 0.0})
+    off = export_study(minilm.storage, minilm.name, tmp_path / "off", trial=minilm.mixed, repair_steps=6, spec=off_spec, verify=False)
+    assert on.repair["hidden"] == 10.0 and off.repair["hidden"] == 0.0
+    assert read_plan(tmp_path / "on").provenance.repair.hidden == 10.0
+    assert on.repair["loss_after"] != off.repair["loss_after"]
+    assert sha256_of(tmp_path / "on" / MODEL_FILE) != sha256_of(tmp_path / "off" / MODEL_FILE)
