@@ -57,12 +57,12 @@ def layers(spec: str, errors: bool, device: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--bits", type=int, required=True, help="The bit-width every layer gets (one of the spec's quant.bits).")
+@click.option("--bits", required=True, help="The menu entry every layer gets: a bit-width of quant.bits, or a scheme option of quant.options (e.g. 3a, 2g64a).")
 @click.option("--method", type=RegistryChoice("mpsearch.quant.apply:QUANTIZERS"), default=None, help="Override the spec's quant.method.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a line.")
-def quantize(spec: str, bits: int, method: str | None, device: str, as_json: bool) -> None:
-    """Quantize every layer of SPEC's model at BITS and score it: the uniform baseline.
+def quantize(spec: str, bits: str, method: str | None, device: str, as_json: bool) -> None:
+    """Quantize every layer of SPEC's model at BITS (a menu entry) and score it: the uniform baseline.
 
     Prints the loss on the evaluation set, the exact bytes and the bpw of the uniform plan.
     """
@@ -71,8 +71,12 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
     s = load_spec(spec)
     if method is not None:
         s = s.with_overrides(quant={**s.quant.model_dump(), "method": method})
-    if bits not in s.quant.bits:
-        raise MPSearchError(f"--bits {bits} is not in quant.bits {list(s.quant.bits)}; pick one of those or add it to the spec")
+    from mpsearch.plan import width_key
+
+    bits = width_key(bits)
+    menu = [*s.quant.bits, *s.quant.options]
+    if bits not in menu:
+        raise MPSearchError(f"--bits {bits} is not in the spec's menu {menu} (quant.bits and quant.options); pick one of those or add it to the spec")
     workload = Workload(s, device=device)
     table = workload.layer_table()
     plan = table.uniform(bits)
@@ -86,7 +90,8 @@ def quantize(spec: str, bits: int, method: str | None, device: str, as_json: boo
         emit_json(document)
         return
     ppl = f", perplexity {result.perplexity:.4g}" if result.perplexity is not None else ""
-    click.echo(f"uniform {bits}-bit {document['method']} on {workload.device}: loss {document['loss']:.6g}{ppl}, {size:,} bytes, {document['bpw']:.4g} bpw")
+    label = f"{bits}-bit" if isinstance(bits, int) else str(bits)
+    click.echo(f"uniform {label} {document['method']} on {workload.device}: loss {document['loss']:.6g}{ppl}, {size:,} bytes, {document['bpw']:.4g} bpw")
 
 
 @cli.command()

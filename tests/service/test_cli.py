@@ -137,12 +137,18 @@ def test_quantize_gives_the_uniform_baseline(tmp_path):
         [data]
         calibration = 8
         evaluation = 32
+        [quant]
+        options = ["3a"]
     """)
     results = {}
-    for bits in (3, 8):
-        out = run("quantize", str(small), "--bits", str(bits), "--json")
+    for bits in ("3", "8", "3a"):  # a scheme option is a menu entry too
+        out = run("quantize", str(small), "--bits", bits, "--json")
         assert out.returncode == 0, out.stderr
         results[bits] = json.loads(out.stdout)
+    results[3], results[8] = results.pop("3"), results.pop("8")
+    # 3-bit asymmetric: a uint8 zero point a group of 128 beside the fp16 scale, 1/16 bit a weight more.
+    assert results["3a"]["bits"] == "3a" and results["3a"]["bpw"] == 3.1875
+    assert results["3a"]["loss"] < results[3]["loss"]
     assert set(results[3]) >= {"bits", "method", "bytes", "bpw", "loss"}
     assert results[3]["method"] == "rtn" and results[3]["bpw"] == 3.125 and results[8]["bpw"] == 8.125
     layers = json.loads(run("layers", str(DEFAULT_STUDY), "--json").stdout)
@@ -154,7 +160,11 @@ def test_quantize_gives_the_uniform_baseline(tmp_path):
 def test_quantize_refuses_bits_outside_the_menu(tmp_path):
     spec = write_spec(tmp_path, "[quant]\nbits = [4, 16]\n")
     out = run("quantize", str(spec), "--bits", "3")
-    assert out.returncode == 2 and out.stderr.strip() == "mpsearch: error: --bits 3 is not in quant.bits [4, 16]; pick one of those or add it to the spec"
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "mpsearch: error: --bits 3 is not in the spec's menu [4, 16] (quant.bits and quant.options); pick one of those or add it to the spec"
+    )
+    out = run("quantize", str(spec), "--bits", "3a")
+    assert out.returncode == 2 and "--bits 3a is not in the spec's menu" in out.stderr
     out = run("quantize", str(spec), "--bits", "4", "--method", "awq")
     assert out.returncode == 2 and "Invalid value for '--method': 'awq' is not one of 'rtn', 'gptq'" in out.stderr
 
