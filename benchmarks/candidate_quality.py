@@ -7,6 +7,8 @@ settings otherwise) twice, and the best plans are exported, in one process:
 * plain: the best plan of the study's menu (bits alone), its candidates as the search scored them;
 * + scheme options: the best plan of a second search whose menu adds ``--options`` (``quant.options``:
   other group sizes, asymmetric entries), each at its exact bytes;
+* + mse clipping: the best plan of a third search, with the options and ``quant.clip = "mse"`` (each
+  group's range shrunk where that lowers its squared error): the default study as it ships;
 * + sequential: that plan with ``--refine sequential`` (GPTQ in forward order);
 * + repair: ``--refine sequential --repair STEPS``, on the study's loss alone
   (``export.repair_hidden = 0``) and with the hidden-state term (the default), and a longer
@@ -15,9 +17,10 @@ settings otherwise) twice, and the best plans are exported, in one process:
 For each it prints the loss on the evaluation split (selected on) and the test split (never
 searched on), and the time the step took. The loss is the study's: 1 − cosine of mean-pooled
 embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for scale, and so is
-each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test).
+each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
+without clipping and with it).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder (a study already complete there is reused)")
     parser.add_argument("--options", default="2a,3a,4a,2g64a,3g64a", help="the scheme options of the second search, comma-separated")
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
+    parser.add_argument("--clip-only", action="store_true", help="skip the first two searches: the + mse clipping search and the steps after it")
     args = parser.parse_args()
 
     from mpsearch.export import export_study
@@ -52,34 +56,46 @@ def main() -> None:
     storage = Storage(args.storage or f"sqlite:///{folder / 'mpsearch.db'}")
     rows = []
     base = Spec.load(STUDY)
-    base = base.with_overrides(quant={**base.quant.model_dump(), "options": []})  # the first search: bits alone
+    base = base.with_overrides(quant={**base.quant.model_dump(), "options": [], "clip": "none"})  # the first search: bits alone
     options = [o for o in args.options.split(",") if o]
     quant = {**base.quant.model_dump(), "options": options}
+    clipped = {**quant, "clip": "mse"}
     if args.uniform:
-        uniform(base.with_overrides(quant=quant))
+        uniform(base.with_overrides(quant=quant), base.with_overrides(quant=clipped))
     for bpw in (float(b) for b in args.budgets.split(",")):
         spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
         name = f"candidates-{bpw}"
         start = time.perf_counter()
-        outcome = Search(Workload(spec, device="cpu"), storage, study=name, progress=True, resume=True).run()
+        outcome = None if args.clip_only else Search(Workload(spec, device="cpu"), storage, study=name, progress=True, resume=True).run()
         searched = time.perf_counter() - start
-        for label, bits in (("uniform-4", 4), ("uniform-3", 3)):
+        for label, bits in (("uniform-4", 4), ("uniform-3", 3)) if outcome is not None else ():
             if label in outcome.baselines and abs(outcome.baselines[label]["bpw"] - bpw) < 0.01:
                 b = outcome.baselines[label]
                 rows.append((bpw, f"uniform {bits}-bit gptq", b["loss"], b.get("test_loss"), None))
-        plain = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
-        rows.append((bpw, f"plain plan ({args.trials} trials)", plain.loss, plain.test_loss, searched))
-        if options:
+        if outcome is not None:
+            plain = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
+            rows.append((bpw, f"plain plan ({args.trials} trials)", plain.loss, plain.test_loss, searched))
+        if options and not args.clip_only:
             name = f"candidates-{bpw}-options"
             start = time.perf_counter()
             Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True, resume=True).run()
             searched = time.perf_counter() - start
             chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
             rows.append((bpw, f"+ scheme options {'/'.join(options)} ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
+        name, quant = f"candidates-{bpw}-clip", clipped
+        start = time.perf_counter()
+        clip_outcome = Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True, resume=True).run()
+        searched = time.perf_counter() - start
+        for label, bits in (("uniform-4", 4), ("uniform-3", 3)):  # the clipped uniform plans
+            if label in clip_outcome.baselines and abs(clip_outcome.baselines[label]["bpw"] - bpw) < 0.01:
+                b = clip_outcome.baselines[label]
+                rows.append((bpw, f"uniform {bits}-bit gptq, mse clip", b["loss"], b.get("test_loss"), None))
+        chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
+        rows.append((bpw, f"+ mse clipping ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
         refined = export_study(storage, name, folder / f"{name}-seq", verify=False, refine="sequential")
         r = refined.refinement
         rows.append((bpw, "+ sequential" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
-        alone = spec.with_overrides(quant=quant if options else spec.quant.model_dump(), export={**spec.export.model_dump(), "repair_hidden": 0.0})
+        alone = spec.with_overrides(quant=quant, export={**spec.export.model_dump(), "repair_hidden": 0.0})
         for steps, label, override in ((args.repair, "the study's loss alone", alone), (args.repair, "+ hidden states", None), (args.long_repair, "+ hidden states", None)):
             if not steps:
                 continue
@@ -100,19 +116,22 @@ def show(rows) -> None:
         print(f"| {bpw:g} | {label} | {loss:.5f} | {test_cell} | {'-' if seconds is None else f'{seconds:.0f}'} |", flush=True)
 
 
-def uniform(spec) -> None:
-    """Each menu entry at every layer: its bpw and its loss on evaluation and test."""
+def uniform(plain, clipped) -> None:
+    """Each menu entry at every layer: its bpw and its loss on evaluation and test, without
+    clipping (``plain``) and with it (``clipped``)."""
     from mpsearch.workload import Workload
 
-    workload = Workload(spec, device="cpu")
-    table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.fp_model()
-    workload.reference("evaluation")
-    workload.reference("test")
-    print("\n| entry | bpw | evaluation loss | test loss |\n|---|---|---|---|")
-    for width in table.menu:
-        plan = table.uniform(width)
-        with bank.applied(model, plan):
-            print(f"| {width} | {table.bpw(plan):.4f} | {workload.loss(model):.5f} | {workload.loss(model, 'test'):.5f} |", flush=True)
+    losses = {}
+    for spec in (plain, clipped):
+        workload = Workload(spec, device="cpu")
+        table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.fp_model()
+        for width in table.menu:
+            plan = table.uniform(width)
+            with bank.applied(model, plan):
+                losses.setdefault(width, [table.bpw(plan)]).extend([workload.loss(model), workload.loss(model, "test")])
+    print("\n| entry | bpw | evaluation loss | test loss | evaluation, mse clip | test, mse clip |\n|---|---|---|---|---|---|")
+    for width, (bpw, *cells) in losses.items():
+        print(f"| {width} | {bpw:.4f} | " + " | ".join(f"{c:.5f}" for c in cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

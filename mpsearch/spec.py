@@ -95,6 +95,10 @@ class QuantSection(_Section):
     ragged: Literal["pad", "per-channel"] = "pad"
     damp: float = Field(0.1, gt=0, lt=1, description="gptq: damping, a fraction of the mean diagonal of XᵀX")
     act_order: bool = Field(True, description="gptq: quantize columns in decreasing input energy")
+    clip: Literal["none", "mse"] = Field(
+        "none", description="how each group's range is set: none covers every weight; mse shrinks it (down to half) where that "
+        "lowers the group's squared error, for rtn and gptq alike",
+    )
 
     @field_validator("bits", mode="before")
     @classmethod
@@ -166,6 +170,7 @@ class QuantSection(_Section):
             ragged=self.ragged,
             damp=self.damp,
             act_order=self.act_order,
+            clip=self.clip,
         )
 
 
@@ -230,7 +235,7 @@ class SearchSection(_Section):
 
 # Fields added since mpsearch 0.1.0, keyed only when they differ from the value that behaves as
 # that version did (a study made then keeps its digest, and resumes).
-_LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"), ("quant", "options", []))
+_LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"), ("quant", "options", []), ("quant", "clip", "none"))
 
 
 class ExportSection(_Section):

@@ -16,7 +16,7 @@ def test_default_study_loads_with_the_documented_settings():
     assert spec.name == "minilm"
     assert spec.model.source == "minilm"
     assert spec.quant.bits == (2, 3, 4, 8, 16) and spec.quant.menu() == (2, 3, 4, 8, 16, "2a", "3a", "4a", "2g64a", "3g64a")
-    assert spec.scheme == Scheme(group_size=128, symmetric=True, method="gptq", scale_dtype="float16", damp=0.1, act_order=True)
+    assert spec.scheme == Scheme(group_size=128, symmetric=True, method="gptq", scale_dtype="float16", damp=0.1, act_order=True, clip="mse")
     assert spec.budget.to_budget() == Budget("bpw", 4.0)
     assert spec.storage.url == "sqlite:///mpsearch.db"
 
@@ -55,6 +55,7 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[quant]\nbits = []", "quant.bits", "non-empty"),
         ("[quant]\ngroup_size = 0", "quant.group_size", "-1"),
         ("[quant]\nmethod = 'awq'", "quant.method", "must be one of"),
+        ("[quant]\nclip = 'minmax'", "quant.clip", "'none' or 'mse'"),
         ("[budget]\nbpw = -1.0", "budget.bpw", "must be > 0"),
         ("[budget]\nbpw = 4.0\nmib = 3.0", "budget", "exactly one"),
         ("budget = '4 bits'", "budget", "cannot read"),
@@ -111,3 +112,12 @@ def test_every_study_shipped_in_studies_loads_with_its_target():
     # A target changes the study's digest: its bytes differ.
     minilm = Spec.load(DEFAULT_STUDY)
     assert minilm.digest() != minilm.with_overrides(target={"format": "compressed-tensors"}).digest()
+
+
+def test_clip_is_a_later_field_that_counts_only_when_set():
+    """A study made before ``quant.clip`` keeps its digest, and its banks their keys; ``mse`` is a new study."""
+    plain = Spec.from_toml("")
+    assert plain.digest() == Spec.from_toml('[quant]\nclip = "none"\n').digest()
+    clipped = Spec.from_toml('[quant]\nclip = "mse"\n')
+    assert clipped.digest() != plain.digest() and clipped.quant.to_scheme().clip == "mse"
+    assert "clip" not in plain.quant.to_scheme().to_dict() and clipped.quant.to_scheme().to_dict()["clip"] == "mse"

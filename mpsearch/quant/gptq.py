@@ -33,6 +33,9 @@ Details:
   compensate. The grids are then fitted up front on the original weight ("static
   groups"), so the stored format is exactly the round-to-nearest one: codes in the
   original column order, one scale per group, no permutation to store.
+* **Clipping** (``clip``): each grid's range is shrunk where that lowers the group's squared
+  error, as in :func:`~mpsearch.quant.rtn.fit_grid`; GPTQ then compensates what the clipped
+  weights lose, like any other rounding error.
 
 The candidates of a mixed-precision bank must not depend on which bits other layers
 get, so ``H`` always comes from the full-precision model's inputs.
@@ -102,6 +105,7 @@ def quantize_gptq(
     symmetric: bool = True,
     scale_dtype: str = "float16",
     block_size: int = 128,
+    clip: bool = False,
 ) -> QuantizedWeight:
     """Quantize a (rows × cols) matrix so that ``X Ŵᵀ`` stays close to ``X Wᵀ``.
 
@@ -129,7 +133,7 @@ def quantize_gptq(
     if perm is not None:
         # Static groups: grids from the original weight, then work in activation order.
         padded = _pad_cols(work, n_groups * g).reshape(rows, n_groups, g)
-        grid = fit_grid(padded, bits, symmetric, scale_dtype)
+        grid = fit_grid(padded, bits, symmetric, scale_dtype, clip)
         work, group_of = work[:, perm], group_of[perm]
         starts = set(range(0, cols, block_size))
     else:
@@ -147,7 +151,7 @@ def quantize_gptq(
         for j in range(b1 - b0):
             i = b0 + j
             if perm is None and i % g == 0:  # then j == 0 and work[:, i:] holds every correction so far
-                fitted = fit_grid(work[:, i : i + g], bits, symmetric, scale_dtype)
+                fitted = fit_grid(work[:, i : i + g], bits, symmetric, scale_dtype, clip)
                 k = i // g
                 scales[:, k], offset[:, k] = fitted.scales, fitted.offset
                 if zeros is not None:

@@ -17,6 +17,7 @@ from mpsearch.plan import BIT_MENU, FLOAT_BITS  # noqa: F401 - the menu is the p
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 RaggedRule = Literal["pad", "per-channel"]
+ClipRule = Literal["none", "mse"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class Scheme:
     group size: ``"pad"`` keeps the group size and lets the last group of each row be
     shorter; ``"per-channel"`` gives that layer one group per row. Either way the layer
     is reported with the rule it took.
+
+    ``clip`` is how a group's range is set: ``"none"`` covers every weight; ``"mse"`` shrinks
+    it where that lowers the group's squared error (:func:`~mpsearch.quant.rtn.fit_grid`).
 
     >>> Scheme(group_size=128).scale_bytes
     2
@@ -46,6 +50,7 @@ class Scheme:
     ragged: RaggedRule = "pad"
     damp: float = 0.1
     act_order: bool = True
+    clip: ClipRule = "none"
     version: int = 1
 
     def __post_init__(self):
@@ -61,6 +66,8 @@ class Scheme:
             raise MPSearchError(f"damp must be between 0 and 1 (a fraction of the mean diagonal), got {self.damp}")
         if self.ragged not in ("pad", "per-channel"):
             raise MPSearchError(f"ragged must be 'pad' or 'per-channel', got {self.ragged!r}")
+        if self.clip not in ("none", "mse"):
+            raise MPSearchError(f"clip must be 'none' or 'mse', got {self.clip!r}")
 
     @property
     def scale_bytes(self) -> int:
@@ -72,4 +79,9 @@ class Scheme:
         return 0 if self.symmetric else 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The scheme as data; ``clip`` (a later field) only when set, so banks and profiles
+        made before it keep their keys."""
+        out = asdict(self)
+        if out["clip"] == "none":
+            del out["clip"]
+        return out

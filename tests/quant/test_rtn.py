@@ -77,3 +77,40 @@ def test_ragged_rows_get_a_shorter_last_group():
     q = quantize_rtn(w, 4, 128)
     assert q.scales.shape == (3, 2) and q.codes.shape == (3, 200)
     assert sqnr_db(w, q.dequantize()) > 15
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_clipping_never_raises_a_groups_error_and_keeps_the_format(symmetric):
+    """``clip="mse"`` picks each group's range shrink from a grid that holds 1.0 (no clip), so no
+    group's squared error can rise; with outliers (2 % of the weights 5× larger) it must fall:
+    measured, the total falls to 0.63 / 0.83 / 0.93 of the unclipped one at 2 / 3 / 4 bits
+    symmetric and 0.76 / 0.88 / 0.95 asymmetric (at 8 bits it stays: a step is too fine to trade).
+    Zero stays exact."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 200, generator=g) * (1 + 4 * (torch.rand(16, 200, generator=g) < 0.02))
+    w[0, :8] = 0
+    most = {True: {2: 0.7, 3: 0.88, 4: 0.96, 8: 1.0}, False: {2: 0.8, 3: 0.92, 4: 0.98, 8: 1.0}}[symmetric]
+    for bits in (2, 3, 4, 8):
+        plain = quantize_rtn(w, bits, 32, symmetric=symmetric)
+        clipped = quantize_rtn(w, bits, 32, symmetric=symmetric, clip=True)
+        assert clipped.codes.shape == plain.codes.shape and clipped.scales.shape == plain.scales.shape
+        assert (clipped.zeros is None) == symmetric and int(clipped.codes.max()) < 2**bits
+        per_group = lambda q: ((q.dequantize() - w) ** 2).reshape(16, -1)[:, :192].reshape(16, 6, 32).sum(-1)
+        assert torch.all(per_group(clipped) <= per_group(plain) * (1 + 1e-6)), bits
+        assert float(((clipped.dequantize() - w) ** 2).sum()) <= most[bits] * float(((plain.dequantize() - w) ** 2).sum()), bits
+        assert torch.all(clipped.dequantize()[0, :8] == 0)
+
+
+def test_mse_clipping_raises_sqnr_on_minilm(minilm_workload):
+    """Measured on MiniLM's 37 layers at group 128, symmetric: clipping raises every layer's SQNR
+    at 2, 3 and 4 bits, by 4.49 / 2.34 / 0.88 dB on average (at least 3.90 / 2.26 / 0.85)."""
+    model = minilm_workload.fp_model()
+    modules = dict(model.named_modules())
+    gains = {2: [], 3: [], 4: []}
+    for layer in minilm_workload.layer_table().layers:
+        w = weight_matrix(modules[layer.name])
+        for b in gains:
+            plain = sqnr_db(w, quantize_rtn(w, b, 128).dequantize())
+            gains[b].append(sqnr_db(w, quantize_rtn(w, b, 128, clip=True).dequantize()) - plain)
+    for b, floor in {2: 4.0, 3: 2.0, 4: 0.7}.items():
+        assert min(gains[b]) > 0 and sum(gains[b]) / len(gains[b]) > floor, (b, gains[b])
