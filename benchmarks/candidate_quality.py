@@ -62,7 +62,7 @@ def main() -> None:
     clipped = {**quant, "clip": "mse"}
     if args.uniform:
         uniform(base.with_overrides(quant=quant), base.with_overrides(quant=clipped))
-    for bpw in (float(b) for b in args.budgets.split(",")):
+    for bpw in (float(b) for b in args.budgets.split(",") if b):
         spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
         name = f"candidates-{bpw}"
         start = time.perf_counter()

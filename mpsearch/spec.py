@@ -383,6 +383,8 @@ class Spec(_Section):
             raise SpecError("layers.unseen", "\"fp16\" keeps the layers the loss cannot see at 16 bits: add 16 to quant.bits, or choose \"exclude\"")
         if self.quant.options and self.target.format == "gguf":
             raise SpecError("quant.options", "the gguf target's candidates are llama.cpp's types, one a level: drop quant.options, or use another target")
+        if self.quant.clip != "none" and self.target.format == "gguf":
+            raise SpecError("quant.clip", "the gguf target's candidates are llama.cpp's types, which fit their own scales: drop quant.clip, or use another target")
         if self.target.imatrix and self.target.format != "gguf":
             raise SpecError("target.imatrix", "an importance matrix weighs llama.cpp's quantizers: set target.format = \"gguf\", or drop it")
 

@@ -56,6 +56,7 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[quant]\ngroup_size = 0", "quant.group_size", "-1"),
         ("[quant]\nmethod = 'awq'", "quant.method", "must be one of"),
         ("[quant]\nclip = 'minmax'", "quant.clip", "'none' or 'mse'"),
+        ("[quant]\nclip = 'mse'\n[target]\nformat = 'gguf'", "quant.clip", "drop quant.clip, or use another target"),
         ("[budget]\nbpw = -1.0", "budget.bpw", "must be > 0"),
         ("[budget]\nbpw = 4.0\nmib = 3.0", "budget", "exactly one"),
         ("budget = '4 bits'", "budget", "cannot read"),
