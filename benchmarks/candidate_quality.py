@@ -124,7 +124,7 @@ def uniform(plain, clipped) -> None:
     losses = {}
     for spec in (plain, clipped):
         workload = Workload(spec, device="cpu")
-        table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.fp_model()
+        table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.lend_model()  # FP references first
         for width in table.menu:
             plan = table.uniform(width)
             with bank.applied(model, plan):

@@ -171,6 +171,7 @@ def test_the_cache_key_follows_weights_scheme_and_for_gptq_the_calibration_data(
     assert key(minilm_spec, method="gptq") != key(other_data, method="gptq")
     assert key(minilm_spec, method="rtn") != key(minilm_spec, method="rtn", symmetric=False)
     assert key(minilm_spec, method="gptq") != key(minilm_spec, method="gptq", damp=0.05)
+    assert key(minilm_spec, method="rtn") != key(minilm_spec, method="rtn", clip="mse")  # clipped candidates are others
     changed = Workload(minilm_spec, device="cpu").build_model()
     with torch.no_grad():
         changed.embeddings.LayerNorm.bias[0] += 1e-3  # not a quantized layer, but it moves activations
@@ -210,3 +211,20 @@ def test_a_bfloat16_model_gets_its_candidates_in_bfloat16_and_scores_finite(mini
     assert weight.dtype == torch.bfloat16
     assert torch.equal(weight, bank.candidate(table.names[0], 3).dequantized(table.layers[0]).to(torch.bfloat16))
     assert 0 < workload.loss(model) < 1
+
+
+def test_a_clipped_bank_scores_lower_on_real_sentences(rtn_workload):
+    """``quant.clip = "mse"`` through the bank, end to end: uniform 3-bit rtn on this small study
+    (16 calibration, 32 evaluation sentences) measured 0.2336 without clipping and 0.1367 with it,
+    at the same bytes."""
+    spec = rtn_workload.spec
+    clipped = Workload(spec.with_overrides(quant={**spec.quant.model_dump(), "clip": "mse"}), device="cpu")
+    losses = {}
+    for name, workload in (("none", rtn_workload), ("mse", clipped)):
+        table = workload.layer_table()
+        bank, model = workload.candidate_bank([3]), workload.fp_model()
+        workload.reference("evaluation")  # the FP outputs, before any weight is swapped
+        with bank.applied(model, table.uniform(3)):
+            losses[name] = workload.loss(model)
+        assert table.bytes(table.uniform(3)) == rtn_workload.layer_table().bytes(rtn_workload.layer_table().uniform(3))
+    assert losses["none"] > 0.15 and losses["mse"] < 0.75 * losses["none"], losses
