@@ -20,7 +20,7 @@ embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for s
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
 without clipping and with it).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--study SPEC] [--device cpu]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder (a study already complete there is reused)")
     parser.add_argument("--options", default="2a,3a,4a,2g64a,3g64a", help="the scheme options of the second search, comma-separated")
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
+    parser.add_argument("--study", default=str(STUDY), help="the study spec (default: the default study); e.g. studies/smollm2.toml with --uniform --budgets \"\"")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--clip-only", action="store_true", help="skip the first two searches: the + mse clipping search and the steps after it")
     args = parser.parse_args()
 
@@ -55,18 +57,18 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="mpsearch-candidates-"))
     storage = Storage(args.storage or f"sqlite:///{folder / 'mpsearch.db'}")
     rows = []
-    base = Spec.load(STUDY)
+    base = Spec.load(args.study)
     base = base.with_overrides(quant={**base.quant.model_dump(), "options": [], "clip": "none"})  # the first search: bits alone
     options = [o for o in args.options.split(",") if o]
     quant = {**base.quant.model_dump(), "options": options}
     clipped = {**quant, "clip": "mse"}
     if args.uniform:
-        uniform(base.with_overrides(quant=quant), base.with_overrides(quant=clipped))
+        uniform(base.with_overrides(quant=quant), base.with_overrides(quant=clipped), args.device)
     for bpw in (float(b) for b in args.budgets.split(",") if b):
         spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
         name = f"candidates-{bpw}"
         start = time.perf_counter()
-        outcome = None if args.clip_only else Search(Workload(spec, device="cpu"), storage, study=name, progress=True, resume=True).run()
+        outcome = None if args.clip_only else Search(Workload(spec, device=args.device), storage, study=name, progress=True, resume=True).run()
         searched = time.perf_counter() - start
         for label, bits in (("uniform-4", 4), ("uniform-3", 3)) if outcome is not None else ():
             if label in outcome.baselines and abs(outcome.baselines[label]["bpw"] - bpw) < 0.01:
@@ -78,13 +80,13 @@ def main() -> None:
         if options and not args.clip_only:
             name = f"candidates-{bpw}-options"
             start = time.perf_counter()
-            Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True, resume=True).run()
+            Search(Workload(spec.with_overrides(quant=quant), device=args.device), storage, study=name, progress=True, resume=True).run()
             searched = time.perf_counter() - start
             chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
             rows.append((bpw, f"+ scheme options {'/'.join(options)} ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
         name, quant = f"candidates-{bpw}-clip", clipped
         start = time.perf_counter()
-        clip_outcome = Search(Workload(spec.with_overrides(quant=quant), device="cpu"), storage, study=name, progress=True, resume=True).run()
+        clip_outcome = Search(Workload(spec.with_overrides(quant=quant), device=args.device), storage, study=name, progress=True, resume=True).run()
         searched = time.perf_counter() - start
         for label, bits in (("uniform-4", 4), ("uniform-3", 3)):  # the clipped uniform plans
             if label in clip_outcome.baselines and abs(clip_outcome.baselines[label]["bpw"] - bpw) < 0.01:
@@ -116,14 +118,14 @@ def show(rows) -> None:
         print(f"| {bpw:g} | {label} | {loss:.5f} | {test_cell} | {'-' if seconds is None else f'{seconds:.0f}'} |", flush=True)
 
 
-def uniform(plain, clipped) -> None:
+def uniform(plain, clipped, device: str = "cpu") -> None:
     """Each menu entry at every layer: its bpw and its loss on evaluation and test, without
     clipping (``plain``) and with it (``clipped``)."""
     from mpsearch.workload import Workload
 
     losses = {}
     for spec in (plain, clipped):
-        workload = Workload(spec, device="cpu")
+        workload = Workload(spec, device=device)
         table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.lend_model()  # FP references first
         for width in table.menu:
             plan = table.uniform(width)
