@@ -87,6 +87,7 @@ class Workload:
         self._table: LayerTable | None = None
         self._batches: dict[str, list[Batch]] | None = None
         self._reference: dict[str, list[Outputs]] = {}
+        self._draws: dict[str, torch.Generator] = {}
         self._loss: Loss | None = None
         self._banks: dict[tuple, CandidateBank] = {}
         self._model_key: str | None = None
@@ -303,18 +304,26 @@ class Workload:
         hidden = getattr(raw, "hidden_states", None)
         return Outputs.of(raw), (tuple(hidden[1:]) if hidden is not None and len(hidden) > 1 else None)
 
-    def reference(self, which: Split) -> list[Outputs] | list[None]:
-        """The FP model's outputs on each batch of ``which``, computed on first use.
+    def reference(self, which: Split, stop: int | None = None) -> list[Outputs] | list[None]:
+        """The FP model's outputs on each batch of ``which`` (or on its first ``stop`` batches),
+        computed on first use and only as far as asked: a caller that reads one batch (the reach
+        test of :meth:`layer_table`) does not run the FP model over the whole split. Computed in
+        pieces or at once, the outputs are the same.
 
         Logits are kept as their top ``loss.top_k`` (see :class:`~mpsearch.workload.losses.TopK`)
         where the loss reads them that way; unset, only when all of them would take more than
         256 MiB, which a causal LM's examples × tokens × vocabulary floats soon do.
         """
+        batches = self.batches(which)
+        stop = len(batches) if stop is None else min(stop, len(batches))
         if not self.loss_fn.needs_reference:
-            return [None] * len(self.batches(which))
-        if which not in self._reference:
-            model, batches, refs = self.fp_model(), self.batches(which), []
-            draws = torch.Generator(device=self.device).manual_seed(self.spec.search.seed)  # the tail draws: fixed by the seed
+            return [None] * stop
+        refs = self._reference.setdefault(which, [])
+        if len(refs) < stop:
+            model = self.fp_model()
+            if which not in self._draws:  # the tail draws: fixed by the seed, drawn batch after batch
+                self._draws[which] = torch.Generator(device=self.device).manual_seed(self.spec.search.seed)
+            draws = self._draws[which]
             # On the CPU the reference is computed on one thread: with more, the logits differ in
             # their last bits and the tail draws with them, so a scorer in a 1-thread Ray actor and
             # an export on 2 threads scored the same plan 2e-4 apart (measured on SmolLM2).
@@ -323,13 +332,12 @@ class Workload:
                 torch.set_num_threads(1)
             try:
                 with torch.no_grad():
-                    for batch in batches:
+                    for batch in batches[len(refs):stop]:
                         out = self.forward(model, batch)
                         refs.append(out.kept(self._reference_top_k(out, len(batches)), draws) if self.loss_fn.reads_top_k else out)
             finally:
                 torch.set_num_threads(threads)
-            self._reference[which] = refs
-        return self._reference[which]
+        return refs if stop == len(refs) else refs[:stop]
 
     def _reference_top_k(self, out: Outputs, n_batches: int) -> int:
         if self._top_k is None:  # decided once, from the first batch's size
@@ -340,7 +348,7 @@ class Workload:
     def loss_terms(self, model: nn.Module, which: Split, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(total, count)`` of batch ``index``, with autograd left on for the caller."""
         batch = self.batches(which)[index]
-        return self.loss_fn(self.forward(model, batch), self.reference(which)[index], batch)
+        return self.loss_fn(self.forward(model, batch), self.reference(which, index + 1)[index], batch)
 
     def loss(self, model: nn.Module, which: Split = "evaluation") -> float:
         """The loss of ``model`` over a whole split: Σ total / Σ count."""

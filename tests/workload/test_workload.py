@@ -72,6 +72,27 @@ def test_reference_outputs_are_computed_once(minilm_spec):
     assert abs(first) < FP_ZERO
 
 
+def test_a_reference_computed_in_pieces_is_the_one_computed_at_once(tiny_gpt2_dir):
+    """``loss_terms`` of batch 0 (the reach test of every layer table) runs the FP model on that
+    batch only; the rest follows on demand with the same tail draws as one whole pass."""
+    text = f'[model]\nsource = "hf:{tiny_gpt2_dir}"\n[data]\ncalibration = 12\nevaluation = 4\nmax_length = 32\nbatch_size = 4\n[loss]\ntop_k = 64'
+    whole, pieces = (Workload(Spec.from_toml(text), device="cpu") for _ in range(2))
+    calls = []
+    handle = pieces.fp_model().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        pieces.loss_terms(pieces.fp_model(), "calibration", 0)
+        assert len(calls) == 2  # the reference of batch 0, then the scored pass
+        pieces.reference("calibration", 2)
+        assert len(calls) == 3
+    finally:
+        handle.remove()
+    a, b = whole.reference("calibration"), pieces.reference("calibration")
+    assert len(a) == len(b) == 3 and all(x.topk.sample_index is not None for x in a)
+    for x, y in zip(a, b):
+        assert torch.equal(x.topk.index, y.topk.index) and torch.equal(x.topk.sample_index, y.topk.sample_index)
+        assert torch.equal(x.topk.logprobs, y.topk.logprobs) and torch.equal(x.topk.sample_logprobs, y.topk.sample_logprobs)
+
+
 def test_loss_terms_keep_autograd_for_sensitivity(minilm_workload):
     model = minilm_workload.build_model()
     weight = model.encoder.layer[0].attention.self.query.weight
