@@ -378,7 +378,7 @@ def _quantize_all(model, table: LayerTable, modules, bits: Sequence[int], method
             for b in bits:
                 fresh[b][layer.name] = {k: t.cpu() for k, t in packed_form(method.quantize, w, b, layer, table, curvature).items()}
             del w, curvature
-            trim()  # the quantizer's temporaries go back at once: left to pile up, they outgrow the bank
+            trim(collect=False)  # the quantizer's temporaries go back at once: left to pile up, they outgrow the bank
             bar.update()
         del moments, factored
     bar.close()

@@ -103,36 +103,34 @@ def test_the_reference_is_bounded_and_perplexity_comes_with_the_loss(lm, tiny_gp
     assert lm.is_causal_lm
 
 
-@pytest.mark.timeout(1800)  # a real 135M-parameter LM through every phase on 2 CPU cores
-def test_a_search_exports_and_evaluates_on_cpu_with_ray_workers(tmp_path):
-    spec = small_smollm2(tmp_path)
-    out = mpsearch("search", spec, "--trials", "8", "--workers", "2", "--json")
-    assert out.returncode == 0, out.stderr[-3000:]
-    doc = json.loads(out.stdout)
-    assert doc["n_complete"] == 8 and doc["best"]["bytes"] <= doc["budget_bytes"] and doc["best"]["perplexity"] > 1
-    exported = mpsearch("export", doc["study"], "--out", tmp_path / "export", "--storage", f"sqlite:///{tmp_path / 'mpsearch.db'}", "--json")
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    assert json.loads(exported.stdout)["verified_loss"] == pytest.approx(doc["best"]["loss"], rel=1e-4)
-    scored = mpsearch("eval", tmp_path / "export", spec, "--json")
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    assert json.loads(scored.stdout)["loss"] == pytest.approx(doc["best"]["loss"], rel=1e-4)
+@pytest.fixture(scope="module")
+def cold_search(tmp_path_factory) -> dict:
+    """``search --workers 0 --trials 4`` of the small SmolLM2 study from nothing: its own database
+    and an empty bank cache, so it computes both sensitivity profiles and builds the bank. It runs
+    in its own process, which measures its peak as it exits: VmHWM, its address space's high-water
+    mark. Not ru_maxrss: a child forked from this pytest process inherits the parent's RSS as its
+    starting maximum, and that survives the exec (measured: 3.3 GB reported in a full test run for
+    a search whose own peak is 1.7 GB).
 
-
-@pytest.mark.timeout(1800)
-def test_the_search_takes_memory_bounded_by_the_model_and_its_bank(tmp_path):
-    """Peak RSS of `search --workers 0 --trials 4` under 1.5 × (model bytes + packed bank bytes)
-    + 0.8 GB for the runtime (Python, torch and the libraries)."""
-    spec = small_smollm2(tmp_path)
-    # The search's own process measures its peak as it exits (workers=0: no Ray processes): VmHWM,
-    # its address space's high-water mark. Not ru_maxrss: a child forked from this pytest process
-    # inherits the parent's RSS as its starting maximum, and that survives the exec (measured: 3.3 GB
-    # reported in a full test run for a search whose own peak is 1.7 GB).
+    The search on Ray workers below is a second study in the same database and cache: it reads the
+    stored profiles and the cached bank, as a user's next search does, and CI pays for the
+    sensitivity analysis of a real LLM once."""
+    folder = tmp_path_factory.mktemp("smollm2-search")
+    spec = small_smollm2(folder)
     code = "import sys; from mpsearch.cli import main; c = main(sys.argv[1:]); print('VMHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0], file=sys.stderr); sys.exit(c)"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPSEARCH_CACHE_DIR": str(folder / "banks")}
     out = subprocess.run([sys.executable, "-c", code, "search", str(spec), "--trials", "4", "--workers", "0", "--json"], capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
-    peak = int(out.stderr.rsplit("VMHWM", 1)[1].split()[0]) * 1024  # kB
-    workload = Workload(Spec.load(spec), device="cpu")
+    return {"folder": folder, "spec": spec, "env": env, "doc": json.loads(out.stdout), "peak": int(out.stderr.rsplit("VMHWM", 1)[1].split()[0]) * 1024}
+
+
+@pytest.mark.timeout(1800)  # a real 135M-parameter LM through every phase on 2 CPU cores
+def test_the_search_takes_memory_bounded_by_the_model_and_its_bank(cold_search):
+    """Peak RSS of the cold search under 1.5 × (model bytes + packed bank bytes) + 0.8 GB for the
+    runtime (Python, torch and the libraries)."""
+    peak, doc = cold_search["peak"], cold_search["doc"]
+    assert doc["n_complete"] == 4 and doc["best"]["bytes"] <= doc["budget_bytes"]
+    workload = Workload(Spec.load(cold_search["spec"]), device="cpu")
     table = workload.layer_table()
     model_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in workload.fp_model().state_dict().values()}.values())
     bank_bytes = sum(table.layer_bytes(name, b) for name in table.names for b in table.menu)
@@ -140,3 +138,23 @@ def test_the_search_takes_memory_bounded_by_the_model_and_its_bank(tmp_path):
     print(f"peak RSS {peak / 2**20:.0f} MiB; model {model_bytes / 2**20:.0f} MiB, bank {bank_bytes / 2**20:.0f} MiB; "
           f"(peak - 0.8 GiB) / (model + bank) = {(peak - 0.8 * 2**30) / (model_bytes + bank_bytes):.2f}")
     assert peak < limit, (peak, limit)
+
+
+@pytest.mark.timeout(1800)
+def test_a_search_exports_and_evaluates_on_cpu_with_ray_workers(cold_search):
+    folder, spec, env = cold_search["folder"], cold_search["spec"], cold_search["env"]
+    db = f"sqlite:///{folder / 'mpsearch.db'}"
+
+    def mpsearch_here(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mpsearch", *map(str, args)], capture_output=True, text=True, env=env, timeout=1200)
+
+    out = mpsearch_here("search", spec, "--study", "on-ray", "--trials", "8", "--workers", "2", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads(out.stdout)
+    assert doc["study"] == "on-ray" and doc["n_complete"] == 8 and doc["best"]["bytes"] <= doc["budget_bytes"] and doc["best"]["perplexity"] > 1
+    exported = mpsearch_here("export", doc["study"], "--out", folder / "export", "--storage", db, "--json")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert json.loads(exported.stdout)["verified_loss"] == pytest.approx(doc["best"]["loss"], rel=1e-4)
+    scored = mpsearch_here("eval", folder / "export", spec, "--json")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout)["loss"] == pytest.approx(doc["best"]["loss"], rel=1e-4)
