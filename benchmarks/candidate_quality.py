@@ -18,9 +18,9 @@ For each it prints the loss on the evaluation split (selected on) and the test s
 searched on), and the time the step took. The loss is the study's: 1 − cosine of mean-pooled
 embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for scale, and so is
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
-without clipping and with it).
+under each clip rule of ``--clips``).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--study SPEC] [--device cpu]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
     parser.add_argument("--study", default=str(STUDY), help="the study spec (default: the default study); e.g. studies/smollm2.toml with --uniform --budgets \"\"")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--clips", default="none,mse,weighted", help="--uniform: the quant.clip rules to compare, comma-separated")
     parser.add_argument("--clip-only", action="store_true", help="skip the first two searches: the + mse clipping search and the steps after it")
     args = parser.parse_args()
 
@@ -63,7 +64,7 @@ def main() -> None:
     quant = {**base.quant.model_dump(), "options": options}
     clipped = {**quant, "clip": "mse"}
     if args.uniform:
-        uniform(base.with_overrides(quant=quant), base.with_overrides(quant=clipped), args.device)
+        uniform({rule: base.with_overrides(quant={**quant, "clip": rule}) for rule in args.clips.split(",")}, args.device)
     for bpw in (float(b) for b in args.budgets.split(",") if b):
         spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
         name = f"candidates-{bpw}"
@@ -118,20 +119,20 @@ def show(rows) -> None:
         print(f"| {bpw:g} | {label} | {loss:.5f} | {test_cell} | {'-' if seconds is None else f'{seconds:.0f}'} |", flush=True)
 
 
-def uniform(plain, clipped, device: str = "cpu") -> None:
-    """Each menu entry at every layer: its bpw and its loss on evaluation and test, without
-    clipping (``plain``) and with it (``clipped``)."""
+def uniform(specs: dict, device: str = "cpu") -> None:
+    """Each menu entry at every layer: its bpw and its loss on evaluation and test, under each
+    clip rule of ``specs`` (``{rule: spec}``)."""
     from mpsearch.workload import Workload
 
     losses = {}
-    for spec in (plain, clipped):
+    for spec in specs.values():
         workload = Workload(spec, device=device)
         table, bank, model = workload.layer_table(), workload.candidate_bank(progress=True), workload.lend_model()  # FP references first
         for width in table.menu:
             plan = table.uniform(width)
             with bank.applied(model, plan):
                 losses.setdefault(width, [table.bpw(plan)]).extend([workload.loss(model), workload.loss(model, "test")])
-    print("\n| entry | bpw | evaluation loss | test loss | evaluation, mse clip | test, mse clip |\n|---|---|---|---|---|---|")
+    print("\n| entry | bpw | " + " | ".join(f"evaluation, clip {r} | test, clip {r}" for r in specs) + " |\n|---|---|" + "---|---|" * len(specs))
     for width, (bpw, *cells) in losses.items():
         print(f"| {width} | {bpw:.4f} | " + " | ".join(f"{c:.5f}" for c in cells) + " |", flush=True)
 

@@ -95,9 +95,10 @@ class QuantSection(_Section):
     ragged: Literal["pad", "per-channel"] = "pad"
     damp: float = Field(0.1, gt=0, lt=1, description="gptq: damping, a fraction of the mean diagonal of XᵀX")
     act_order: bool = Field(True, description="gptq: quantize columns in decreasing input energy")
-    clip: Literal["none", "mse"] = Field(
+    clip: Literal["none", "mse", "weighted"] = Field(
         "none", description="how each group's range is set: none covers every weight; mse shrinks it (down to half) where that "
-        "lowers the group's squared error, for rtn and gptq alike",
+        "lowers the group's squared error, for rtn and gptq alike; weighted (gptq) weighs each input column's error by its "
+        "mean squared activation on the calibration split",
     )
 
     @field_validator("bits", mode="before")
@@ -385,6 +386,8 @@ class Spec(_Section):
             raise SpecError("quant.options", "the gguf target's candidates are llama.cpp's types, one a level: drop quant.options, or use another target")
         if self.quant.clip != "none" and self.target.format == "gguf":
             raise SpecError("quant.clip", "the gguf target's candidates are llama.cpp's types, which fit their own scales: drop quant.clip, or use another target")
+        if self.quant.clip == "weighted" and self.quant.method != "gptq":
+            raise SpecError("quant.clip", f"\"weighted\" weighs the error by the calibration inputs, which {self.quant.method!r} does not gather: use quant.method = \"gptq\", or clip = \"mse\"")
         if self.target.imatrix and self.target.format != "gguf":
             raise SpecError("target.imatrix", "an importance matrix weighs llama.cpp's quantizers: set target.format = \"gguf\", or drop it")
 

@@ -55,7 +55,8 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[quant]\nbits = []", "quant.bits", "non-empty"),
         ("[quant]\ngroup_size = 0", "quant.group_size", "-1"),
         ("[quant]\nmethod = 'awq'", "quant.method", "must be one of"),
-        ("[quant]\nclip = 'minmax'", "quant.clip", "'none' or 'mse'"),
+        ("[quant]\nclip = 'minmax'", "quant.clip", "'none', 'mse' or 'weighted'"),
+        ("[quant]\nclip = 'weighted'\nmethod = 'rtn'", "quant.clip", 'use quant.method = "gptq", or clip = "mse"'),
         ("[quant]\nclip = 'mse'\n[target]\nformat = 'gguf'", "quant.clip", "drop quant.clip, or use another target"),
         ("[budget]\nbpw = -1.0", "budget.bpw", "must be > 0"),
         ("[budget]\nbpw = 4.0\nmib = 3.0", "budget", "exactly one"),
@@ -122,3 +123,5 @@ def test_clip_is_a_later_field_that_counts_only_when_set():
     clipped = Spec.from_toml('[quant]\nclip = "mse"\n')
     assert clipped.digest() != plain.digest() and clipped.quant.to_scheme().clip == "mse"
     assert "clip" not in plain.quant.to_scheme().to_dict() and clipped.quant.to_scheme().to_dict()["clip"] == "mse"
+    weighted = Spec.from_toml('[quant]\nmethod = "gptq"\nclip = "weighted"\n')
+    assert weighted.digest() not in (plain.digest(), clipped.digest()) and weighted.quant.to_scheme().to_dict()["clip"] == "weighted"

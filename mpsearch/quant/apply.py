@@ -35,13 +35,15 @@ QUANTIZERS: Registry[Method] = Registry("quantization method")
 
 
 def _rtn(w: torch.Tensor, bits: int, group_size: int, scheme: Scheme, curvature: Curvature | None) -> QuantizedWeight:
-    return quantize_rtn(w, bits, group_size, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype, clip=scheme.clip == "mse")
+    return quantize_rtn(w, bits, group_size, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype, clip=scheme.clip != "none")
 
 
 def _gptq(w: torch.Tensor, bits: int, group_size: int, scheme: Scheme, curvature: Curvature | None) -> QuantizedWeight:
     if curvature is None:  # a layer whose inputs cannot be collected (the bank reports which)
         return _rtn(w, bits, group_size, scheme, None)
-    return quantize_gptq(w, bits, group_size, curvature, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype, clip=scheme.clip == "mse")
+    return quantize_gptq(
+        w, bits, group_size, curvature, symmetric=scheme.symmetric, scale_dtype=scheme.scale_dtype, clip=scheme.clip != "none", weighted=scheme.clip == "weighted",
+    )
 
 
 QUANTIZERS.register("rtn")(Method(_rtn, needs_calibration=False))

@@ -35,7 +35,10 @@ Details:
   original column order, one scale per group, no permutation to store.
 * **Clipping** (``clip``): each grid's range is shrunk where that lowers the group's squared
   error, as in :func:`~mpsearch.quant.rtn.fit_grid`; GPTQ then compensates what the clipped
-  weights lose, like any other rounding error.
+  weights lose, like any other rounding error. With ``weighted``, each column's error counts
+  in proportion to ``H_ii``, its input's mean square: a weight on a loud input is clipped less.
+  (On MiniLM's layers, held-out output error, act order, group 128: 0.987, 0.945 and 0.967 of
+  plain clipping's at 2, 3 and 4 bits. Weighing by the group's whole block of ``H`` did no better.)
 
 The candidates of a mixed-precision bank must not depend on which bits other layers
 get, so ``H`` always comes from the full-precision model's inputs.
@@ -54,11 +57,13 @@ from mpsearch.quant.rtn import Grid, QuantizedWeight, _pad_cols, fit_grid
 
 @dataclass
 class Curvature:
-    """A layer's prepared ``H``: the processing order and the Cholesky factor of ``H⁻¹``."""
+    """A layer's prepared ``H``: the processing order, the Cholesky factor of ``H⁻¹`` and, in the
+    weight's own column order, ``diag H`` over its mean (each input's relative mean square)."""
 
     u: torch.Tensor
     perm: torch.Tensor | None
     damp: float
+    diag: torch.Tensor | None = None
 
     @classmethod
     def from_moment(cls, xtx: torch.Tensor, damp: float = 0.01, act_order: bool = False) -> "Curvature":
@@ -74,6 +79,7 @@ class Curvature:
         diag = torch.diagonal(h)
         dead = diag <= 0
         h[dead, dead] = 1.0
+        energy = (diag / diag.mean()).to(torch.float32)
         perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else None
         if perm is not None:
             h = h[perm][:, perm]
@@ -94,7 +100,7 @@ class Curvature:
         h_inv = torch.cholesky_inverse(chol)
         del chol
         u = torch.linalg.cholesky(h_inv, upper=True)
-        return cls(u=u.to(torch.float32), perm=perm, damp=lam)
+        return cls(u=u.to(torch.float32), perm=perm, damp=lam, diag=energy)
 
 
 def quantize_gptq(
@@ -106,6 +112,7 @@ def quantize_gptq(
     scale_dtype: str = "float16",
     block_size: int = 128,
     clip: bool = False,
+    weighted: bool = False,
 ) -> QuantizedWeight:
     """Quantize a (rows × cols) matrix so that ``X Ŵᵀ`` stays close to ``X Wᵀ``.
 
@@ -128,12 +135,14 @@ def quantize_gptq(
     u = curvature.u.to(work.device)
     perm = curvature.perm.to(work.device) if curvature.perm is not None else None
 
+    energy = curvature.diag.to(work.device) if clip and weighted and curvature.diag is not None else None
     grid: Grid | None = None
     group_of = torch.arange(cols, device=work.device) // g
     if perm is not None:
         # Static groups: grids from the original weight, then work in activation order.
         padded = _pad_cols(work, n_groups * g).reshape(rows, n_groups, g)
-        grid = fit_grid(padded, bits, symmetric, scale_dtype, clip)
+        importance = _pad_cols(energy[None, :], n_groups * g).reshape(1, n_groups, g) if energy is not None else None
+        grid = fit_grid(padded, bits, symmetric, scale_dtype, clip, importance)
         work, group_of = work[:, perm], group_of[perm]
         starts = set(range(0, cols, block_size))
     else:
@@ -151,7 +160,7 @@ def quantize_gptq(
         for j in range(b1 - b0):
             i = b0 + j
             if perm is None and i % g == 0:  # then j == 0 and work[:, i:] holds every correction so far
-                fitted = fit_grid(work[:, i : i + g], bits, symmetric, scale_dtype, clip)
+                fitted = fit_grid(work[:, i : i + g], bits, symmetric, scale_dtype, clip, energy[i : i + g] if energy is not None else None)
                 k = i // g
                 scales[:, k], offset[:, k] = fitted.scales, fitted.offset
                 if zeros is not None:

@@ -100,9 +100,11 @@ class Grid:
 CLIP_SHRINKS = tuple(round(1 - i / 100, 2) for i in range(1, 51))  # 0.99 … 0.50, after 1.0 itself
 
 
-def fit_grid(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str, clip: bool = False) -> Grid:
+def fit_grid(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str, clip: bool = False, importance: torch.Tensor | None = None) -> Grid:
     """The grid of each group of ``x`` (``… × group`` float32): the module docstring's rule,
     with each group's range shrunk where that lowers its squared error when ``clip``.
+    ``importance`` (broadcast against ``x``: each input column's weight, e.g. its mean squared
+    activation) weighs that error column by column.
 
     >>> x = torch.tensor([[[0.3, -0.5, 0.2, 0.45, -0.4, 0.9]]])
     >>> plain, clipped = fit_grid(x, 2, True, "float16"), fit_grid(x, 2, True, "float16", clip=True)
@@ -113,10 +115,10 @@ def fit_grid(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str, clip
     grid = _range_grid(x, bits, symmetric, scale_dtype, 1.0)
     if not clip:
         return grid
-    best = _grid_error(grid, x)
+    best = _grid_error(grid, x, importance)
     for shrink in CLIP_SHRINKS:
         trial = _range_grid(x, bits, symmetric, scale_dtype, shrink)
-        error = _grid_error(trial, x)
+        error = _grid_error(trial, x, importance)
         better = error < best
         best = torch.where(better, error, best)
         grid.scales = torch.where(better, trial.scales, grid.scales)
@@ -126,10 +128,11 @@ def fit_grid(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str, clip
     return grid
 
 
-def _grid_error(grid: Grid, x: torch.Tensor) -> torch.Tensor:
-    """Each group's squared error on ``x`` under ``grid``."""
+def _grid_error(grid: Grid, x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Each group's squared error on ``x`` under ``grid``, each column weighted by ``importance``."""
     s, off = grid.scales.to(torch.float32)[..., None], grid.offset[..., None]
-    return ((s * (grid.codes(x).to(torch.float32) - off) - x) ** 2).sum(dim=-1)
+    error = (s * (grid.codes(x).to(torch.float32) - off) - x) ** 2
+    return (error if importance is None else error * importance).sum(dim=-1)
 
 
 def _range_grid(x: torch.Tensor, bits: int, symmetric: bool, scale_dtype: str, shrink: float) -> Grid:

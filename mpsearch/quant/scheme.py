@@ -17,7 +17,7 @@ from mpsearch.plan import BIT_MENU, FLOAT_BITS  # noqa: F401 - the menu is the p
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 RaggedRule = Literal["pad", "per-channel"]
-ClipRule = Literal["none", "mse"]
+ClipRule = Literal["none", "mse", "weighted"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,10 @@ class Scheme:
     is reported with the rule it took.
 
     ``clip`` is how a group's range is set: ``"none"`` covers every weight; ``"mse"`` shrinks
-    it where that lowers the group's squared error (:func:`~mpsearch.quant.rtn.fit_grid`).
+    it where that lowers the group's squared error (:func:`~mpsearch.quant.rtn.fit_grid`);
+    ``"weighted"`` (gptq) weighs each input column's error by its mean squared activation, the
+    diagonal of the calibration ``XᵀX``. A layer quantized without calibration inputs clips by
+    ``"mse"``.
 
     >>> Scheme(group_size=128).scale_bytes
     2
@@ -66,8 +69,8 @@ class Scheme:
             raise MPSearchError(f"damp must be between 0 and 1 (a fraction of the mean diagonal), got {self.damp}")
         if self.ragged not in ("pad", "per-channel"):
             raise MPSearchError(f"ragged must be 'pad' or 'per-channel', got {self.ragged!r}")
-        if self.clip not in ("none", "mse"):
-            raise MPSearchError(f"clip must be 'none' or 'mse', got {self.clip!r}")
+        if self.clip not in ("none", "mse", "weighted"):
+            raise MPSearchError(f"clip must be 'none', 'mse' or 'weighted', got {self.clip!r}")
 
     @property
     def scale_bytes(self) -> int:

@@ -71,6 +71,21 @@ def test_mse_clipping_lowers_gptqs_output_error_on_held_out_sentences(calibrated
     assert totals[1] < 0.72 * totals[0] and worst < 0.9, (totals, worst)
 
 
+def test_weighted_clipping_lowers_the_held_out_output_error_below_plain_clipping(calibrated):
+    """``clip="weighted"`` weighs each column's clipping error by its input's mean square.
+    Measured at 3 bits (group 128, act order): the held-out output error summed over the 37 layers
+    is 0.945 of plain clipping's (0.987 at 2 bits, 0.967 at 4; without act order 0.90 at 3)."""
+    workload, cal, held_out = calibrated
+    modules = dict(workload.fp_model().named_modules())
+    totals = [0.0, 0.0]
+    for layer in workload.layer_table().layers:
+        w = weight_matrix(modules[layer.name]).detach()
+        curvature = Curvature.from_moment(cal[layer.name].xtx, 0.1, True)
+        for i, weighted in enumerate((False, True)):
+            totals[i] += output_error(quantize_gptq(w, 3, 128, curvature, clip=True, weighted=weighted).dequantize() - w, held_out[layer.name].xtx)
+    assert totals[1] < 0.97 * totals[0], totals
+
+
 def test_gptq_keeps_the_round_to_nearest_format_and_grid():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 96, generator=g)
