@@ -8,7 +8,8 @@ settings otherwise) twice, and the best plans are exported, in one process:
 * + scheme options: the best plan of a second search whose menu adds ``--options`` (``quant.options``:
   other group sizes, asymmetric entries), each at its exact bytes;
 * + mse clipping: the best plan of a third search, with the options and ``quant.clip = "mse"`` (each
-  group's range shrunk where that lowers its squared error): the default study as it ships;
+  group's range shrunk where that lowers its squared error): the default study as it ships
+  (``--clip weighted``: that error weighted by each input's mean square);
 * + sequential: that plan with ``--refine sequential`` (GPTQ in forward order);
 * + repair: ``--refine sequential --repair STEPS``, on the study's loss alone
   (``export.repair_hidden = 0``) and with the hidden-state term (the default), and a longer
@@ -20,7 +21,7 @@ embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for s
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
 under each clip rule of ``--clips``).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
     parser.add_argument("--study", default=str(STUDY), help="the study spec (default: the default study); e.g. studies/smollm2.toml with --uniform --budgets \"\"")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--clip", default="mse", choices=["mse", "weighted"], help="the clip rule of the third search and the steps after it")
     parser.add_argument("--clips", default="none,mse,weighted", help="--uniform: the quant.clip rules to compare, comma-separated")
     parser.add_argument("--clip-only", action="store_true", help="skip the first two searches: the + mse clipping search and the steps after it")
     args = parser.parse_args()
@@ -62,7 +64,7 @@ def main() -> None:
     base = base.with_overrides(quant={**base.quant.model_dump(), "options": [], "clip": "none"})  # the first search: bits alone
     options = [o for o in args.options.split(",") if o]
     quant = {**base.quant.model_dump(), "options": options}
-    clipped = {**quant, "clip": "mse"}
+    clipped = {**quant, "clip": args.clip}
     if args.uniform:
         uniform({rule: base.with_overrides(quant={**quant, "clip": rule}) for rule in args.clips.split(",")}, args.device)
     for bpw in (float(b) for b in args.budgets.split(",") if b):
@@ -85,16 +87,16 @@ def main() -> None:
             searched = time.perf_counter() - start
             chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
             rows.append((bpw, f"+ scheme options {'/'.join(options)} ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
-        name, quant = f"candidates-{bpw}-clip", clipped
+        name, quant = f"candidates-{bpw}-clip" + ("" if args.clip == "mse" else f"-{args.clip}"), clipped
         start = time.perf_counter()
         clip_outcome = Search(Workload(spec.with_overrides(quant=quant), device=args.device), storage, study=name, progress=True, resume=True).run()
         searched = time.perf_counter() - start
         for label, bits in (("uniform-4", 4), ("uniform-3", 3)):  # the clipped uniform plans
             if label in clip_outcome.baselines and abs(clip_outcome.baselines[label]["bpw"] - bpw) < 0.01:
                 b = clip_outcome.baselines[label]
-                rows.append((bpw, f"uniform {bits}-bit gptq, mse clip", b["loss"], b.get("test_loss"), None))
+                rows.append((bpw, f"uniform {bits}-bit gptq, {args.clip} clip", b["loss"], b.get("test_loss"), None))
         chosen = export_study(storage, name, folder / f"{name}-plain", verify=False, refine="none")
-        rows.append((bpw, f"+ mse clipping ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
+        rows.append((bpw, f"+ {args.clip} clipping ({args.trials} trials)", chosen.loss, chosen.test_loss, searched))
         refined = export_study(storage, name, folder / f"{name}-seq", verify=False, refine="sequential")
         r = refined.refinement
         rows.append((bpw, "+ sequential" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
