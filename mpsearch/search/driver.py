@@ -324,6 +324,37 @@ class Search:
         trials.record_test({plan.digest(): loss for plan, loss in zip(todo, losses)})
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) and a cancel (SIGTERM) wait until the block is done, then act as they would
+    have. Asking for a trial creates it in the database before its plan is written: an interrupt in
+    between left a RUNNING trial the driver never held, so nothing failed it. Held for the ask, the
+    interrupt finds the trial whole and in the driver's hands. Only the main thread receives signals."""
+    import os
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    # A handler installed outside Python reads back as None and cannot be put back: left alone.
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None}
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 @dataclass
 class _Loop:
     """One run's trials: the queue of fixed plans, the trials in flight, what is done."""
@@ -402,8 +433,10 @@ class _Loop:
                 for slot in range(self.pool.slots):
                     if slot in flights or done + len(flights) >= self.target or done >= relinearise_at:
                         continue
-                    trial = self._ask()
-                    try:  # from here the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
+                    trial = None
+                    try:  # once asked the trial is this driver's: an interrupt (a local pool evaluates in submit) fails it
+                        with _interrupts_held():  # an interrupt inside the ask would leave it RUNNING, unknown to the driver
+                            trial = self._ask()
                         digest = trial.plan.digest()
                         cached = seen.get(digest)
                         if (cached is not None or digest in pruned) and trial.source == SAMPLED:
@@ -425,7 +458,7 @@ class _Loop:
                         repeats = 0
                         flights[slot] = _Flight(trial, slot, self._submit(slot, trial.plan, 0), time.monotonic())
                     except BaseException:
-                        if slot not in flights:
+                        if trial is not None and slot not in flights:
                             self._abandon(trial)
                         raise
                 if not flights:

@@ -104,6 +104,44 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_plan_rerun(workload):
     check_plans(study, workload, search.budget)
 
 
+def test_ctrl_c_while_a_trial_is_asked_fails_it_whole_and_resume_runs_its_plan(workload, monkeypatch):
+    """A real SIGINT, sent by the test to its own process (as a terminal's Ctrl-C) from inside
+    the 4th ask, once the plan is written and before the ask returns. That window once left a
+    trial RUNNING after a handled Ctrl-C in CI: the driver never held it, so nothing failed it."""
+    import os
+    import signal
+
+    real = TrialLog._write
+    asks = []
+
+    def write(self, trial_id, **rows):
+        real(self, trial_id, **rows)
+        if rows.get("params"):  # an ask writes the plan's parameters; a tell or a failure only attributes
+            asks.append(trial_id)
+            if len(asks) == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrialLog, "_write", write)
+    storage = Storage(workload.spec.storage.url)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest runs in the background
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Search(workload, storage, study="ctrl-c", workers=0, trials=6).run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    study = optuna.load_study(study_name="ctrl-c", storage=storage.optuna())
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 4 and not [t for t in trials if t.state == TrialState.RUNNING]
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed.number == 3 and failed.user_attrs.get("rerun") is True and plan_of(failed.user_attrs) is not None
+    monkeypatch.setattr(TrialLog, "_write", real)
+    result = Search(workload, storage, study="ctrl-c", workers=0, trials=6, resume=True).run()
+    study = optuna.load_study(study_name="ctrl-c", storage=storage.optuna())
+    reruns = [t for t in complete(study) if t.user_attrs.get(ATTR_RERUN_OF) == 3]
+    assert len(reruns) == 1 and plan_of(reruns[0].user_attrs) == plan_of(failed.user_attrs)
+    assert result.n_complete == len(complete(study)) == 6
+
+
 def test_a_seeded_search_is_reproducible(workload):
     storage = Storage(workload.spec.storage.url)
     runs = []
