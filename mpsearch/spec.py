@@ -239,6 +239,13 @@ class SearchSection(_Section):
 _LATER_FIELDS = (("loss", "top_k", None), ("data", "test", None), ("layers", "unseen", "search"), ("quant", "options", []), ("quant", "clip", "none"))
 
 
+class SensitivitySection(_Section):
+    """How the search (and `mpsearch analyze` by default) measures the Hessian profile."""
+
+    max_probes: int = Field(48, ge=2, description="hessian: most Hutchinson probes per layer; the estimate stops earlier once every layer's trace settles (after 8 at least)")
+    tol: PositiveFloat = Field(0.05, description="hessian: the stopping rule's relative tolerance (a layer's running mean moved by at most tol on the last probe, and its standard error within tol of it)")
+
+
 class ExportSection(_Section):
     refine: Literal["none", "sequential"] = Field(
         "none", description="sequential: re-quantize the chosen plan with GPTQ in forward order at export, kept only if the evaluation loss drops",
@@ -280,6 +287,7 @@ class Spec(_Section):
     layers: LayersSection = LayersSection()
     budget: BudgetSection = BudgetSection(bpw=4.0)
     search: SearchSection = SearchSection()
+    sensitivity: SensitivitySection = SensitivitySection()
     export: ExportSection = ExportSection()
     target: TargetSection = TargetSection()
     storage: StorageSection = StorageSection()

@@ -68,6 +68,8 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[data]\nsource = 'missing.jsonl'", "data.source", "does not exist"),
         ("[search]\nstages = [0.5, 0.25, 1.0]", "search.stages", "must rise from above 0 to exactly 1.0"),
         ("[search]\nstages = [0.25, 0.5]", "search.stages", "must rise from above 0 to exactly 1.0"),
+        ("[sensitivity]\nmax_probes = 1", "sensitivity.max_probes", "must be >= 2, got 1"),
+        ("[sensitivity]\ntol = 0", "sensitivity.tol", "must be > 0"),
     ],
 )
 def test_each_bad_field_is_named_with_what_to_do(text, field, words):
@@ -114,6 +116,14 @@ def test_every_study_shipped_in_studies_loads_with_its_target():
     # A target changes the study's digest: its bytes differ.
     minilm = Spec.load(DEFAULT_STUDY)
     assert minilm.digest() != minilm.with_overrides(target={"format": "compressed-tensors"}).digest()
+
+
+def test_the_sensitivity_section_is_not_part_of_the_studys_digest():
+    """It changes how the warm starts' profiles are measured (their stored keys), not the losses."""
+    plain = Spec.from_toml("")
+    bounded = Spec.from_toml("[sensitivity]\nmax_probes = 12\ntol = 0.1\n")
+    assert bounded.sensitivity.max_probes == 12 and plain.sensitivity.max_probes == 48 and plain.sensitivity.tol == 0.05
+    assert bounded.digest() == plain.digest()
 
 
 def test_clip_is_a_later_field_that_counts_only_when_set():

@@ -99,8 +99,8 @@ def quantize(spec: str, bits: str, method: str | None, device: str, as_json: boo
 @click.option("--method", type=RegistryChoice("mpsearch.sensitivity:SENSITIVITY"), default="hessian", show_default=True, help="The sensitivity method.")
 @click.option("--mode", type=click.Choice(["all", "per-layer"]), default="all", show_default=True, help="hessian: one Hessian-vector product per probe for all layers, or one per layer.")
 @click.option("--estimator", type=click.Choice(["auto", "gn", "hvp"]), default="auto", show_default=True, help="hessian, all-at-once: Gauss-Newton output-space probes (exact for distillation losses, no cross-layer noise) or parameter-space Hessian-vector products; auto picks gn for distillation losses.")
-@click.option("--tol", type=float, default=None, help="hessian: relative tolerance of the stopping rule (default 0.05).")
-@click.option("--max-probes", type=int, default=None, help="hessian: most probes per layer (default 48).")
+@click.option("--tol", type=float, default=None, help="hessian: relative tolerance of the stopping rule (default: the spec's [sensitivity] tol, 0.05).")
+@click.option("--max-probes", type=int, default=None, help="hessian: most probes per layer (default: the spec's [sensitivity] max_probes, 48).")
 @click.option("--workers", type=int, default=2, show_default=True, help="perturbation: Ray actors (0: in this process).")
 @click.option("--address", default=None, help="perturbation: an existing Ray cluster (default: local Ray).")
 @spec_storage_option

@@ -1,5 +1,6 @@
 """`mpsearch analyze`: one sensitivity profile per (method, model, data, scheme, settings),
-computed once, kept in the database, ranked and plotted.
+computed once, kept in the database (and in the disk cache beside the banks, for the next
+database on this machine), ranked and plotted.
 
 The methods are the entries of :data:`~mpsearch.sensitivity.profile.SENSITIVITY`:
 
@@ -12,6 +13,7 @@ Layers are ranked by their score at the menu's lowest integer bit-width, most se
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -68,6 +70,8 @@ def analyze(
     key = profile_key(workload, method, params) if storage is not None else None
     if key is not None and not recompute:
         found = stored_profile(storage, key, method, params)
+        if found is None and (found := cached_profile(key, params)) is not None:  # computed for another database
+            storage.save_profile(key, {"layers": found.layers, "ranking": found.ranking}, study=workload.spec.name, seconds=found.seconds)
         if found is not None:
             return found
     start = time.perf_counter()
@@ -80,7 +84,59 @@ def analyze(
     profile = Profile(method=method, layers=layers, ranking=rank(layers, workload.layer_table().menu), seconds=seconds, params=params)
     if storage is not None:
         storage.save_profile(key, {"layers": profile.layers, "ranking": profile.ranking}, study=workload.spec.name, seconds=seconds)
+        keep_profile(key, profile)
     return profile
+
+
+def _cache_file(key) -> Path | None:
+    """Where the disk cache keeps the profile for ``key``: beside the banks, one JSON file per key."""
+    from mpsearch.quant.bank import default_cache_dir
+
+    folder = default_cache_dir()
+    if folder is None:
+        return None
+    name = json_digest({"model": key.model_key, "data": key.data_key, "scheme": key.scheme_key, "params": key.params_key})
+    return folder / "profiles" / f"{key.method}-{name}.json"
+
+
+def cached_profile(key, params: dict) -> Profile | None:
+    """The profile for exactly ``key`` that a run against another database kept on disk, if any.
+
+    A profile depends on the model, the calibration data, the scheme and the settings, all in the
+    key, and not on the database: a new SQLite file or a cluster's PostgreSQL reuses what this
+    machine measured. A file that cannot be read is ignored (the profile is computed again)."""
+    import json
+
+    path = _cache_file(key)
+    if path is None or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return Profile(method=key.method, layers=doc["layers"], ranking=doc["ranking"], seconds=float(doc["seconds"]), params=params, reused=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def keep_profile(key, profile: Profile) -> None:
+    """Write ``profile`` to the disk cache (whole or not at all); a cache that cannot be written is skipped."""
+    import json
+    import os
+    import tempfile
+
+    path = _cache_file(key)
+    if path is None:
+        return
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            tmp = f.name
+            json.dump({"layers": profile.layers, "ranking": profile.ranking, "seconds": profile.seconds}, f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def plot(profile: Profile, path: str | Path, menu: tuple[int, ...]) -> None:

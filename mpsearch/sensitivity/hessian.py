@@ -381,9 +381,9 @@ def _params(workload, options: Options) -> dict:
     return {
         "mode": options.mode,
         "estimator": resolve_estimator(workload, options.estimator) if options.mode == "all" else "hvp",
-        "tol": options.tol if options.tol is not None else DEFAULT_TOL,
+        "tol": options.tol if options.tol is not None else workload.spec.sensitivity.tol,
         "min_probes": DEFAULT_MIN_PROBES,
-        "max_probes": options.max_probes if options.max_probes is not None else DEFAULT_MAX_PROBES,
+        "max_probes": options.max_probes if options.max_probes is not None else workload.spec.sensitivity.max_probes,
         "seed": options.seed,
     }
 

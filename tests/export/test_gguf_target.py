@@ -29,6 +29,14 @@ from test_export import mpsearch
 from test_llama_cpp import llama  # noqa: F401 - the fixture: llama.cpp built, or skip (fail in CI)
 
 
+# SmolLM2 over llama.cpp's types, small enough for CI. Its bank without an importance matrix does not
+# depend on the data, so the two SmolLM2 tests below build it once, in the session's cache.
+SMOLLM2_GGUF = (
+    '[model]\nsource = "smollm2"\n[data]\nsource = "stdlib-paragraphs"\ncalibration = 8\nevaluation = 16\nmax_length = 64\nbatch_size = 4\n'
+    '[loss]\ntop_k = 64\n[quant]\nbits = [2, 4, 16]\n[target]\nformat = "gguf"\n'
+)
+
+
 class GgufStudy:
     def __init__(self, folder, spec_path, workload, storage, name):
         self.folder, self.spec_path, self.workload, self.storage, self.name = folder, spec_path, workload, storage, name
@@ -120,10 +128,7 @@ def test_smollm2_runs_in_llama_cpp_with_the_perplexity_mpsearch_measured(llama, 
     the model's order. The GGUF's blocks are the candidates' through that order, and
     llama-perplexity agrees with mpsearch's perplexity of the same plan within 1 %."""
 
-    spec = Spec.from_toml(
-        '[model]\nsource = "smollm2"\n[data]\nsource = "stdlib-paragraphs"\ncalibration = 4\nevaluation = 16\nmax_length = 64\nbatch_size = 4\n'
-        '[loss]\ntop_k = 64\n[quant]\nbits = [4, 16]\n[target]\nformat = "gguf"\n'
-    )
+    spec = Spec.from_toml(SMOLLM2_GGUF)
     workload = Workload(spec, device="cpu")
     table, bank = workload.layer_table(), workload.candidate_bank()
     plan = table.uniform(4)  # IQ4_NL on rows of 576, Q4_K on down_proj's 1536
@@ -154,13 +159,10 @@ def test_an_importance_matrix_weighs_llama_cpps_rounding_in_the_candidates_and_t
     """target.imatrix on SmolLM2: llama-imatrix measures each input column's mean squared activation
     on the calibration split; the candidates' importance-weighted error is lower than without it,
     and the export quantizes with the same matrix (write() checks every block is the candidate's)."""
-    base = (
-        '[model]\nsource = "smollm2"\n[data]\nsource = "stdlib-paragraphs"\ncalibration = 8\nevaluation = 16\nmax_length = 64\nbatch_size = 4\n'
-        '[loss]\ntop_k = 64\n[quant]\nbits = [2, 4, 16]\n[target]\nformat = "gguf"\n'
-    )
+    base = SMOLLM2_GGUF
     weighted = Workload(Spec.from_toml(base + "imatrix = true\n"), device="cpu")
     bank = weighted.candidate_bank(cache_dir=tmp_path / "banks")
-    plain = Workload(Spec.from_toml(base), device="cpu").candidate_bank(cache_dir=None)
+    plain = Workload(Spec.from_toml(base), device="cpu").candidate_bank()  # the session's cache: the SmolLM2 test above built it
     assert bank.imatrix is not None and bank.imatrix.parent == tmp_path / "banks" and plain.imatrix is None and bank.key != plain.key
     matrix = {t.name: np.asarray(t.data, dtype=np.float64) for t in GGUFReader(str(bank.imatrix)).tensors}
     table, modules = weighted.layer_table(), dict(weighted.fp_model().named_modules())

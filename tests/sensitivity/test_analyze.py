@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mpsearch.sensitivity.analyze import analyze
+from mpsearch.sensitivity.analyze import analyze, profile_key
 from mpsearch.sensitivity.perturbation import perturbation_scores
 from mpsearch.storage import Storage
 from mpsearch.workload import Workload
@@ -52,7 +52,8 @@ def test_perturbation_on_two_ray_workers_matches_the_scan_in_process(tiny, local
             assert per_bits[2] > per_bits[4] > abs(per_bits[8]), (name, per_bits)
 
 
-def test_a_profile_is_read_back_until_something_it_depends_on_changes(tiny, tmp_path):
+def test_a_profile_is_read_back_until_something_it_depends_on_changes(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MPSEARCH_CACHE_DIR", "")  # no disk cache: the database's own reuse
     store = Storage(f"sqlite:///{tmp_path / 'p.db'}")
     first = analyze(tiny, "fisher", store)
     assert not first.reused and len(first.ranking) == 37 and first.ranking[-1] == "pooler.dense"
@@ -64,6 +65,25 @@ def test_a_profile_is_read_back_until_something_it_depends_on_changes(tiny, tmp_
     assert not analyze(Workload(other_scheme, device="cpu"), "fisher", store).reused
     assert not analyze(tiny, "fisher", store, fisher_samples=2).reused  # other settings
     assert analyze(tiny, "fisher", store).reused  # the first one is still there
+
+
+def test_a_new_database_reads_the_profile_from_the_disk_cache(tiny, tmp_path, monkeypatch):
+    """A profile depends on the model, data, scheme and settings, not the database: a second
+    database (a new SQLite file, a cluster's PostgreSQL) reads what the first computed and keeps
+    it. A cache file that cannot be read is computed again and rewritten."""
+    monkeypatch.setenv("MPSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    first = analyze(tiny, "fisher", Storage(f"sqlite:///{tmp_path / 'a.db'}"))
+    (cached,) = (tmp_path / "cache" / "profiles").iterdir()
+    assert not first.reused and cached.name.startswith("fisher-")
+    second_db = Storage(f"sqlite:///{tmp_path / 'b.db'}")
+    again = analyze(tiny, "fisher", second_db)
+    assert again.reused and again.layers == first.layers and again.ranking == first.ranking and again.seconds == pytest.approx(first.seconds)
+    assert second_db.find_profile(profile_key(tiny, "fisher", again.params)) is not None  # kept in the new database too
+    assert not analyze(tiny, "fisher", Storage(f"sqlite:///{tmp_path / 'c.db'}"), fisher_samples=2).reused  # other settings
+    cached.write_text('{"layers": [')  # cut short
+    fresh = analyze(tiny, "fisher", Storage(f"sqlite:///{tmp_path / 'd.db'}"))
+    assert not fresh.reused and fresh.layers == first.layers and json.loads(cached.read_text())["ranking"] == first.ranking
+    assert not analyze(tiny, "fisher", Storage(f"sqlite:///{tmp_path / 'e.db'}"), recompute=True).reused
 
 
 def test_hessian_and_fisher_estimate_the_same_traces(tiny):
@@ -88,7 +108,8 @@ def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mpsearch", *args], capture_output=True, text=True, cwd=cwd, env={**os.environ}, timeout=600)
 
 
-def test_analyze_cli_json_plot_and_reuse(tmp_path):
+def test_analyze_cli_json_plot_and_reuse(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPSEARCH_CACHE_DIR", str(tmp_path / "cache"))  # its own: the first run computes
     spec = tiny_study(tmp_path, bits=(3, 4, 8))
     out = run("analyze", str(spec), "--method", "fisher", "--json", "--plot", str(tmp_path / "fisher.png"))
     assert out.returncode == 0, out.stderr

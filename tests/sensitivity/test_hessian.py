@@ -97,6 +97,20 @@ def test_the_default_estimator_is_gauss_newton_for_every_loss(mlp_workload):
     assert resolve_estimator(Labelled(), "hvp") == "hvp"
 
 
+def test_the_specs_sensitivity_section_bounds_the_probes_and_analyze_can_override_it(mlp_workload):
+    """[sensitivity] max_probes and tol are the profile's defaults (what a search computes), and
+    its key: a tolerance no trace can reach stops every layer at the limit."""
+    from mpsearch.sensitivity.analyze import analyze
+
+    bounded = Workload(mlp_workload.spec.with_overrides(sensitivity={"max_probes": 9, "tol": 1e-9}), device="cpu")
+    profile = analyze(bounded, "hessian", None)
+    assert profile.params["max_probes"] == 9 and profile.params["tol"] == 1e-9
+    assert all(row["probes"] == 9 for row in profile.layers), [row["probes"] for row in profile.layers]
+    loose = analyze(bounded, "hessian", None, tol=0.5, max_probes=30)  # analyze's --tol / --max-probes win
+    assert loose.params["max_probes"] == 30 and all(8 <= row["probes"] < 30 for row in loose.layers), [row["probes"] for row in loose.layers]
+    assert analyze(mlp_workload, "hessian", None, tol=0.5).params["max_probes"] == 48  # the default
+
+
 def test_a_label_loss_flags_unusable_traces_and_keeps_them_out_of_the_warm_starts(tiny_gpt2_dir):
     """hvp on a causal LM's cross-entropy: traces that end below zero or still moving at the probe
     limit are flagged in the profile; the search then leaves that profile's warm start out."""
