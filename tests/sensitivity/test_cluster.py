@@ -17,9 +17,10 @@ from conftest import RAY, tiny_study
 
 
 def test_the_perturbation_scan_runs_its_actors_on_the_cluster(ray_cluster, tmp_path):
+    # --recompute: the profile may be in this machine's disk cache already (another test measured it).
     spec = tiny_study(tmp_path, bits=(3, 8))
     out = subprocess.run(
-        [sys.executable, "-m", "mpsearch", "analyze", str(spec), "--method", "perturbation", "--workers", "2", "--address", ray_cluster.address, "--json"],
+        [sys.executable, "-m", "mpsearch", "analyze", str(spec), "--method", "perturbation", "--workers", "2", "--address", ray_cluster.address, "--json", "--recompute"],
         capture_output=True, text=True, timeout=600, env={**os.environ},
     )
     assert out.returncode == 0, out.stderr
@@ -40,7 +41,7 @@ def test_the_perturbation_scan_runs_its_actors_on_the_cluster(ray_cluster, tmp_p
 def test_an_unreachable_cluster_is_one_line_and_exit_2(tmp_path):
     spec = tiny_study(tmp_path, bits=(3, 8))
     out = subprocess.run(
-        [sys.executable, "-m", "mpsearch", "analyze", str(spec), "--method", "perturbation", "--address", "127.0.0.1:1"],
+        [sys.executable, "-m", "mpsearch", "analyze", str(spec), "--method", "perturbation", "--address", "127.0.0.1:1", "--recompute"],
         capture_output=True, text=True, timeout=600, env={**os.environ},
     )
     assert out.returncode == 2, out.stderr
