@@ -66,10 +66,10 @@ def test_a_dead_drivers_lease_is_taken_over(storage_url, monkeypatch):
 
 
 def test_two_drivers_on_one_study_the_second_is_refused_and_the_first_is_untouched(tmp_path, postgres_url):
-    # Trials slow enough (64 evaluation sentences) that the first driver is still running when the second starts.
+    # Trials slow enough (64 evaluation sentences, ~2 s each: 24 of them) that the first driver is still running when the second starts.
     spec = tiny_study(tmp_path, bits=(2, 3, 4, 8, 16))
     spec.write_text(spec.read_text().replace("evaluation = 8", "evaluation = 64"))
-    args = [sys.executable, "-m", "mpsearch", "search", str(spec), "--budget", "3.5bpw", "--trials", "40", "--workers", "0",
+    args = [sys.executable, "-m", "mpsearch", "search", str(spec), "--budget", "3.5bpw", "--trials", "24", "--workers", "0",
             "--storage", postgres_url, "--study", "shared", "--resume", "--json"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -87,7 +87,7 @@ def test_two_drivers_on_one_study_the_second_is_refused_and_the_first_is_untouch
     assert second.returncode == 2 and "is being searched by another driver" in second.stderr and f"pid {first.pid}" in second.stderr, second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
     assert first.returncode == 0, err[-2000:]
-    assert json.loads(out)["n_complete"] == 40
+    assert json.loads(out)["n_complete"] == 24
     trials = optuna.load_study(study_name="shared", storage=storage.optuna()).get_trials(deepcopy=False)
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == 40 and not [t for t in trials if t.state != TrialState.COMPLETE]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 24 and not [t for t in trials if t.state != TrialState.COMPLETE]
     assert holder(storage, "shared") is None  # given back at the end
