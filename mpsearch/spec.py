@@ -255,6 +255,11 @@ class ExportSection(_Section):
         description="export --repair: the weight of its hidden-state term (each block's output against the FP model's, relative squared "
         "error, averaged over blocks) beside the study's loss; 0 tunes on the study's loss alone",
     )
+    repair_examples: PositiveInt | None = Field(
+        None,
+        description="export --repair: how many examples it tunes on: the calibration split and the next examples of the same "
+        "seeded draw (never an evaluation or test example); unset: the calibration split alone",
+    )
 
 
 class TargetSection(_Section):

@@ -177,8 +177,8 @@ def report(study: str, out: str, top_k: int, storage: str, force: bool, as_json:
 )
 @click.option(
     "--repair", "repair_steps", type=click.IntRange(min=0), default=0, show_default=True,
-    help="Tune the scales, norms and biases (codes fixed) for this many Adam steps by distillation on the calibration split; "
-    "kept only if the evaluation loss drops.",
+    help="Tune the scales, norms and biases (codes fixed) for this many Adam steps by distillation on the calibration split "
+    "(or on export.repair_examples examples: the calibration split and the next ones of its draw); kept only if the evaluation loss drops.",
 )
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a summary.")

@@ -102,6 +102,7 @@ class Refinement(_Doc):
     steps: int | None = None  # repair: Adam steps over the calibration batches
     seed: int | None = None  # repair: torch.manual_seed before the first step
     hidden: float | None = None  # repair: the weight of the hidden-state term (export.repair_hidden); 0 or None: the study's loss alone
+    examples: int | None = None  # repair: how many examples it tuned on (export.repair_examples, or the calibration split's)
 
 
 class FileInfo(_Doc):

@@ -181,6 +181,8 @@ def export_study(
         packed = tmp if study_target == "mpsearch" else tmp / ".mpsearch"  # the ct folder is written from mpsearch's own export
         packed.mkdir(exist_ok=True)
         refine = refine or workload.spec.export.refine
+        if repair_steps:
+            workload.batches("repair")  # an export.repair_examples the data cannot give is refused before any work
         built = _build(workload, chosen, progress)
         test_loss = _test_loss(workload, chosen.plan)
         refinement = None
@@ -309,7 +311,7 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
     bits = table.check_plan(built.plan)  # menu entries: a scheme option's layer decodes in its own groups
     forms = {layer.name: {k.removeprefix(layer.name + "."): t for k, t in built.tensors.items() if k.rsplit(".", 1)[0] == layer.name and k.rsplit(".", 1)[1] in _FORM_KEYS} for layer in table.layers}
     has_test = bool(workload.batches("test"))
-    for split in ("calibration", "evaluation", *(("test",) if has_test else ())):
+    for split in ("repair", "evaluation", *(("test",) if has_test else ())):
         workload.reference(split)  # from the FP model, before any weight changes
 
     weight = workload.spec.export.repair_hidden
@@ -317,11 +319,11 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
 
     def step_loss(model, index: int):
         if not weight:
-            total, count = workload.loss_terms(model, "calibration", index)
+            total, count = workload.loss_terms(model, "repair", index)
             return total / count
-        batch = workload.calibration_batches()[index]
+        batch = workload.batches("repair")[index]
         outputs, hidden = workload.forward_hidden(model, batch)
-        total, count = workload.loss_fn(outputs, workload.reference("calibration")[index], batch)
+        total, count = workload.loss_fn(outputs, workload.reference("repair")[index], batch)
         if hidden is None:
             return total / count
         with torch.no_grad():  # the FP model's, batch by batch: held, they would take a causal LM's memory many times over
@@ -329,14 +331,14 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
         return total / count + weight * hidden_distance(hidden, reference, batch.get("attention_mask"))
 
     seed = workload.spec.search.seed
-    done = repair(workload.build_model(), table, bits, forms, step_loss, len(workload.calibration_batches()), steps, seed=seed, progress=progress)
+    done = repair(workload.build_model(), table, bits, forms, step_loss, len(workload.batches("repair")), steps, seed=seed, progress=progress)
     model = decode_into(workload.build_model(), table, bits, done.forms)
     model.load_state_dict(done.tensors, strict=False)
     after = workload.loss(model)
     result = Refinement(
         method="repair", kept=after < loss, loss_before=loss, loss_after=after, test_loss_before=test_loss,
         test_loss_after=workload.loss(model, "test") if has_test else None, seconds=done.seconds, steps=len(done.curve), seed=seed,
-        hidden=weight,
+        hidden=weight, examples=sum(len(next(iter(b.values()))) for b in workload.batches("repair")),
     )
     if not result.kept:
         return built, result

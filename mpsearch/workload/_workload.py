@@ -19,12 +19,12 @@ from mpsearch.quant.bank import CandidateBank, default_cache_dir
 from mpsearch.quant.budget import Budget
 from mpsearch.quant.layers import LayerTable
 from mpsearch.spec import Spec
-from mpsearch.workload.data import Batch, make_batches, split
+from mpsearch.workload.data import Batch, make_batches, repair_examples, split
 from mpsearch.workload.losses import Loss, Outputs, make_loss
 from mpsearch.workload.models import LoadedModel, import_callable, load_model, load_tokenizer
 
-Split = Literal["calibration", "evaluation", "test"]
-SPLITS: tuple[str, ...] = ("calibration", "evaluation", "test")
+Split = Literal["calibration", "evaluation", "test", "repair"]
+SPLITS: tuple[str, ...] = ("calibration", "evaluation", "test")  # "repair" (export --repair's own) is drawn on first use
 
 # A logits reference above this many bytes is kept as its top-k (loss.top_k unset).
 AUTO_TOP_K_BYTES = 256 << 20
@@ -237,14 +237,20 @@ class Workload:
     # -- data --------------------------------------------------------------------------
 
     def batches(self, which: Split) -> list[Batch]:
+        """The split's fixed batches. ``repair`` is ``export.repair_examples`` examples: the
+        calibration split and the next examples of its seeded draw (see
+        :func:`~mpsearch.workload.data.repair_examples`); unset, the calibration split's batches."""
+        data = self.spec.data
         if self._batches is None:
-            data = self.spec.data
-            tokenizer = self.loaded.tokenizer
-            self._batches = {
-                name: [{k: v.to(self.device) for k, v in b.items()} for b in make_batches(ex, tokenizer, data.max_length, data.batch_size)]
-                for name, ex in zip(SPLITS, split(data, self.spec.resolve))
-            }
+            self._batches = {name: self._tokenized(ex) for name, ex in zip(SPLITS, split(data, self.spec.resolve))}
+        if which == "repair" and which not in self._batches:
+            count = self.spec.export.repair_examples
+            self._batches[which] = self._batches["calibration"] if count is None else self._tokenized(repair_examples(data, self.spec.resolve, count))
         return self._batches[which]
+
+    def _tokenized(self, examples) -> list[Batch]:
+        data = self.spec.data
+        return [{k: v.to(self.device) for k, v in b.items()} for b in make_batches(examples, self.loaded.tokenizer, data.max_length, data.batch_size)]
 
     def snapshot(self) -> dict:
         """The tokenized batches and FP reference outputs of both splits, on the CPU.

@@ -117,6 +117,28 @@ def split(data, resolve: Callable[[str], Path]) -> tuple[Examples, Examples, Exa
     )
 
 
+def repair_examples(data, resolve: Callable[[str], Path], count: int) -> Examples:
+    """The first ``count`` indices of the same seeded permutation as :func:`split`: the
+    calibration split and the examples after it, never an evaluation or test example.
+
+    >>> from types import SimpleNamespace as NS
+    >>> data = NS(source="stdlib-docs", format="auto", seed=0, calibration=4, evaluation=4, test=None, eval_source=None)
+    >>> calibration, _, _ = split(data, lambda p: p)
+    >>> more = repair_examples(data, lambda p: p, 8)
+    >>> len(more), more.take(np.arange(4)).texts == calibration.texts
+    (8, True)
+    """
+    source = load_examples(data.source, data, resolve)
+    n = len(source)
+    perm = np.random.default_rng(data.seed).permutation(n)
+    held_out = 0 if data.eval_source is not None else data.evaluation + _test_size(data, n - data.calibration - data.evaluation)
+    if count > n - held_out:
+        raise WorkloadError(
+            f"export.repair_examples = {count} but {data.source!r} has {n - held_out} examples outside evaluation and test; lower it"
+        )
+    return source.take(perm[:count])
+
+
 def _test_size(data, left: int) -> int:
     return data.test if data.test is not None else max(0, min(data.evaluation, left))
 

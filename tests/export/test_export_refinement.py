@@ -115,3 +115,33 @@ def test_the_repairs_hidden_state_term_is_on_by_default_recorded_and_can_be_turn
     assert read_plan(tmp_path / "on").provenance.repair.hidden == 10.0
     assert on.repair["loss_after"] != off.repair["loss_after"]
     assert sha256_of(tmp_path / "on" / MODEL_FILE) != sha256_of(tmp_path / "off" / MODEL_FILE)
+
+
+def test_repair_tunes_on_more_examples_when_the_spec_asks_and_never_on_held_out_ones(minilm, tmp_path):
+    """``export.repair_examples``: the calibration split and the next examples of its seeded
+    draw. The evaluation and test splits stay what they were; a count that would reach them is
+    refused in one line, before anything is written."""
+    w = minilm.workload
+    calibration = sum(len(b["input_ids"]) for b in w.calibration_batches())
+    spec = w.spec.with_overrides(export={**w.spec.export.model_dump(), "repair_examples": calibration + 8})
+    assert spec.digest() == w.spec.digest()
+    more = export_study(minilm.storage, minilm.name, tmp_path / "more", trial=minilm.mixed, repair_steps=4, spec=spec, verify=False)
+    plain = export_study(minilm.storage, minilm.name, tmp_path / "plain", trial=minilm.mixed, repair_steps=4, verify=False)
+    assert more.repair["examples"] == calibration + 8 and plain.repair["examples"] == calibration
+    assert read_plan(tmp_path / "more").provenance.repair.examples == calibration + 8
+    assert more.repair["loss_before"] == plain.repair["loss_before"]  # the same evaluation split
+    assert more.repair["loss_after"] != plain.repair["loss_after"]  # tuned on other batches
+    from mpsearch.workload import Workload
+
+    drawn = Workload(spec, device="cpu")
+    held_out = {tuple(row.tolist()) for s in ("evaluation", "test") for b in drawn.batches(s) for row in b["input_ids"]}
+    repair_rows = [tuple(row.tolist()) for b in drawn.batches("repair") for row in b["input_ids"]]
+    assert not held_out & set(repair_rows)
+    calibration_rows = [tuple(row.tolist()) for b in drawn.calibration_batches() for row in b["input_ids"]]
+    assert len(repair_rows) == calibration + 8 and repair_rows[:calibration] == calibration_rows
+    too_many = spec.with_overrides(export={**spec.export.model_dump(), "repair_examples": 10**6})
+    from mpsearch.errors import WorkloadError
+
+    with pytest.raises(WorkloadError, match=r"^export.repair_examples = 1000000 but .* examples outside evaluation and test; lower it$"):
+        export_study(minilm.storage, minilm.name, tmp_path / "bad", trial=minilm.mixed, repair_steps=2, spec=too_many, verify=False)
+    assert not [p for p in tmp_path.iterdir() if "bad" in p.name]  # no folder, no temporary one left behind
