@@ -320,6 +320,8 @@ class Workload:
         where the loss reads them that way; unset, only when all of them would take more than
         256 MiB, which a causal LM's examples × tokens × vocabulary floats soon do.
         """
+        if which == "repair" and self.spec.export.repair_examples is None:
+            which = "calibration"  # the same batches: one copy of their outputs
         batches = self.batches(which)
         stop = len(batches) if stop is None else min(stop, len(batches))
         if not self.loss_fn.needs_reference:

@@ -131,6 +131,7 @@ def test_repair_tunes_on_more_examples_when_the_spec_asks_and_never_on_held_out_
     assert read_plan(tmp_path / "more").provenance.repair.examples == calibration + 8
     assert more.repair["loss_before"] == plain.repair["loss_before"]  # the same evaluation split
     assert more.repair["loss_after"] != plain.repair["loss_after"]  # tuned on other batches
+    assert w.batches("repair") is w.calibration_batches() and w.reference("repair") is w.reference("calibration")  # unset: one copy
     from mpsearch.workload import Workload
 
     drawn = Workload(spec, device="cpu")
