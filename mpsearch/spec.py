@@ -260,6 +260,12 @@ class ExportSection(_Section):
         description="export --repair: how many examples it tunes on: the calibration split and the next examples of the same "
         "seeded draw (never an evaluation or test example); unset: the calibration split alone",
     )
+    repair_lr: PositiveFloat = Field(
+        1e-3, description="export --repair: Adam's learning rate on the scale gains (the norms and biases take a tenth of it)",
+    )
+    repair_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="export --repair: the learning rate over the steps: constant, or cosine (from repair_lr down to 0 over the steps)",
+    )
 
 
 class TargetSection(_Section):

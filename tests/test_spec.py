@@ -71,6 +71,8 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[sensitivity]\nmax_probes = 1", "sensitivity.max_probes", "must be >= 2, got 1"),
         ("[sensitivity]\ntol = 0", "sensitivity.tol", "must be > 0"),
         ("[export]\nrepair_examples = 0", "export.repair_examples", "must be > 0"),
+        ("[export]\nrepair_lr = 0", "export.repair_lr", "must be > 0"),
+        ("[export]\nrepair_schedule = 'linear'", "export.repair_schedule", "'constant' or 'cosine'"),
     ],
 )
 def test_each_bad_field_is_named_with_what_to_do(text, field, words):

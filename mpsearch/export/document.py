@@ -103,6 +103,8 @@ class Refinement(_Doc):
     seed: int | None = None  # repair: torch.manual_seed before the first step
     hidden: float | None = None  # repair: the weight of the hidden-state term (export.repair_hidden); 0 or None: the study's loss alone
     examples: int | None = None  # repair: how many examples it tuned on (export.repair_examples, or the calibration split's)
+    lr: float | None = None  # repair: the learning rate on the scale gains (export.repair_lr)
+    schedule: str | None = None  # repair: "constant" or "cosine" (export.repair_schedule)
 
 
 class FileInfo(_Doc):

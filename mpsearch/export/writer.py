@@ -331,14 +331,18 @@ def _repair(workload, built: _Built, loss: float, test_loss: float | None, steps
         return total / count + weight * hidden_distance(hidden, reference, batch.get("attention_mask"))
 
     seed = workload.spec.search.seed
-    done = repair(workload.build_model(), table, bits, forms, step_loss, len(workload.batches("repair")), steps, seed=seed, progress=progress)
+    settings = workload.spec.export
+    done = repair(
+        workload.build_model(), table, bits, forms, step_loss, len(workload.batches("repair")), steps,
+        seed=seed, lr=settings.repair_lr, schedule=settings.repair_schedule, progress=progress,
+    )
     model = decode_into(workload.build_model(), table, bits, done.forms)
     model.load_state_dict(done.tensors, strict=False)
     after = workload.loss(model)
     result = Refinement(
         method="repair", kept=after < loss, loss_before=loss, loss_after=after, test_loss_before=test_loss,
         test_loss_after=workload.loss(model, "test") if has_test else None, seconds=done.seconds, steps=len(done.curve), seed=seed,
-        hidden=weight, examples=sum(len(next(iter(b.values()))) for b in workload.batches("repair")),
+        hidden=weight, examples=sum(len(next(iter(b.values()))) for b in workload.batches("repair")), lr=settings.repair_lr, schedule=settings.repair_schedule,
     )
     if not result.kept:
         return built, result

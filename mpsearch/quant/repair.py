@@ -15,8 +15,8 @@ fitting the calibration sentences and losing on held-out ones. What is tuned:
 The weight of a quantized layer is a :mod:`torch.nn.utils.parametrize` parametrization of the
 FP module: ``scale · exp(g) · (q − offset)`` laid out as the module's weight, so the model runs
 as it is, with autograd through the gains. Adam takes ``steps`` steps over the calibration
-batches in order (a step is one batch), from ``torch.manual_seed(seed)``: the same inputs give
-the same result.
+batches in order (a step is one batch), at a constant learning rate or one that decays on a
+cosine to 0, from ``torch.manual_seed(seed)``: the same inputs give the same result.
 
 At the end each scale is rounded to the stored dtype, and the new forms (same codes, new scales)
 and the tuned tensors come back with the losses, for the caller to keep or not.
@@ -114,10 +114,12 @@ def repair(
     steps: int,
     seed: int = 0,
     lr: float = 1e-3,
+    schedule: str = "constant",
     progress: bool = False,
 ) -> Repaired:
     """Tune ``model`` (an FP model of ``table``, changed in place) from the plan's ``forms``;
-    ``step_loss(model, i)`` is the loss of calibration batch ``i``. See the module docstring."""
+    ``step_loss(model, i)`` is the loss of calibration batch ``i``; ``schedule`` is "constant" or
+    "cosine" (``lr`` down to 0 over the steps). See the module docstring."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -150,6 +152,7 @@ def repair(
     optimizer = torch.optim.Adam(
         [{"params": [d.gain for d in gains.values()], "lr": lr}, {"params": list(tuned.values()), "lr": lr / 10}]
     )
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1)) if schedule == "cosine" else None
     curve = []
     model.train(False)  # no dropout: the tuning sees the model as it runs
     for step in tqdm(range(steps), desc="repair", unit="step", disable=not progress, leave=False):
@@ -159,6 +162,8 @@ def repair(
             break  # left where it was: the caller compares the losses and keeps the better
         loss.backward()
         optimizer.step()
+        if decay is not None:
+            decay.step()
         curve.append(float(loss.detach()))
     out_forms = {}
     with torch.no_grad():

@@ -112,6 +112,7 @@ def test_the_repairs_hidden_state_term_is_on_by_default_recorded_and_can_be_turn
     off_spec = w.spec.with_overrides(export={**w.spec.export.model_dump(), "repair_hidden": 0.0})
     off = export_study(minilm.storage, minilm.name, tmp_path / "off", trial=minilm.mixed, repair_steps=6, spec=off_spec, verify=False)
     assert on.repair["hidden"] == 10.0 and off.repair["hidden"] == 0.0
+    assert (on.repair["lr"], on.repair["schedule"]) == (1e-3, "constant")  # the defaults, recorded
     assert read_plan(tmp_path / "on").provenance.repair.hidden == 10.0
     assert on.repair["loss_after"] != off.repair["loss_after"]
     assert sha256_of(tmp_path / "on" / MODEL_FILE) != sha256_of(tmp_path / "off" / MODEL_FILE)
@@ -146,3 +147,15 @@ def test_repair_tunes_on_more_examples_when_the_spec_asks_and_never_on_held_out_
     with pytest.raises(WorkloadError, match=r"^export.repair_examples = 1000000 but .* examples outside evaluation and test; lower it$"):
         export_study(minilm.storage, minilm.name, tmp_path / "bad", trial=minilm.mixed, repair_steps=2, spec=too_many, verify=False)
     assert not [p for p in tmp_path.iterdir() if "bad" in p.name]  # no folder, no temporary one left behind
+
+
+def test_the_repairs_learning_rate_and_schedule_come_from_the_spec_and_are_recorded(minilm, tmp_path):
+    w = minilm.workload
+    spec = w.spec.with_overrides(export={**w.spec.export.model_dump(), "repair_lr": 3e-3, "repair_schedule": "cosine"})
+    assert spec.digest() == w.spec.digest()  # an export setting: the study is the same
+    tuned = export_study(minilm.storage, minilm.name, tmp_path / "cosine", trial=minilm.mixed, repair_steps=4, spec=spec, verify=False)
+    plain = export_study(minilm.storage, minilm.name, tmp_path / "constant", trial=minilm.mixed, repair_steps=4, verify=False)
+    assert (tuned.repair["lr"], tuned.repair["schedule"]) == (3e-3, "cosine")
+    provenance = read_plan(tmp_path / "cosine").provenance.repair
+    assert (provenance.lr, provenance.schedule) == (3e-3, "cosine")
+    assert tuned.repair["loss_before"] == plain.repair["loss_before"] and tuned.repair["loss_after"] != plain.repair["loss_after"]

@@ -58,3 +58,21 @@ def test_zero_steps_give_back_the_plan_and_steps_change_scales_only(workload):
     after = decode_into(workload.build_model(), table, bits, tuned.forms)
     after.load_state_dict(tuned.tensors, strict=False)
     assert workload.loss(after, "calibration") < workload.loss(before, "calibration")
+
+
+def test_a_cosine_schedule_is_seeded_and_tunes_otherwise_than_a_constant_rate(workload):
+    """``export.repair_schedule = "cosine"``: the rate decays from ``lr`` over the steps, so the
+    same steps end elsewhere than at a constant rate, still below the plan, and the same run
+    twice gives the same scales."""
+    table, bits, forms = plan_forms(workload)
+    n = len(workload.calibration_batches())
+    runs = [repair(workload.build_model(), table, bits, forms, step_loss(workload), n, steps=6, lr=1e-2, schedule=s) for s in ("cosine", "cosine", "constant")]
+    cosine, again, constant = runs
+    quantized = [name for name in table.names if bits[name] != 16]
+    assert all(torch.equal(cosine.forms[name]["scales"], again.forms[name]["scales"]) for name in quantized) and cosine.curve == again.curve
+    assert cosine.curve[:1] == constant.curve[:1] and cosine.curve[1:] != constant.curve[1:]  # the first step is at lr in both
+    assert any(not torch.equal(cosine.forms[name]["scales"], constant.forms[name]["scales"]) for name in quantized)
+    before = decode_into(workload.build_model(), table, bits, forms)
+    after = decode_into(workload.build_model(), table, bits, cosine.forms)
+    after.load_state_dict(cosine.tensors, strict=False)
+    assert workload.loss(after, "calibration") < workload.loss(before, "calibration")
