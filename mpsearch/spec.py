@@ -247,8 +247,14 @@ class SensitivitySection(_Section):
 
 
 class ExportSection(_Section):
-    refine: Literal["none", "sequential"] = Field(
-        "none", description="sequential: re-quantize the chosen plan with GPTQ in forward order at export, kept only if the evaluation loss drops",
+    refine: Literal["none", "sequential", "blockwise"] = Field(
+        "none",
+        description="sequential: re-quantize the chosen plan with GPTQ in forward order at export; blockwise: that, then learn each "
+        "block's rounding (a code moves at most one level) and scales against the FP model's block outputs on the repair_examples "
+        "examples; either is kept only if the evaluation loss drops",
+    )
+    blockwise_steps: PositiveInt = Field(
+        200, description="refine blockwise: signed-gradient steps a block, one batch a step, at a rate of 1/steps decaying linearly to 0",
     )
     repair_hidden: float = Field(
         10.0, ge=0,
@@ -257,7 +263,7 @@ class ExportSection(_Section):
     )
     repair_examples: PositiveInt | None = Field(
         None,
-        description="export --repair: how many examples it tunes on: the calibration split and the next examples of the same "
+        description="export --repair and refine blockwise: how many examples they tune on: the calibration split and the next examples of the same "
         "seeded draw (never an evaluation or test example); unset: the calibration split alone",
     )
     repair_lr: PositiveFloat = Field(

@@ -73,6 +73,8 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[export]\nrepair_examples = 0", "export.repair_examples", "must be > 0"),
         ("[export]\nrepair_lr = 0", "export.repair_lr", "must be > 0"),
         ("[export]\nrepair_schedule = 'linear'", "export.repair_schedule", "'constant' or 'cosine'"),
+        ("[export]\nrefine = 'qat'", "export.refine", "'none', 'sequential' or 'blockwise'"),
+        ("[export]\nblockwise_steps = 0", "export.blockwise_steps", "must be > 0"),
     ],
 )
 def test_each_bad_field_is_named_with_what_to_do(text, field, words):

@@ -171,9 +171,10 @@ def report(study: str, out: str, top_k: int, storage: str, force: bool, as_json:
     help="Also write this deployment format: compressed-tensors adds a Hugging Face folder that transformers loads.",
 )
 @click.option(
-    "--refine", type=click.Choice(["none", "sequential"]), default=None,
+    "--refine", type=click.Choice(["none", "sequential", "blockwise"]), default=None,
     help="sequential: re-quantize the plan with GPTQ in forward order, each layer from the inputs of the already quantized "
-    "layers before it; kept only if the evaluation loss drops (default: the spec's export.refine, none).",
+    "layers before it; blockwise: that, then learn each block's rounding and scales against the FP model's block outputs "
+    "(export.blockwise_steps a block); kept only if the evaluation loss drops (default: the spec's export.refine, none).",
 )
 @click.option(
     "--repair", "repair_steps", type=click.IntRange(min=0), default=0, show_default=True,
@@ -203,9 +204,10 @@ def export(study, out, trial, pareto_index, storage, spec_path, force, no_verify
     checked = "" if result.verified_loss is None else f", loaded back at loss {result.verified_loss:.6g}"
     tested = "" if result.test_loss is None else f", test loss {result.test_loss:.6g}"
     click.echo(f"exported trial {result.trial} of {result.study} to {result.out}: loss {result.loss:.6g}{checked}{tested}, {result.bytes:,} bytes, {result.bpw:.4g} bpw")
-    for label, r in (("sequential gptq", result.refinement), (f"repair, {result.repair and result.repair['steps']} steps", result.repair)):
+    for r in (result.refinement, result.repair):
         if r is None:
             continue
+        label = {"sequential-gptq": "sequential gptq", "sequential-gptq+blockwise": f"sequential gptq + block-wise rounding, {r['steps']} steps a block"}.get(r["method"], f"repair, {r['steps']} steps")
         test = "" if r["test_loss_after"] is None else f", test {r['test_loss_before']:.6g} -> {r['test_loss_after']:.6g}"
         verdict = "kept" if r["kept"] else "not kept: the weights before it are written"
         click.echo(f"{label} ({r['seconds']:.0f} s): loss {r['loss_before']:.6g} -> {r['loss_after']:.6g}{test}; {verdict}")

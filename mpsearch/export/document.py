@@ -92,17 +92,17 @@ class Refinement(_Doc):
     """What ``export --refine`` or ``--repair`` did: the losses before and after, and whether the
     new weights were kept (only when the evaluation loss went down)."""
 
-    method: str  # "sequential-gptq" or "repair"
+    method: str  # "sequential-gptq", "sequential-gptq+blockwise" or "repair"
     kept: bool
     loss_before: float
     loss_after: float
     test_loss_before: float | None = None
     test_loss_after: float | None = None
     seconds: float
-    steps: int | None = None  # repair: Adam steps over the calibration batches
-    seed: int | None = None  # repair: torch.manual_seed before the first step
+    steps: int | None = None  # repair: Adam steps over the calibration batches; blockwise: steps a block
+    seed: int | None = None  # repair, blockwise: torch.manual_seed before the first step
     hidden: float | None = None  # repair: the weight of the hidden-state term (export.repair_hidden); 0 or None: the study's loss alone
-    examples: int | None = None  # repair: how many examples it tuned on (export.repair_examples, or the calibration split's)
+    examples: int | None = None  # repair, blockwise: how many examples it tuned on (export.repair_examples, or the calibration split's)
     lr: float | None = None  # repair: the learning rate on the scale gains (export.repair_lr)
     schedule: str | None = None  # repair: "constant" or "cosine" (export.repair_schedule)
 

@@ -181,13 +181,13 @@ def export_study(
         packed = tmp if study_target == "mpsearch" else tmp / ".mpsearch"  # the ct folder is written from mpsearch's own export
         packed.mkdir(exist_ok=True)
         refine = refine or workload.spec.export.refine
-        if repair_steps:
+        if repair_steps or refine == "blockwise":
             workload.batches("repair")  # an export.repair_examples the data cannot give is refused before any work
         built = _build(workload, chosen, progress)
         test_loss = _test_loss(workload, chosen.plan)
         refinement = None
-        if refine == "sequential":
-            built, refinement = _refine(workload, built, chosen, test_loss, progress)
+        if refine in ("sequential", "blockwise"):
+            built, refinement = _refine(workload, built, chosen, test_loss, progress, blockwise=refine == "blockwise")
         expected = refinement.loss_after if refinement is not None and refinement.kept else chosen.loss
         expected_test = refinement.test_loss_after if refinement is not None and refinement.kept else test_loss
         repaired = None
@@ -223,7 +223,7 @@ def export_study(
     )
 
 
-REFINEMENTS = ("none", "sequential")
+REFINEMENTS = ("none", "sequential", "blockwise")
 
 
 def _export_gguf(storage, tmp: Path, out: Path, workload, log, chosen, target: str, refine: str | None, repair_steps: int, verify: bool, progress: bool) -> ExportResult:
@@ -270,9 +270,11 @@ def _export_gguf(storage, tmp: Path, out: Path, workload, log, chosen, target: s
     return ExportResult(out, study, chosen.number, chosen.loss, None, nbytes, doc.totals.bpw, export_id, files, test_loss, {"gguf": report.to_json()})
 
 
-def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: bool) -> tuple[_Built, Refinement]:
-    """Sequential GPTQ of the plan (:mod:`mpsearch.quant.refine`), scored on the evaluation and
-    test splits; its tensors replace the bank's only when the evaluation loss went down."""
+def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: bool, blockwise: bool = False) -> tuple[_Built, Refinement]:
+    """Sequential GPTQ of the plan (:mod:`mpsearch.quant.refine`), and with ``blockwise`` the
+    block-wise learned rounding after it (:mod:`mpsearch.quant.blockwise`), scored on the
+    evaluation and test splits; its tensors replace the bank's only when the evaluation loss went down."""
+    from mpsearch.quant.blockwise import blockwise_forms
     from mpsearch.quant.refine import sequential_forms
 
     start = time.perf_counter()
@@ -282,11 +284,19 @@ def _refine(workload, built: _Built, chosen, test_loss: float | None, progress: 
         workload.reference("test")
     model = workload.build_model()
     table = workload.layer_table()
-    forms, methods = sequential_forms(model, table, table.check_plan(built.plan), workload.calibration_batches(), workload.forward, progress)
+    bits = table.check_plan(built.plan)
+    forms, methods = sequential_forms(model, table, bits, workload.calibration_batches(), workload.forward, progress)
+    steps = examples = seed = None
+    if blockwise:
+        batches = workload.batches("repair")
+        steps, seed = workload.spec.export.blockwise_steps, workload.spec.search.seed
+        examples = sum(len(next(iter(b.values()))) for b in batches)
+        forms = blockwise_forms(model, workload.fp_model(), table, bits, forms, batches, workload.forward, steps, seed=seed, progress=progress)
     after = workload.loss(model)
     refinement = Refinement(
-        method="sequential-gptq", kept=after < chosen.loss, loss_before=chosen.loss, loss_after=after,
+        method="sequential-gptq" + ("+blockwise" if blockwise else ""), kept=after < chosen.loss, loss_before=chosen.loss, loss_after=after,
         test_loss_before=test_loss, test_loss_after=workload.loss(model, "test") if has_test else None, seconds=time.perf_counter() - start,
+        steps=steps, seed=seed, examples=examples,
     )
     del model
     if not refinement.kept:

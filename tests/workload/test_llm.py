@@ -161,3 +161,35 @@ def test_a_search_exports_and_evaluates_on_cpu_with_ray_workers(cold_search):
     scored = mpsearch_here("eval", folder / "export", spec, "--json")
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert json.loads(scored.stdout)["loss"] == pytest.approx(doc["best"]["loss"], rel=1e-4)
+
+
+def test_block_wise_rounding_runs_through_llama_blocks(lm):
+    """``export --refine blockwise`` on SmolLM2's 30 decoder layers: the blocks are called with
+    the keyword arguments transformers gives them (mask, rotary position embeddings, no cache),
+    a code moves at most one level, and 8 steps a block bring the model closer to FP on the data
+    they were tuned on. Measured on these 4 paragraphs at rtn 3 bits: calibration KL 1.896 ->
+    0.494, with 17 % of the codes moved. Four paragraphs are soon fitted: the evaluation KL goes
+    from 2.226 to 7.13, which is what the export's keep-only-if-better rule is for."""
+    from mpsearch.quant.apply import quantizer
+    from mpsearch.quant.bank import packed_form
+    from mpsearch.quant.blockwise import blocks_of, blockwise_forms
+    from mpsearch.quant.layers import weight_matrix
+    from mpsearch.quant.packing import unpack
+    from mpsearch.quant.repair import decode_into
+
+    table = lm.layer_table()
+    model = lm.build_model()
+    assert [name for name, _ in blocks_of(model, table)] == [f"model.layers.{i}" for i in range(30)]
+    modules = dict(model.named_modules())
+    bits = {name: 3 for name in table.names}
+    forms = {layer.name: packed_form(quantizer("rtn").quantize, weight_matrix(modules[layer.name]).detach(), 3, layer, table, None) for layer in table.layers}
+    before = decode_into(lm.build_model(), table, bits, forms)
+    plain = lm.loss(before, "calibration")
+    tuned = blockwise_forms(model, lm.fp_model(), table, bits, forms, lm.calibration_batches(), lm.forward, steps=8)
+    moved = 0
+    for layer in table.layers:
+        step = unpack(tuned[layer.name]["qweight"], 3, layer.n).to(torch.int16) - unpack(forms[layer.name]["qweight"], 3, layer.n).to(torch.int16)
+        assert int(step.abs().max()) <= 1, layer.name
+        moved += int((step != 0).sum())
+    after = lm.loss(model, "calibration")
+    assert moved > 0 and after < plain
