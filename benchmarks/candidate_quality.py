@@ -11,7 +11,10 @@ settings otherwise) twice, and the best plans are exported, in one process:
   group's range shrunk where that lowers its squared error): the default study as it ships
   (``--clip weighted``: that error weighted by each input's mean square);
 * + sequential: that plan with ``--refine sequential`` (GPTQ in forward order);
-* + repair: ``--refine sequential --repair STEPS``, on the study's loss alone
+* + block-wise rounding: ``--refine blockwise`` with ``export.blockwise_steps = --blockwise``
+  (each block's rounding and scales learned against the FP model's block outputs, on the
+  study's ``export.repair_examples``); ``--blockwise 0`` leaves it out;
+* + repair: ``--refine blockwise --repair STEPS`` (``sequential`` with ``--blockwise 0``), on the study's loss alone
   (``export.repair_hidden = 0``) and with the hidden-state term (the default), a longer
   repair with it (``--long-repair``), and that longer repair tuned on more examples
   (``--repair-examples N,...``: ``export.repair_examples``, the calibration split and the next
@@ -24,7 +27,7 @@ embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for s
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
 under each clip rule of ``--clips``).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--repair 100] [--long-repair 400] [--repair-examples 512,2048] [--repair-lr 0.01] [--repair-schedule cosine] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--blockwise 200] [--repair 100] [--long-repair 400] [--repair-examples 512,2048] [--repair-lr 0.01] [--repair-schedule cosine] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="4.125,3.125,3.0", help="bits per weight, comma-separated")
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--blockwise", type=int, default=200, help="steps a block of --refine blockwise after sequential refinement, and the repairs start from it (0: sequential alone)")
     parser.add_argument("--repair", type=int, default=100, help="repair steps")
     parser.add_argument("--long-repair", type=int, default=400, help="steps of a longer repair, with the hidden-state term (0: none)")
     parser.add_argument("--repair-examples", default="", help="the longer repair again on each of these many examples (export.repair_examples), comma-separated")
@@ -107,6 +111,12 @@ def main() -> None:
         r = refined.refinement
         rows.append((bpw, "+ sequential" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
         settings = {**spec.export.model_dump(), **({"repair_lr": args.repair_lr} if args.repair_lr else {}), **({"repair_schedule": args.repair_schedule} if args.repair_schedule else {})}
+        refine = "sequential"
+        if args.blockwise:
+            refine, settings = "blockwise", {**settings, "blockwise_steps": args.blockwise}
+            blocked = export_study(storage, name, folder / f"{name}-blk", verify=False, refine=refine, spec=spec.with_overrides(quant=quant, export=settings))
+            r = blocked.refinement
+            rows.append((bpw, f"+ block-wise rounding, {args.blockwise} steps a block, {r['examples']} examples" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
         tuned = spec.with_overrides(quant=quant, export=settings)
         rate = f", lr {tuned.export.repair_lr:g} {tuned.export.repair_schedule}"
         alone = spec.with_overrides(quant=quant, export={**settings, "repair_hidden": 0.0})
@@ -117,7 +127,7 @@ def main() -> None:
         for i, (steps, label, override) in enumerate(runs):
             if not steps:
                 continue
-            repaired = export_study(storage, name, folder / f"{name}-rep-{steps}-{i}", verify=False, refine="sequential", repair_steps=steps, spec=override)
+            repaired = export_study(storage, name, folder / f"{name}-rep-{steps}-{i}", verify=False, refine=refine, repair_steps=steps, spec=override)
             p = repaired.repair
             rows.append((bpw, f"+ repair {steps} steps, {label}" + ("" if p["kept"] else " (not kept)"), p["loss_after"], p["test_loss_after"], p["seconds"]))
 
