@@ -1,6 +1,7 @@
 """Block-wise learned rounding on real MiniLM blocks: no steps give the plan back bit for bit, a
-code moves at most one level, the tuned blocks are closer to the FP model, and a run is
-reproducible. (The LLaMA blocks of SmolLM2 are in tests/workload/test_llm.py.)"""
+code moves at most one level, the tuned blocks are closer to the FP model, a block its tuning
+made worse keeps the plan, and a run is reproducible. (The LLaMA blocks of SmolLM2 are in
+tests/workload/test_llm.py.)"""
 
 from __future__ import annotations
 
@@ -68,9 +69,10 @@ def test_no_steps_give_back_the_plan_bit_for_bit(workload, plan):
 
 
 def test_codes_move_at_most_one_level_and_the_tuned_blocks_are_closer_to_fp(workload, plan):
-    """Measured on these 16 calibration sentences (rtn, 40 steps a block): the calibration loss
-    goes from 0.108 to 0.0020 (16 sentences are soon fitted), the held-out evaluation loss from
-    0.121 to 0.069, and 6.7 % of the codes move."""
+    """Measured on these 16 calibration sentences (rtn, 40 steps a block at the default rate of
+    1/200): the calibration loss goes from 0.108 to 0.0024 (16 sentences are soon fitted), the
+    held-out evaluation loss from 0.121 to 0.053, and 3.2 % of the codes move. (At the older
+    rate of 1/40: 0.0020, 0.069 and 6.7 %.)"""
     table, bits, forms = plan
     model, tuned = tune(workload, plan, steps=40)
     moved = total = 0
@@ -92,6 +94,18 @@ def test_codes_move_at_most_one_level_and_the_tuned_blocks_are_closer_to_fp(work
     assert workload.loss(again) == workload.loss(model)
     assert workload.loss(model, "calibration") < 0.1 * workload.loss(plain, "calibration")
     assert workload.loss(model) < 0.75 * workload.loss(plain)  # held out
+
+
+def test_a_block_that_its_tuning_made_worse_keeps_the_plan(workload, plan):
+    """A rate of 1 for one step moves every rounding offset to ±0.5 at once and the scales by
+    e^±1: every block's loss over its tuning data is then higher than the plan's, so each block
+    goes back to the plan's codes and scales, bit for bit."""
+    table, bits, forms = plan
+    model = workload.build_model()
+    tuned = blockwise_forms(model, workload.fp_model(), table, bits, forms, workload.calibration_batches(), workload.forward, steps=1, lr=1.0)
+    for name in table.names:
+        assert all(torch.equal(tuned[name][k], forms[name][k]) for k in forms[name]), name
+    assert workload.loss(model, "calibration") == workload.loss(decode_into(workload.build_model(), table, bits, forms), "calibration")
 
 
 def test_the_same_run_gives_the_same_codes_and_scales(workload, plan):
