@@ -16,6 +16,8 @@ block alone, from that block's inputs on every calibration batch, held: the firs
 captured from the model once, and each block's outputs, with its layers already refined, are the
 next one's. A layer's pass then costs a fraction of one block, and the inputs are the very ones
 the whole model would give it (``by_blocks=False`` takes the model's own passes, for comparison).
+Layers of a block fed the very same tensor (query, key and value; gate and up) share one pass:
+quantizing the first cannot change what the others are fed, so their ``XᵀX`` is taken with its.
 Layers outside the blocks, and a weight shared beyond one block, take the model's own pass. A 16-bit layer is rounded to
 fp16 and a layer whose inputs cannot be collected keeps rtn, as in the bank.
 
@@ -70,6 +72,7 @@ def sequential_forms(
     block_of = {layer.name: next((b for b in blocks if layer.name.startswith(f"{b}.")), None) for layer in table.layers}
     fed: dict = {"block": None, "inputs": None}  # the block being refined and its inputs, batch by batch
     index = {id(b): i for i, b in enumerate(batches)}
+    held: dict = {}  # moments taken by an earlier layer's pass for the later layers fed alike
 
     def moment_of(layer):
         name = block_of[layer.name]
@@ -81,8 +84,27 @@ def sequential_forms(
             with torch.no_grad():
                 fed["inputs"] = [next_inputs(i, block_output(blocks[fed["block"]], i)) for i in fed["inputs"]]
             fed["block"] = order[order.index(fed["block"]) + 1]
+        if layer.name in held:
+            return held.pop(layer.name)
         inputs, block = fed["inputs"], blocks[name]
-        return input_moments(model, table, batches, lambda _m, b: block_output(block, inputs[index[id(b)]]), layers=[layer], share=False, stop_early=True).get(layer.name)
+        group = [layer, *fed_alike(layer, block, inputs[0])]
+        moments = input_moments(model, table, batches, lambda _m, b: block_output(block, inputs[index[id(b)]]), layers=group, share=True, stop_early=True)
+        held.update({g.name: moments[g.name] for g in group[1:] if g.name in moments})
+        return moments.get(layer.name)
+
+    def fed_alike(layer, block, inputs):
+        """The later layers of ``layer``'s block fed the very tensor it is fed (q/k/v, gate/up),
+        on one batch: quantizing ``layer`` cannot change their inputs, so one pass serves them all."""
+        later = [t for t in table.layers[table.layers.index(layer) + 1 :] if block_of[t.name] == block_of[layer.name] and not t.aliases and bits_of(bits[t.name]) != FLOAT_BITS]
+        seen: dict[str, torch.Tensor] = {}
+        handles = [modules[t.name].register_forward_pre_hook(lambda _m, args, n=t.name: seen.setdefault(n, args[0])) for t in (layer, *later)]
+        try:
+            with torch.no_grad():
+                block_output(block, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return [t for t in later if layer.name in seen and seen.get(t.name) is seen[layer.name]]
 
     for layer in tqdm(table.layers, desc="sequential gptq", unit="layer", disable=not progress, leave=False):
         module = modules[layer.name]

@@ -59,17 +59,25 @@ def test_each_layer_is_quantized_from_the_inputs_of_the_layers_already_quantized
         assert {k: (t.shape, t.dtype) for k, t in forms[name].items()} == {k: (t.shape, t.dtype) for k, t in cand.items()}
 
 
-def test_layers_fed_by_their_block_alone_get_the_inputs_the_whole_model_gives_them(workload):
-    """A layer inside a block is calibrated by running that block alone on its held inputs; the
-    forms are bit for bit those of a pass of the whole model per layer. The plan leaves a block
-    out (all 16 bits: the next block's inputs come through it) and quantizes the pooler, which
-    lies outside the blocks."""
+def test_layers_fed_by_their_block_alone_get_the_inputs_the_whole_model_gives_them(workload, monkeypatch):
+    """A layer inside a block is calibrated by running that block alone on its held inputs, and
+    the layers fed the same tensor (query, key and value) by one pass; the forms are bit for bit
+    those of a pass of the whole model per layer. The plan leaves a block out (all 16 bits: the
+    next block's inputs come through it) and quantizes the pooler, which lies outside the blocks."""
+    import mpsearch.quant.refine as refine
+
     spec = workload.spec
     workload = Workload(spec.with_overrides(layers={**spec.layers.model_dump(), "unseen": "search"}), device="cpu")  # the pooler too
     table = workload.layer_table()
     bits = {name: 16 if name.startswith("encoder.layer.2.") else 3 for name in table.names}
     bits["pooler.dense"] = 4
+    passes = []
+    monkeypatch.setattr(refine, "input_moments", lambda *a, **k: passes.append([l.name for l in k["layers"]]) or input_moments(*a, **k))
     fed, methods = sequential_forms(workload.build_model(), table, bits, workload.calibration_batches(), workload.forward)
+    monkeypatch.undo()
+    attention = [f"encoder.layer.0.attention.self.{p}" for p in ("query", "key", "value")]
+    assert attention in passes and not any(attention[1] in p for p in passes if p != attention)
+    assert len(passes) == 5 * 4 + 1  # 4 passes a quantized block (query/key/value, then one a layer), and the pooler's
     whole, whole_methods = sequential_forms(workload.build_model(), table, bits, workload.calibration_batches(), workload.forward, by_blocks=False)
     assert methods == whole_methods and methods["pooler.dense"] == "gptq" and methods["encoder.layer.2.output.dense"] == "fp16"
     for name in table.names:
