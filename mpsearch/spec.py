@@ -254,7 +254,7 @@ class ExportSection(_Section):
         "examples; either is kept only if the evaluation loss drops",
     )
     blockwise_steps: PositiveInt = Field(
-        200, description="refine blockwise: signed-gradient steps a block, one batch a step, at a rate of 1/steps decaying linearly to 0",
+        200, description="refine blockwise: Adam steps a block, one batch a step, at 1e-2 for the rounding and 1e-3 for the scales, decaying linearly to 0",
     )
     repair_hidden: float = Field(
         10.0, ge=0,

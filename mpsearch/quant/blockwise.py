@@ -16,11 +16,13 @@ hidden size floats twice over). What is learned, for every quantized layer of th
   layer's grid), so ``v = 0`` is the plan itself and a code moves at most one level;
 * a gain ``exp(g)`` a group on the stored scale, as in :mod:`mpsearch.quant.repair`.
 
-Both go by signed gradient descent (AutoRound's), at ``lr`` decaying linearly to 0, with the
-rounding passed straight through. The default ``lr`` is AutoRound's 1/steps, but never above
-1/200: at 20 steps a rate of 1/20 moved codes in so few, coarse steps that the held-out loss got
-worse. A block keeps what it learned only if its loss over all the tuning examples is lower than
-the plan's (every ``v`` and ``g`` at 0), so no block leaves worse off on the data it was tuned on. A block's target is dense (every token, every channel) and
+Both are trained by Adam, the offsets at ``lr`` (default 1e-2) and the gains at a tenth of it,
+each rate decaying linearly to 0 over the block's steps, with the rounding passed straight
+through. AutoRound's signed gradient descent (a step of ``±lr`` a weight) was this module's first
+rule: on the default study's 4.125 bpw plan, 200 steps a block on 2048 examples, it ended at
+evaluation and test losses of 0.00656 and 0.00632, Adam at 0.00582 and 0.00581. A block keeps what it learned only if its loss over all the tuning
+examples is lower than the plan's (every ``v`` and ``g`` at 0), so no block leaves worse off on
+the data it was tuned on. A block's target is dense (every token, every channel) and
 local, which is what an end-to-end tuning of the codes lacked: there the gradient of one pooled
 embedding a sentence moved codes of every layer at once and lost what GPTQ had put in them.
 
@@ -44,7 +46,7 @@ from mpsearch.quant.repair import decode_into
 from mpsearch.quant.scheme import FLOAT_BITS
 
 
-_RATE = 1.0 / 200  # the largest default rate: AutoRound's 1/steps at its 200 steps; 1/steps is coarser below
+_RATE = 1e-2  # Adam's rate for the rounding offsets; the scale gains take a tenth of it
 
 
 class _Stop(Exception):
@@ -182,7 +184,7 @@ def blockwise_forms(
     batches: Sequence[Mapping[str, torch.Tensor]],
     run: Callable[[nn.Module, Mapping[str, torch.Tensor]], object],
     steps: int,
-    lr: float | None = None,
+    lr: float = _RATE,
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, dict[str, torch.Tensor]]:
@@ -192,7 +194,6 @@ def blockwise_forms(
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
-    lr = min(1.0 / max(steps, 1), _RATE) if lr is None else lr
     out_forms = {name: dict(form) for name, form in forms.items()}
     decode_into(model, table, bits, out_forms)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -218,16 +219,20 @@ def blockwise_forms(
             parametrize.register_parametrization(module, "weight", rounded, unsafe=True)
             tuned[layer.name] = rounded
         params = [p for r in tuned.values() for p in (r.v, r.gain)]
+        if tuned and steps:
+            offsets, gains = [r.v for r in tuned.values()], [r.gain for r in tuned.values()]
+            optimizer = torch.optim.Adam([{"params": offsets, "lr": lr}, {"params": gains, "lr": lr / 10}])
+            decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
 
         def block_loss(i: int) -> torch.Tensor:
             return _distance(block_output(block, inputs[i]), targets[i], batches[i].get("attention_mask"))
 
         for step in range(steps if tuned else 0):
-            grads = torch.autograd.grad(block_loss(step % len(batches)), params)
-            rate = lr * (1 - step / steps)
+            optimizer.zero_grad(set_to_none=True)
+            block_loss(step % len(batches)).backward()
+            optimizer.step()
+            decay.step()
             with torch.no_grad():
-                for p, g in zip(params, grads):
-                    p.sub_(rate * torch.sign(g))
                 for r in tuned.values():
                     r.v.clamp_(-0.5, 0.5)
             bar.update()
