@@ -19,7 +19,8 @@ settings otherwise) twice, and the best plans are exported, in one process:
   repair with it (``--long-repair``), and that longer repair tuned on more examples
   (``--repair-examples N,...``: ``export.repair_examples``, the calibration split and the next
   examples of its draw); ``--repair-lr`` and ``--repair-schedule`` set every repair's
-  ``export.repair_lr`` and ``export.repair_schedule``.
+  ``export.repair_lr`` and ``export.repair_schedule``, and ``--examples`` the
+  ``export.repair_examples`` of block-wise rounding and every repair.
 
 For each it prints the loss on the evaluation split (selected on) and the test split (never
 searched on), and the time the step took. The loss is the study's: 1 − cosine of mean-pooled
@@ -27,7 +28,7 @@ embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for s
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
 under each clip rule of ``--clips``).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--blockwise 200] [--repair 100] [--long-repair 400] [--repair-examples 512,2048] [--repair-lr 0.01] [--repair-schedule cosine] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--blockwise 200] [--repair 100] [--long-repair 400] [--repair-examples 512,2048] [--examples 6144] [--repair-lr 0.01] [--repair-schedule cosine] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--repair", type=int, default=100, help="repair steps")
     parser.add_argument("--long-repair", type=int, default=400, help="steps of a longer repair, with the hidden-state term (0: none)")
     parser.add_argument("--repair-examples", default="", help="the longer repair again on each of these many examples (export.repair_examples), comma-separated")
+    parser.add_argument("--examples", type=int, default=None, help="export.repair_examples of block-wise rounding and every repair (default: the study's)")
     parser.add_argument("--repair-lr", type=float, default=None, help="every repair's export.repair_lr (default: the study's)")
     parser.add_argument("--repair-schedule", default=None, choices=["constant", "cosine"], help="every repair's export.repair_schedule (default: the study's)")
     parser.add_argument("--storage", default=None, help="default: a new SQLite file in a temporary folder (a study already complete there is reused)")
@@ -110,7 +112,7 @@ def main() -> None:
         refined = export_study(storage, name, folder / f"{name}-seq", verify=False, refine="sequential")
         r = refined.refinement
         rows.append((bpw, "+ sequential" + ("" if r["kept"] else " (not kept)"), r["loss_after"], r["test_loss_after"], r["seconds"]))
-        settings = {**spec.export.model_dump(), **({"repair_lr": args.repair_lr} if args.repair_lr else {}), **({"repair_schedule": args.repair_schedule} if args.repair_schedule else {})}
+        settings = {**spec.export.model_dump(), **({"repair_lr": args.repair_lr} if args.repair_lr else {}), **({"repair_schedule": args.repair_schedule} if args.repair_schedule else {}), **({"repair_examples": args.examples} if args.examples else {})}
         refine = "sequential"
         if args.blockwise:
             refine, settings = "blockwise", {**settings, "blockwise_steps": args.blockwise}
