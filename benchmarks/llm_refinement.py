@@ -14,7 +14,7 @@ study's group size, and in one process:
 It prints the study's loss (KL of the next-token distributions to the FP model for SmolLM2) on
 the calibration and evaluation splits, and the seconds each step took.
 
-    .venv/bin/python benchmarks/llm_refinement.py [--study studies/smollm2.toml] [--bits 4] [--steps 100] [--examples 0,512] [--whole] [--device cpu]
+    .venv/bin/python benchmarks/llm_refinement.py [--study studies/smollm2.toml] [--bits 4] [--steps 100] [--examples 0,448] [--whole] [--device cpu]
 """
 
 from __future__ import annotations
