@@ -28,7 +28,7 @@ embeddings to the FP model. Uniform GPTQ at 4 and 3 bits is printed beside for s
 each option alone at every layer (``--uniform``, one line per menu entry, evaluation and test,
 under each clip rule of ``--clips``).
 
-    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--blockwise 200] [--repair 100] [--long-repair 400] [--repair-examples 512,2048] [--examples 6144] [--repair-lr 0.01] [--repair-schedule cosine] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu]
+    .venv/bin/python benchmarks/candidate_quality.py [--budgets 4.125,3.125,3.0] [--trials 64] [--blockwise 200] [--repair 100] [--long-repair 400] [--repair-examples 512,2048] [--examples 6144] [--repair-lr 0.01] [--repair-schedule cosine] [--options 2a,3a,4a,2g64a,3g64a] [--clip-only] [--clip mse|weighted] [--uniform [--clips none,mse,weighted]] [--study SPEC] [--device cpu] [--profiles hessian]
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--uniform", action="store_true", help="also print every menu entry alone at every layer")
     parser.add_argument("--study", default=str(STUDY), help="the study spec (default: the default study); e.g. studies/smollm2.toml with --uniform --budgets \"\"")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--profiles", default=None, help="search.profiles, comma-separated (default: the study's); hessian alone skips the perturbation scan, hours for an LLM on a CPU")
     parser.add_argument("--clip", default="mse", choices=["mse", "weighted"], help="the clip rule of the third search and the steps after it")
     parser.add_argument("--clips", default="none,mse,weighted", help="--uniform: the quant.clip rules to compare, comma-separated")
     parser.add_argument("--clip-only", action="store_true", help="skip the first two searches: the + mse clipping search and the steps after it")
@@ -80,7 +81,8 @@ def main() -> None:
     if args.uniform:
         uniform({rule: base.with_overrides(quant={**quant, "clip": rule}) for rule in args.clips.split(",")}, args.device)
     for bpw in (float(b) for b in args.budgets.split(",") if b):
-        spec = base.with_overrides(budget=f"{bpw}bpw", search={"trials": args.trials, "workers": args.workers})
+        search = {**base.search.model_dump(), "trials": args.trials, "workers": args.workers, **({"profiles": args.profiles.split(",")} if args.profiles else {})}
+        spec = base.with_overrides(budget=f"{bpw}bpw", search=search)
         name = f"candidates-{bpw}"
         start = time.perf_counter()
         outcome = None if args.clip_only else Search(Workload(spec, device=args.device), storage, study=name, progress=True, resume=True).run()

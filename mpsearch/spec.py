@@ -218,6 +218,19 @@ class SearchSection(_Section):
     relinearise_every: NonNegativeInt = Field(0, description="every K trials, the ILP re-solved on the loss changes of single-layer switches around the best plan, its plan run next; 0: never")
     pruner: str = Field("none", description="a pruner of mpsearch.search.pruner.PRUNERS: none, race, halving or percentile")
     stages: list[float] = Field([0.25, 1.0], description="with a pruner: the fractions of the evaluation set a trial is scored on before each check")
+    profiles: list[str] = Field(
+        ["hessian", "perturbation"],
+        description="the sensitivity profiles measured (or read from the database) before the first trial, each an ILP warm start "
+        "(perturbation also the greedy one); proposals are repaired by the perturbation Δloss, else by the first listed. perturbation "
+        "scores each layer alone at each menu entry (layers × menu calibration passes): leave it out for an LLM on a CPU",
+    )
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, value: list[str]):
+        if not value or len(set(value)) != len(value):
+            raise ValueError(f"profiles must name one sensitivity method at least, each once (e.g. [\"hessian\"]), got {value}")
+        return value
 
     @field_validator("stages")
     @classmethod

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from mpsearch.errors import MPSearchError, first_line
+from mpsearch.errors import MPSearchError, SpecError, first_line
 from mpsearch.plan import Plan
 from mpsearch.search.allocate import Costs, greedy, ilp, relinearised
 from mpsearch.search.pruner import PrunerContext, make_pruner, pruner_factory, stage_bounds
@@ -75,6 +75,28 @@ def warm_start_scores(profiles: dict, use_flagged: bool = False) -> dict[str, di
             continue
         scores[method] = profile.scores()
     return scores
+
+
+_WARM_START_ORDER = ("perturbation", "hessian", "fisher")  # the order the ILP warm starts run in
+
+
+def _warm_start_rank(method: str) -> tuple[int, str]:
+    return (_WARM_START_ORDER.index(method) if method in _WARM_START_ORDER else len(_WARM_START_ORDER), method)
+
+
+def check_profiles(methods) -> None:
+    """Refuse a ``search.profiles`` entry that is no sensitivity method, before anything starts."""
+    from mpsearch.sensitivity import SENSITIVITY
+
+    for method in methods:
+        if method not in SENSITIVITY:
+            raise SpecError("search.profiles", f"unknown sensitivity method {method!r}; choose from: {', '.join(SENSITIVITY.names())}")
+
+
+def repair_scores(scores: dict[str, dict], methods) -> dict | None:
+    """The profile proposals are repaired by: the perturbation Δloss when it was measured (a loss
+    change, the unit of the budget trade-off), else the first of ``methods`` that was."""
+    return scores.get("perturbation") or next((scores[m] for m in methods if m in scores), None)
 
 
 def default_study_name(spec, pareto: bool = False) -> str:
@@ -137,6 +159,7 @@ class Search:
         self.scores: dict[str, dict] = {}  # the sensitivity profiles a run used, by method
         sampler_factory(spec.search.sampler)  # an unknown sampler or pruner is refused before anything starts
         pruner_factory(spec.search.pruner)
+        check_profiles(spec.search.profiles)
 
     @property
     def budget(self) -> int:
@@ -203,7 +226,7 @@ class Search:
     def _profiles(self, pool) -> dict[str, dict]:
         from mpsearch.sensitivity.analyze import analyze
 
-        profiles = {method: analyze(self.workload, method, self.storage, pool=pool, progress=self.progress) for method in ("hessian", "perturbation")}
+        profiles = {method: analyze(self.workload, method, self.storage, pool=pool, progress=self.progress) for method in self.spec.search.profiles}
         return warm_start_scores(profiles, self.spec.search.flagged_warm_starts)
 
     def baselines(self, scores: dict[str, dict] | None = None) -> list[tuple[str, Plan]]:
@@ -218,9 +241,8 @@ class Search:
             budgets = [b for b in budgets if b <= self.budget]
         for limit in budgets:
             suffix = "" if limit == self.budget else f"@{limit}"
-            for method in ("perturbation", "hessian"):
-                if method in scores:
-                    plans.append((f"ilp-{method}{suffix}", ilp(Costs.of(table, scores[method]), limit)))
+            for method in sorted(scores, key=_warm_start_rank):
+                plans.append((f"ilp-{method}{suffix}", ilp(Costs.of(table, scores[method]), limit)))
             if "perturbation" in scores:
                 plans.append((f"greedy{suffix}", greedy(by_delta, limit)))
         for bits in reversed(table.menu):
@@ -270,7 +292,7 @@ class Search:
         with Lease(self.storage, self.study_name), self._scorers() as pool:
             pool.prepare(progress=self.progress)  # the bank (the disk cache the others read) and the reference, on the first scorer
             self.scores = self._profiles(pool)
-            costs = Costs.of(table, self.scores.get("perturbation") or self.scores.get("hessian"))
+            costs = Costs.of(table, repair_scores(self.scores, self.spec.search.profiles))
             s = self.spec.search
             meta = self.meta()
             space = space_for(study_meta(self.storage, self.study_name) or meta, costs, table)  # a resumed study keeps its own

@@ -10,6 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from mpsearch.errors import SpecError
 from mpsearch.runtime import ScorerPool
 from mpsearch.search.allocate import Costs, is_maximal
 from mpsearch.search.driver import Search
@@ -75,6 +76,23 @@ def test_a_search_fits_the_budget_warm_starts_first_and_beats_its_baselines(work
     assert result.baselines["ilp-perturbation"]["loss"] < result.baselines["uniform-3"]["loss"]
     workers = {t.user_attrs["worker"] for t in complete(study)}
     assert len(workers) == 2  # both actors scored trials
+
+
+def test_profiles_left_out_of_the_spec_are_neither_measured_nor_warm_starts(workload, tmp_path):
+    """``search.profiles = ["hessian"]``: no perturbation scan (layers × menu calibration passes,
+    hours for an LLM on a CPU), so no ILP on Δloss and no greedy plan; the Ω ILP and the uniform
+    plans still run first, and proposals are repaired by Ω."""
+    spec = workload.spec.with_overrides(search={**workload.spec.search.model_dump(), "profiles": ["hessian"], "trials": 6, "workers": 0})
+    storage = Storage(f"sqlite:///{tmp_path / 'hessian-only.db'}")
+    search = Search(Workload(spec, device="cpu"), storage, study="hessian-only")
+    result = search.run()
+    assert set(search.scores) == {"hessian"}
+    assert set(result.baselines) == {"ilp-hessian", "uniform-3", "uniform-2"}
+    assert result.n_complete == 6
+    study = optuna.load_study(study_name="hessian-only", storage=storage.optuna())
+    check_plans(study, workload, search.budget)
+    with pytest.raises(SpecError, match=r"^search.profiles: unknown sensitivity method 'hesian'; choose from: .*hessian"):  # before anything starts
+        Search(Workload(spec.with_overrides(search={**spec.search.model_dump(), "profiles": ["hesian"]}), device="cpu"), storage, study="typo")
 
 
 def test_a_worker_killed_mid_trial_is_replaced_and_its_plan_rerun(workload):
