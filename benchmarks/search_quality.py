@@ -8,6 +8,11 @@ best baseline at 3.0 bpw.
 
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
         [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
+        [--study studies/smollm2.toml] [--profiles hessian] [--workers 0]
+
+``--study`` searches another spec (e.g. the SmolLM2 study); ``--profiles hessian`` sets
+``search.profiles``, leaving out the perturbation scan (about 1,700 calibration passes for
+SmolLM2, hours on a CPU), its ILP and the greedy plan.
 
 Each budget also reports the best and the best baseline on the test split (never searched on),
 which is the figure the targets are judged on, and the search's wall time: compare samplers,
@@ -45,6 +50,8 @@ def main() -> None:
     parser.add_argument("--stages", default=None, help="search.stages, comma-separated fractions (e.g. 0.25,1.0)")
     parser.add_argument("--relinearise-every", type=int, default=None)
     parser.add_argument("--storage", default=None, help="default: a fresh SQLite file")
+    parser.add_argument("--study", default=str(STUDY), help="the study spec (default: the default study)")
+    parser.add_argument("--profiles", default=None, help="search.profiles, comma-separated (default: the study's)")
     parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
@@ -61,9 +68,10 @@ def main() -> None:
             for budget in args.budgets.split(",") for choice in (args.samplers or str(args.sampler)).split(",")]
     table = []
     for budget, sampler, pruner in runs:
-        spec = Spec.load(STUDY).with_overrides(budget=budget)
+        spec = Spec.load(args.study).with_overrides(budget=budget)
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
-                     "stages": [float(x) for x in args.stages.split(",")] if args.stages else None}
+                     "stages": [float(x) for x in args.stages.split(",")] if args.stages else None,
+                     "profiles": args.profiles.split(",") if args.profiles else None}
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"
@@ -81,7 +89,7 @@ def main() -> None:
         # the trials' own span: the bank and the sensitivity profiles, built once per machine and study, left out
         span = (max(t.finished for t in stamped) - min(t.started for t in stamped)).total_seconds() if stamped else seconds
         space = search.meta().get("space", "log-bits")
-        print(f"\nMiniLM at {budget} = {search.budget:,} bytes, sampler {s.sampler}, pruner {s.pruner} (stages {s.stages}), "
+        print(f"\n{spec.name} at {budget} = {search.budget:,} bytes, sampler {s.sampler}, pruner {s.pruner} (stages {s.stages}), "
               f"re-linearised every {s.relinearise_every or '-'}, space {space}: {len(trials)} complete + {result.n_pruned} pruned trials in {span:.0f} s "
               f"({seconds:.0f} s with the setup)")
         test_base = min((b["test_loss"] for b in result.baselines.values() if "test_loss" in b), default=math.nan)
