@@ -8,11 +8,13 @@ best baseline at 3.0 bpw.
 
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
         [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
-        [--study studies/smollm2.toml] [--profiles hessian] [--workers 0]
+        [--study studies/smollm2.toml] [--profiles hessian] [--workers 0] [--options 2a,3a,4a] [--clip mse]
 
 ``--study`` searches another spec (e.g. the SmolLM2 study); ``--profiles hessian`` sets
 ``search.profiles``, leaving out the perturbation scan (about 1,700 calibration passes for
-SmolLM2, hours on a CPU), its ILP and the greedy plan.
+SmolLM2, hours on a CPU), its ILP and the greedy plan. ``--options`` and ``--clip`` set
+``quant.options`` and ``quant.clip`` (the candidates, hence the bank and the profiles: match
+another benchmark's to reuse what it built).
 
 Each budget also reports the best and the best baseline on the test split (never searched on),
 which is the figure the targets are judged on, and the search's wall time: compare samplers,
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="default: a fresh SQLite file")
     parser.add_argument("--study", default=str(STUDY), help="the study spec (default: the default study)")
     parser.add_argument("--profiles", default=None, help="search.profiles, comma-separated (default: the study's)")
+    parser.add_argument("--options", default=None, help="quant.options, comma-separated (default: the study's)")
+    parser.add_argument("--clip", default=None, choices=["none", "mse", "weighted"], help="quant.clip (default: the study's)")
     parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
@@ -69,6 +73,8 @@ def main() -> None:
     table = []
     for budget, sampler, pruner in runs:
         spec = Spec.load(args.study).with_overrides(budget=budget)
+        quant = {**({"options": [o for o in args.options.split(",") if o]} if args.options is not None else {}), **({"clip": args.clip} if args.clip else {})}
+        spec = spec.with_overrides(quant={**spec.quant.model_dump(), **quant})
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
                      "stages": [float(x) for x in args.stages.split(",")] if args.stages else None,
                      "profiles": args.profiles.split(",") if args.profiles else None}
