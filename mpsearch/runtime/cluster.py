@@ -20,13 +20,15 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     Unless ``RAY_AUTH_MODE`` says which, a client connects with the token it has
     (``$RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``) only when the head refuses a client without.
     """
+    chosen = False
     if address:
         check_reachable(address)
-    elif "ray" not in sys.modules:
+    elif "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
         # A new local Ray turns token auth on by default and prints a banner saying so on every
         # start; choosing that same mode explicitly keeps the auth and drops the banner. A mode
         # the user set is left alone, and so is a Ray imported already (it read its mode then).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ["RAY_AUTH_MODE"] = "token"
+        chosen = True
     import ray
 
     if ray.is_initialized():
@@ -34,7 +36,14 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         if not address:  # a new local Ray, whatever else runs on this machine
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            try:
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            finally:
+                # Ray and the raylet it started have read the mode; a process this one starts
+                # later must not inherit it: a driver in token mode joining a head without auth
+                # connects, but the head cannot call it back (InvalidAuthToken) and its actors die.
+                if chosen:
+                    os.environ.pop("RAY_AUTH_MODE", None)
             return
         if ray_client_env() and _needs_token(address):
             _token_mode()

@@ -16,6 +16,7 @@ CHILD = """
 import os
 from mpsearch.runtime.cluster import start_ray
 start_ray(None, num_cpus=1)
+print("PARENT", os.environ.get("RAY_AUTH_MODE"))
 import ray
 
 @ray.remote
@@ -32,10 +33,13 @@ def test_a_local_ray_starts_with_token_auth_and_no_banner(tmp_path):
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MODE token" in out.stdout  # the auth Ray would have chosen, in its workers too
+    # ... and not in this process's environment, which the processes it starts inherit: a driver
+    # in token mode joining a head without auth has its actors die (InvalidAuthToken).
+    assert "PARENT None" in out.stdout, out.stdout
     assert "Token authentication" not in out.stderr, out.stderr[-2000:]
     # A mode the user chose is theirs.
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env={**env, "RAY_AUTH_MODE": "disabled"}, cwd=tmp_path, timeout=300)
-    assert out.returncode == 0 and "MODE disabled" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == 0 and "MODE disabled" in out.stdout and "PARENT disabled" in out.stdout, out.stderr[-2000:]
 
 
 JOIN = """
