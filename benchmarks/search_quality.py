@@ -25,6 +25,12 @@ pruner) at every budget, same seed and trials, and ends with the README's table:
 wall time (first trial's start to last trial's end: the bank and profiles, built once, are left
 out) x evaluation loss x test loss of the best, and each against the best baseline.
 
+``--equal-time`` compares at equal wall time, as issue 16 asks ("after the same wall-clock time
+as 200 full trials"): at each budget the first of ``--samplers`` (give one without a pruner,
+e.g. ``tpe`` or ``evo``) runs ``--trials`` full trials, and every later one gets that run's
+trial span as its ``search.time_limit_s``, with ``--trials`` raised twentyfold as a cap only. A
+pruned sampler then runs as many cheap trials as fit in the time.
+
 ``--space menu-index`` makes the study as mpsearch 0.1.0 did, each layer's parameter an index
 into the menu instead of its bits on a log scale (:mod:`mpsearch.search.space`): TPE on both,
 same seed, shows whether the encoding Optuna's tools can read costs the sampler anything.
@@ -56,6 +62,7 @@ def main() -> None:
     parser.add_argument("--profiles", default=None, help="search.profiles, comma-separated (default: the study's)")
     parser.add_argument("--options", default=None, help="quant.options, comma-separated (default: the study's)")
     parser.add_argument("--clip", default=None, choices=["none", "mse", "weighted"], help="quant.clip (default: the study's)")
+    parser.add_argument("--equal-time", action="store_true", help="later samplers get the first's trial span as their time limit (see above)")
     parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
@@ -71,6 +78,7 @@ def main() -> None:
     runs = [(budget, *(choice.split("+") + [args.pruner])[:2])
             for budget in args.budgets.split(",") for choice in (args.samplers or str(args.sampler)).split(",")]
     table = []
+    spans: dict[str, float] = {}  # the first run's trial span at each budget (--equal-time)
     for budget, sampler, pruner in runs:
         spec = Spec.load(args.study).with_overrides(budget=budget)
         quant = {**({"options": [o for o in args.options.split(",") if o]} if args.options is not None else {}), **({"clip": args.clip} if args.clip else {})}
@@ -81,7 +89,8 @@ def main() -> None:
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"
-        search = Search(workload, storage, study=name, trials=args.trials, workers=args.workers)
+        limit = spans.get(budget) if args.equal_time else None
+        search = Search(workload, storage, study=name, trials=args.trials * (20 if limit else 1), workers=args.workers, time_limit_s=limit)
         if args.space != "log-bits":  # the older encoding, for comparison: the study records it and the search uses it
             made = search.meta
             search.meta = lambda made=made: {**made(), "space": args.space}
@@ -94,10 +103,11 @@ def main() -> None:
         stamped = [t for t in log.records() if t.started and t.finished]
         # the trials' own span: the bank and the sensitivity profiles, built once per machine and study, left out
         span = (max(t.finished for t in stamped) - min(t.started for t in stamped)).total_seconds() if stamped else seconds
+        spans.setdefault(budget, span)
         space = search.meta().get("space", "log-bits")
         print(f"\n{spec.name} at {budget} = {search.budget:,} bytes, sampler {s.sampler}, pruner {s.pruner} (stages {s.stages}), "
               f"re-linearised every {s.relinearise_every or '-'}, space {space}: {len(trials)} complete + {result.n_pruned} pruned trials in {span:.0f} s "
-              f"({seconds:.0f} s with the setup)")
+              f"({seconds:.0f} s with the setup{f'; time limit {limit:.0f} s' if limit else ''})")
         test_base = min((b["test_loss"] for b in result.baselines.values() if "test_loss" in b), default=math.nan)
         eval_base = min(b["loss"] for b in result.baselines.values())
         if result.best:
@@ -109,7 +119,7 @@ def main() -> None:
         best_baseline = min(b["loss"] for b in result.baselines.values())
         for name, row in sorted(result.baselines.items(), key=lambda kv: kv[1]["loss"]):
             print(f"  {name:18s} loss {row['loss']:.5f}  bytes {row['bytes']:>12,}  bpw {row['bpw']:.3f}")
-        for k in checkpoints:
+        for k in sorted({*(c for c in checkpoints if c < len(trials)), len(trials)} - {0}):  # a timed run may end anywhere
             first = trials[:k]
             best = min(first, key=lambda t: t.loss)
             sampled = [t for t in first if t.source == SAMPLED]

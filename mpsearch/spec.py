@@ -211,6 +211,11 @@ class SearchSection(_Section):
     fill: bool = True  # every evaluated plan is maximal: no layer could go up a step and still fit
     synchronous: bool = True  # rounds of one trial per worker, told in order: reproducible
     trial_timeout_s: PositiveFloat = 600.0
+    time_limit_s: PositiveFloat | None = Field(
+        None,
+        description="wall-clock seconds for the trials (the bank and the profiles before them not counted): no trial starts after it, "
+        "those running finish; trials stays the most. None: no limit",
+    )
     device: str = Field("auto", description="where the workload runs: auto (cuda when available), cpu, cuda or cuda:N")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each Ray worker reserves (fractions share a GPU); > 0 puts the workers on cuda")
     trial_writes: Literal["batched", "optuna"] = Field("batched", description="batched: a trial's plan in one transaction; optuna: Optuna's own ask/tell")

@@ -13,6 +13,10 @@ from mpsearch.export.targets import TARGETS
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Complete trials the study ends with, baselines included (default: the spec's search.trials).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Ray actors scoring plans; 0 scores in this process (default: the spec's search.workers).")
+@click.option(
+    "--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+    help="Start no trial after this many seconds of trials (set-up not counted); those running finish, --trials stays the most (default: the spec's search.time_limit_s).",
+)
 @click.option("--budget", default=None, help="Overrides the spec's budget: bytes (5000000), MiB (5.2MiB) or bpw (4.0bpw).")
 @spec_storage_option
 @click.option("--study", "study_name", default=None, help="Study name (default: SPEC's name and budget, e.g. minilm-4bpw).")
@@ -21,7 +25,7 @@ from mpsearch.export.targets import TARGETS
 @click.option("--pareto", is_flag=True, help="Two objectives, (loss, bytes): the whole front up to the budget in one study.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def search(spec, trials, workers, budget, storage, study_name, address, resume, pareto, device, as_json) -> None:
+def search(spec, trials, workers, time_limit, budget, storage, study_name, address, resume, pareto, device, as_json) -> None:
     """Search per-layer bit-widths for SPEC under its budget: an Optuna study scored on Ray.
 
     Warm starts (ILP on the Hessian and perturbation scores, greedy, every uniform plan that
@@ -38,7 +42,10 @@ def search(spec, trials, workers, budget, storage, study_name, address, resume, 
         s = s.with_overrides(search={**s.search.model_dump(), "trials": trials})
     store = Storage(storage or s.storage.url)
     workload = Workload(s, device=driver_device(s, workers, device))
-    run = Search(workload, store, study=study_name, trials=trials, workers=workers, address=address, resume=resume, pareto=pareto, progress=show_progress())
+    run = Search(
+        workload, store, study=study_name, trials=trials, workers=workers, time_limit_s=time_limit, address=address, resume=resume, pareto=pareto,
+        progress=show_progress(),
+    )
     result = run.run()
     if as_json:
         emit_json(result.to_json())
@@ -63,6 +70,8 @@ def _print_outcome(result) -> None:
         test = [cell(row.get("test_loss"), ".6g")] if tested else []
         table.add_row(name, str(row["trial"]), f"{row['loss']:.6g}", *test, f"{row['bytes']:,}", f"{row['bpw']:.4g}", cell(ratio, ".3f"))
     wide_console().print(table)
+    if result.out_of_time:
+        click.echo(f"stopped at the time limit (search.time_limit_s) after {result.n_complete} complete trials; --resume goes on")
     if result.pareto:
         front = Table(title=f"Pareto front: {len(result.pareto)} plans", title_justify="left")
         for header in ("trial", "loss", "bytes", "bpw"):

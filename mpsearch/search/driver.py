@@ -138,6 +138,7 @@ class Search:
         pareto: bool = False,
         progress: bool = False,
         trial_timeout_s: float | None = None,
+        time_limit_s: float | None = None,
         poll_s: float = 1.0,
         pool=None,
     ):
@@ -153,6 +154,7 @@ class Search:
         self.resume = resume
         self.progress = progress
         self.trial_timeout_s = trial_timeout_s if trial_timeout_s is not None else spec.search.trial_timeout_s
+        self.time_limit_s = time_limit_s if time_limit_s is not None else spec.search.time_limit_s
         self.poll_s = poll_s
         self.fill = spec.search.fill and not pareto
         self.pool = pool
@@ -313,13 +315,16 @@ class Search:
             loop = _Loop(
                 log, pool, self.trials, self.pareto, s.synchronous, self.trial_timeout_s, self.poll_s, self.progress,
                 stages=stages, costs=costs, budget=self.budget, relinearise_every=0 if self.pareto else s.relinearise_every,
+                time_limit_s=self.time_limit_s,
             )
             loop.queue.extend(log.recover())
             present = {name for r in log.records() for name in r.sources}
             loop.queue[:0] = [w for w in self.warm_starts() if not {w.source, *w.also} & present]  # warm starts first
             loop.run()
             self._score_test(log, pool)
-            return self._named_unseen(log.outcome(self.budget, time.perf_counter() - start))
+            outcome = log.outcome(self.budget, time.perf_counter() - start)
+            outcome.out_of_time = loop.out_of_time
+            return self._named_unseen(outcome)
 
     def _named_unseen(self, outcome: Outcome) -> Outcome:
         table = self.workload.layer_table()
@@ -393,6 +398,8 @@ class _Loop:
     costs: Costs | None = None  # the layers' bytes (re-linearisation)
     budget: int = 0
     relinearise_every: int = 0  # K: after every K trials, a re-linearised ILP plan (see _relinearise)
+    time_limit_s: float | None = None  # no trial starts this long after the loop's start (search.time_limit_s)
+    out_of_time: bool = False  # the time limit ended the run before its target
     queue: list[Requeue] = field(default_factory=list)
     failures: int = 0  # in a row
     repeat_limit: int = 200  # sampled repeats in a row before the search ends early
@@ -443,8 +450,13 @@ class _Loop:
         flights: dict[int, _Flight] = {}  # slot -> in flight
         every = self.relinearise_every
         relinearise_at = (done // every + 1) * every if every else math.inf
+        deadline = time.monotonic() + self.time_limit_s if self.time_limit_s else math.inf
         try:
             while done < self.target or flights:
+                if done < self.target and time.monotonic() >= deadline:  # no trial starts now; those in flight land
+                    log.info("study %r: the time limit (%.0f s) is up after %d trials; the trials in flight finish", self.log.name, self.time_limit_s, done)
+                    self.out_of_time, self.target = True, done
+                    continue
                 if done >= relinearise_at:  # due: let the flights land, then measure around the best
                     if not flights:
                         self._relinearise(seen, pruned)

@@ -204,6 +204,7 @@ class Outcome:
     unseen: list[str] = field(default_factory=list)  # layers the loss cannot see (the layer table's)
     searched_unseen: bool = False  # whether they were in the plan (layers.unseen = "search") or left out
     pinned_unseen: bool = False  # whether they were in the plan at 16 bits (layers.unseen = "fp16")
+    out_of_time: bool = False  # search.time_limit_s ended the run before its trials
 
     def to_json(self) -> dict:
         doc = {
@@ -219,6 +220,8 @@ class Outcome:
         }
         if self.pareto:
             doc["pareto"] = self.pareto
+        if self.out_of_time:
+            doc["stopped"] = "time limit"
         if self.unseen:
             doc["unseen"] = {"layers": self.unseen, "policy": "search" if self.searched_unseen else "fp16" if self.pinned_unseen else "exclude"}
         return doc

@@ -95,6 +95,26 @@ def test_profiles_left_out_of_the_spec_are_neither_measured_nor_warm_starts(work
         Search(Workload(spec.with_overrides(search={**spec.search.model_dump(), "profiles": ["hesian"]}), device="cpu"), storage, study="typo")
 
 
+def test_a_time_limit_starts_no_trial_after_it_and_resume_goes_on(workload):
+    """``search.time_limit_s``: no trial starts once the trials have run that long; the one in
+    flight finishes, nothing is left RUNNING, and ``--resume`` (here with the limit again) adds
+    trials to the same study. ``trials`` stays the most a study runs."""
+    storage = Storage(workload.spec.storage.url)
+    limit = 4.0
+    result = Search(workload, storage, study="timed", trials=10_000, workers=0, time_limit_s=limit).run()
+    records = TrialLog.open(storage, "timed").records()
+    assert result.out_of_time and result.to_json()["stopped"] == "time limit"
+    assert 1 <= result.n_complete < 10_000 and {r.state for r in records} == {"COMPLETE"}
+    first = min(r.started for r in records)
+    # The loop's clock starts before its first trial does, so none started later than this.
+    assert max((r.started - first).total_seconds() for r in records) <= limit
+    resumed = Search(workload, storage, study="timed", trials=10_000, workers=0, time_limit_s=limit, resume=True).run()
+    assert resumed.out_of_time and resumed.n_complete > result.n_complete
+    # A limit that is not reached changes nothing: the study ends at its trials.
+    untimed = Search(workload, storage, study="timed-loose", trials=6, workers=0, time_limit_s=3600).run()
+    assert untimed.n_complete == 6 and not untimed.out_of_time and "stopped" not in untimed.to_json()
+
+
 def test_a_worker_killed_mid_trial_is_replaced_and_its_plan_rerun(workload):
     import ray
 

@@ -68,6 +68,7 @@ def test_search_json_follows_the_design_and_a_second_run_needs_resume(tmp_path):
         (["--budget", "20bpw"], "above the largest plan"),
         (["--budget", "lots"], "cannot read 'lots'"),
         (["--trials", "0"], "--trials"),
+        (["--time-limit", "0"], "--time-limit"),
     ],
 )
 def test_bad_search_input_is_one_line_and_exit_2(tmp_path, args, message):
