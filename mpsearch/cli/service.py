@@ -16,11 +16,15 @@ from mpsearch.cli._common import STORAGE_ENV, cell, emit_json, load_spec, storag
 @click.option("--storage", envvar=STORAGE_ENV, default=None, help="A PostgreSQL URL every node can reach (default: the spec's storage.url, or $MPSEARCH_STORAGE).")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Ray actors scoring plans (default: the spec's search.workers).")
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Complete trials the study ends with (default: the spec's search.trials).")
+@click.option(
+    "--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+    help="Start no trial after this many seconds of trials, as `search --time-limit` (default: the spec's search.time_limit_s).",
+)
 @click.option("--budget", default=None, help="Overrides the spec's budget.")
 @click.option("--study", "study_name", default=None, help="Study name (default: SPEC's name and budget).")
 @click.option("--export", "export_dir", default=None, help="After the search, export the best plan to this folder (a path on the cluster).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def submit(spec, address, storage, workers, trials, budget, study_name, export_dir, as_json) -> None:
+def submit(spec, address, storage, workers, trials, time_limit, budget, study_name, export_dir, as_json) -> None:
     """Run the whole search for SPEC (sensitivity, search, optional export) as a Ray job on a cluster.
 
     The job takes SPEC's folder as its working directory; its state is kept in the database
@@ -38,7 +42,7 @@ def submit(spec, address, storage, workers, trials, budget, study_name, export_d
     store = Storage(url)
     path = Path(spec)
     job_id = submit_job(
-        store, s, path.read_text(encoding="utf-8"), JobArgs(trials=trials, workers=workers, budget=budget, study=study_name, export_dir=export_dir),
+        store, s, path.read_text(encoding="utf-8"), JobArgs(trials=trials, workers=workers, time_limit_s=time_limit, budget=budget, study=study_name, export_dir=export_dir),
         address=address, spec_file=path.resolve(),
     )
     job = store.job(job_id)

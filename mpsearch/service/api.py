@@ -87,6 +87,9 @@ class JobRequest(_Body):
     spec: str = Field(description="The study spec, as TOML text", max_length=200_000)
     trials: int | None = Field(None, ge=1, le=MAX_TRIALS)
     workers: int | None = Field(None, ge=0, le=1024)
+    time_limit_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Start no trial after this many seconds of trials (default: the spec's search.time_limit_s)",
+    )
     budget: str | None = Field(None, max_length=64, description="Overrides the spec's budget: 5000000, 5.2MiB or 4.0bpw")
     study: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._@+-]+$")
     export: bool = Field(False, description="Export the best plan when the search ends")
@@ -249,7 +252,7 @@ def _job_routes(storage, settings: ApiSettings) -> APIRouter:
         spec = checked_spec(body.spec, settings)
         _check_room(storage, "search", settings.max_jobs)
         export_dir = str(settings.export_root / f"job-{uuid.uuid4().hex[:12]}") if body.export else None
-        args = JobArgs(trials=body.trials, workers=body.workers, budget=body.budget, study=body.study, export_dir=export_dir)
+        args = JobArgs(trials=body.trials, workers=body.workers, time_limit_s=body.time_limit_s, budget=body.budget, study=body.study, export_dir=export_dir)
         job_id = submit(storage, spec, body.spec, args, address=settings.ray_address, log_dir=settings.log_root)
         return public_job(storage, storage.job(job_id), settings)
 

@@ -51,6 +51,7 @@ class JobArgs:
 
     trials: int | None = None
     workers: int | None = None
+    time_limit_s: float | None = None  # search --time-limit (default: the spec's search.time_limit_s)
     budget: str | None = None
     study: str | None = None
     export_dir: str | None = None

@@ -38,7 +38,9 @@ def job_search(storage, job, spec_file: str | None = None):
         spec = spec.with_overrides(budget=args["budget"])
     address = "auto" if os.environ.get("RAY_ADDRESS") else None  # inside a Ray job: the job's own cluster
     workload = Workload(spec, device=driver_device(spec, args.get("workers")))
-    return Search(workload, storage, study=job.study, trials=args.get("trials"), workers=args.get("workers"), address=address, resume=True)
+    return Search(
+        workload, storage, study=job.study, trials=args.get("trials"), workers=args.get("workers"), time_limit_s=args.get("time_limit_s"), address=address, resume=True,
+    )
 
 
 def run_job(storage, job_id: str, spec_file: str | None = None) -> int:

@@ -74,8 +74,9 @@ def test_every_endpoint_but_health_needs_the_token(server):
 
 def test_submit_poll_read_export_and_download(server):
     api = server.client()
-    response = api.post("/jobs", json={"spec": SPEC, "trials": 4, "budget": "5.0bpw", "study": "api-study", "export": True})
+    response = api.post("/jobs", json={"spec": SPEC, "trials": 4, "time_limit_s": 3600.0, "budget": "5.0bpw", "study": "api-study", "export": True})
     assert response.status_code == 201, response.text
+    assert api.post("/jobs", json={"spec": SPEC, "time_limit_s": 0}).status_code == 422
     job = response.json()
     assert job["state"] in ("queued", "running") and job["study"] == "api-study"
     done = wait_job(api, job["id"], {"succeeded", "failed", "cancelled"})

@@ -113,3 +113,8 @@ def test_out_of_range_numbers(tmp_path, spec, args, words):
 def test_a_device_this_machine_does_not_have(tmp_path, device, words):
     (tmp_path / "study.toml").write_text(tiny_spec_text())
     one_line(mpsearch("quantize", "study.toml", "--bits", "8", "--device", device, cwd=tmp_path), words)
+
+
+def test_a_submitted_time_limit_of_zero(tmp_path):
+    (tmp_path / "study.toml").write_text(tiny_spec_text())
+    one_line(mpsearch("submit", "study.toml", "--address", "http://127.0.0.1:9", "--time-limit", "0", cwd=tmp_path), "--time-limit")

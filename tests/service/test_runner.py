@@ -33,3 +33,15 @@ def test_a_job_searches_with_the_settings_of_its_spec(tmp_path):
     search = job_search(storage, storage.job(job_id))
     assert search.trial_timeout_s == 7.5 and str(search.workload.device) == "cpu" and search.workers == 3
     assert search.spec.search.gpus_per_worker == 0.5 and search.spec.budget.bpw == 3.5 and search.trials == 6
+
+
+def test_a_job_keeps_the_time_limit_it_was_submitted_with(tmp_path):
+    """`submit --time-limit` and the API's `time_limit_s` reach the job's search; without one the
+    spec's own search.time_limit_s holds."""
+    from mpsearch.service.runner import job_search
+
+    storage = Storage(f"sqlite:///{tmp_path / 'jobs.db'}")
+    text = tiny_spec_text() + "[search]\ntime_limit_s = 120.0\nworkers = 0\n"
+    limited = job_search(storage, storage.job(job(storage, text, tmp_path, time_limit_s=7.5)))
+    assert limited.time_limit_s == 7.5
+    assert job_search(storage, storage.job(job(storage, text, tmp_path))).time_limit_s == 120.0
