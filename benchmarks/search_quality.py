@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--budgets", default="3.0bpw,4.0bpw")
-    parser.add_argument("--sampler", default=None, choices=[None, "tpe", "nsga2", "random", "evo"])
+    parser.add_argument("--sampler", default=None, choices=[None, "tpe", "nsga2", "random", "evo", "tpe-evo"])
     parser.add_argument("--samplers", default=None, help="compare: comma-separated samplers, each optionally +PRUNER (e.g. tpe,evo,evo+race)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--pruner", default=None, help="search.pruner (none, race, halving, percentile)")

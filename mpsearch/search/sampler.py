@@ -33,6 +33,8 @@ from mpsearch.registry import Registry
 from mpsearch.search.allocate import Costs, repair_index
 from mpsearch.storage.trials import PROPOSAL, RERUN_OF, SAMPLED, SEARCHED, SOURCE
 
+PROPOSED_BY = "proposed_by"  # which of a hand-off sampler's two proposed the plan (HandoffSampler)
+
 
 @dataclass(frozen=True)
 class SamplerContext:
@@ -74,6 +76,11 @@ def _random(ctx: SamplerContext) -> BaseSampler:
 @SAMPLERS.register("evo")
 def _evo(ctx: SamplerContext) -> BaseSampler:
     return LevelSwitchSampler(ctx.costs, ctx.budget, ctx.space, seed=ctx.seed, fill=ctx.fill)
+
+
+@SAMPLERS.register("tpe-evo")
+def _tpe_evo(ctx: SamplerContext) -> BaseSampler:
+    return HandoffSampler(_tpe(ctx), _evo(ctx))
 
 
 def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:
@@ -165,6 +172,58 @@ class LevelSwitchSampler(BaseSampler):
         return self.space.params_of(self.rng.integers(0, len(self.costs.menu), len(self.costs.names)))[param_name]
 
 
+class HandoffSampler(BaseSampler):
+    """A global sampler until it stalls, then level switches around the best (``sampler = "tpe-evo"``).
+
+    ``explore`` (TPE) proposes while it keeps finding better plans. Once ``patience`` sampled
+    trials in a row have not improved on the best plan (or have not beaten the warm starts at
+    all), ``refine`` (:class:`LevelSwitchSampler`) takes over for good: its proposals are marked
+    (``proposed_by``), and a best plan that ``refine`` proposed, or a stall, keeps it in charge.
+    The decision reads only the trials the sampler is shown, so a resumed study picks up where it
+    was. A ``--pareto`` study stays with ``explore``. Why: on the default study TPE's gains flatten after about a hundred trials while level
+    switches around its best still find better plans, and on an LLM's hundreds of layers TPE's
+    random start-up never reaches the warm start, which level switches improve from the first.
+    """
+
+    def __init__(self, explore: BaseSampler, refine: BaseSampler, patience: int = 32):
+        self.explore, self.refine, self.patience = explore, refine, patience
+        self.last_notes: dict = {}
+
+    def refining(self, study) -> bool:
+        if len(study.directions) > 1:  # a --pareto study: level switches keep the bytes, a front needs TPE's spread
+            return False
+        finished = sorted((t for t in study.get_trials(deepcopy=False) if t.state.is_finished()), key=lambda t: t.number)
+        complete = [t for t in finished if t.state.name == "COMPLETE" and t.values]
+        if not complete:
+            return False
+        best = min(complete, key=lambda t: tuple(t.values))
+        if best.user_attrs.get(PROPOSED_BY) == "refine":
+            return True
+        sampled = [t for t in finished if t.user_attrs.get(SOURCE) == SAMPLED]
+        return len(sampled) >= self.patience and best.number < sampled[-self.patience].number
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        phase = "refine" if self.refining(study) else "explore"
+        self.last_notes = {PROPOSED_BY: phase}
+        return getattr(self, phase).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        sampler = self.refine if self.last_notes.get(PROPOSED_BY) == "refine" else self.explore
+        return sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self.explore.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.explore.after_trial(study, trial, state, values)
+
+    def reseed_rng(self):
+        self.explore.reseed_rng()
+
+
 class RepairingSampler(BaseSampler):
     """``base``'s proposals, repaired to fit ``budget`` (see the module docstring).
 
@@ -195,7 +254,7 @@ class RepairingSampler(BaseSampler):
                     proposal[name] = self.base.sample_independent(study, trial, name, distribution)
         raw = self.space.index(proposal)
         fixed = repair_index(self.costs, raw, self.budget, fill=self.fill)
-        self.last_notes = {PROPOSAL: [self.costs.menu[int(x)] for x in raw]}  # in bits
+        self.last_notes = {PROPOSAL: [self.costs.menu[int(x)] for x in raw], **getattr(self.base, "last_notes", {})}  # in bits
         self.seen.update(tuple(int(x) for x in self.space.index(t.params)) for t in study.get_trials(deepcopy=False) if len(t.params) == len(self.costs.names))
         moves = 0
         while tuple(int(x) for x in fixed) in self.seen and moves < self.tries:  # scored already: move it

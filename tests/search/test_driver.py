@@ -254,6 +254,35 @@ def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(wor
     assert not any(t.user_attrs.get("cached") for t in sampled)
 
 
+def test_tpe_hands_off_to_level_switches_once_it_stalls(workload):
+    """``tpe-evo``: TPE proposes until 32 sampled trials in a row have not improved on the best,
+    then level switches around the best propose for good. Each sampled trial records which
+    proposed it, and the hand-off happened exactly where the rule says."""
+    from mpsearch.search.sampler import PROPOSED_BY
+
+    patience = 32
+    spec = workload.spec.with_overrides(search={"trials": 60, "workers": 0, "seed": 0, "sampler": "tpe-evo"})
+    handoff = Workload(spec)
+    storage = Storage(spec.storage.url)
+    search = Search(handoff, storage, study="tpe-evo")
+    search.run()
+    study = optuna.load_study(study_name="tpe-evo", storage=storage.optuna())
+    check_plans(study, handoff, search.budget)
+    ordered = sorted(complete(study), key=lambda t: t.number)
+    phases = [t.user_attrs[PROPOSED_BY] for t in ordered if t.user_attrs[ATTR_SOURCE] == SAMPLED]
+    assert len(phases) == 60 - len(search.warm_starts()) and set(phases) == {"explore", "refine"}
+    first = phases.index("refine")
+    assert phases[first:] == ["refine"] * (len(phases) - first)  # for good
+    for k, t in enumerate(ordered):  # the rule, on the trials finished before each proposal (workers=0: all of them)
+        if t.user_attrs[ATTR_SOURCE] != SAMPLED:
+            continue
+        before = ordered[:k]
+        best = min(before, key=lambda u: u.values[0])
+        sampled = [u for u in before if u.user_attrs[ATTR_SOURCE] == SAMPLED]
+        stalled = len(sampled) >= patience and best.number < sampled[-patience].number
+        assert (t.user_attrs[PROPOSED_BY] == "refine") == (stalled or best.user_attrs.get(PROPOSED_BY) == "refine"), t.number
+
+
 def test_the_sampler_sees_a_window_of_the_best_and_the_latest_trials(workload):
     """The sampler models the 2 best and the 3 latest trials (a window of 2 + 3): a sampler that
     records what it was shown sees exactly those."""
