@@ -236,14 +236,20 @@ def test_losses_are_finite_and_match_a_direct_evaluation(workload):
     assert math.isfinite(direct) and direct == pytest.approx(trial.values[0], rel=1e-5)
 
 
-def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(workload):
-    spec = workload.spec.with_overrides(search={"trials": 14, "workers": 0, "seed": 0, "sampler": "evo"})
-    evo = Workload(spec)
+def searched_with(workload, sampler: str, trials: int):
+    """A study of ``trials`` on ``sampler`` in the driver's process (seed 0), named after the
+    sampler, its plans checked (they fit, and are maximal): the search and the Optuna study."""
+    spec = workload.spec.with_overrides(search={"trials": trials, "workers": 0, "seed": 0, "sampler": sampler})
     storage = Storage(spec.storage.url)
-    search = Search(evo, storage, study="evo")
+    search = Search(Workload(spec), storage, study=sampler)
     search.run()
-    study = optuna.load_study(study_name="evo", storage=storage.optuna())
-    check_plans(study, evo, search.budget)
+    study = optuna.load_study(study_name=sampler, storage=storage.optuna())
+    check_plans(study, search.workload, search.budget)
+    return search, study
+
+
+def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(workload):
+    search, study = searched_with(workload, "evo", 14)
     sampled = [t for t in complete(study) if t.user_attrs[ATTR_SOURCE] == SAMPLED]
     assert len(sampled) == 14 - len(search.warm_starts())
     # Each child differs from every plan before it.
@@ -261,13 +267,7 @@ def test_tpe_hands_off_to_level_switches_once_it_stalls(workload):
     from mpsearch.search.sampler import PROPOSED_BY
 
     patience = 32
-    spec = workload.spec.with_overrides(search={"trials": 60, "workers": 0, "seed": 0, "sampler": "tpe-evo"})
-    handoff = Workload(spec)
-    storage = Storage(spec.storage.url)
-    search = Search(handoff, storage, study="tpe-evo")
-    search.run()
-    study = optuna.load_study(study_name="tpe-evo", storage=storage.optuna())
-    check_plans(study, handoff, search.budget)
+    search, study = searched_with(workload, "tpe-evo", 60)
     ordered = sorted(complete(study), key=lambda t: t.number)
     phases = [t.user_attrs[PROPOSED_BY] for t in ordered if t.user_attrs[ATTR_SOURCE] == SAMPLED]
     assert len(phases) == 60 - len(search.warm_starts()) and set(phases) == {"explore", "refine"}
