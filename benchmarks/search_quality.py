@@ -8,7 +8,7 @@ best baseline at 3.0 bpw.
 
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
         [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
-        [--study studies/smollm2.toml] [--profiles hessian] [--workers 0] [--options 2a,3a,4a] [--clip mse]
+        [--study studies/smollm2.toml] [--profiles hessian] [--workers 0] [--options 2a,3a,4a] [--clip mse] [--seed 1]
 
 ``--study`` searches another spec (e.g. the SmolLM2 study); ``--profiles hessian`` sets
 ``search.profiles``, leaving out the perturbation scan (about 1,700 calibration passes for
@@ -31,6 +31,10 @@ e.g. ``tpe`` or ``evo``) runs ``--trials`` full trials, and every later one gets
 trial span as its ``search.time_limit_s``, with ``--trials`` raised twentyfold as a cap only. A
 pruned sampler then runs as many cheap trials as fit in the time.
 
+``--samplers tpe-evo,tpe-evo-screened --equal-time`` weighs the screen (each level-switch child the
+best of 64 by a model fitted to the trials) against plain level switches; ``--seed`` repeats a
+comparison on another seed.
+
 ``--space menu-index`` makes the study as mpsearch 0.1.0 did, each layer's parameter an index
 into the menu instead of its bits on a log scale (:mod:`mpsearch.search.space`): TPE on both,
 same seed, shows whether the encoding Optuna's tools can read costs the sampler anything.
@@ -51,9 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--budgets", default="3.0bpw,4.0bpw")
-    parser.add_argument("--sampler", default=None, choices=[None, "tpe", "nsga2", "random", "evo", "tpe-evo"])
+    parser.add_argument("--sampler", default=None, choices=[None, "tpe", "nsga2", "random", "evo", "tpe-evo", "tpe-evo-screened", "evo-screened"])
     parser.add_argument("--samplers", default=None, help="compare: comma-separated samplers, each optionally +PRUNER (e.g. tpe,evo,evo+race)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=None, help="search.seed (default: the study's)")
     parser.add_argument("--pruner", default=None, help="search.pruner (none, race, halving, percentile)")
     parser.add_argument("--stages", default=None, help="search.stages, comma-separated fractions (e.g. 0.25,1.0)")
     parser.add_argument("--relinearise-every", type=int, default=None)
@@ -85,7 +90,7 @@ def main() -> None:
         spec = spec.with_overrides(quant={**spec.quant.model_dump(), **quant})
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
                      "stages": [float(x) for x in args.stages.split(",")] if args.stages else None,
-                     "profiles": args.profiles.split(",") if args.profiles else None}
+                     "profiles": args.profiles.split(",") if args.profiles else None, "seed": args.seed}
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"

@@ -204,7 +204,7 @@ class BudgetSection(_Section):
 
 
 class SearchSection(_Section):
-    sampler: str = Field("tpe-evo", description="a sampler of mpsearch.search.sampler.SAMPLERS: tpe, nsga2, random, evo or tpe-evo (TPE, then level switches once it stalls)")
+    sampler: str = Field("tpe-evo", description="a sampler of mpsearch.search.sampler.SAMPLERS: tpe, nsga2, random, evo, tpe-evo (TPE, then level switches once it stalls), evo-screened or tpe-evo-screened (level switches screened by a model fitted to the trials)")
     trials: int = Field(64, ge=1, le=MAX_TRIALS, description=f"trials a study runs in all (at most {MAX_TRIALS:,})")
     workers: NonNegativeInt = 2  # 0: score in the driver's own process, no Ray
     seed: int = 0

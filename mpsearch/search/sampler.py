@@ -34,6 +34,7 @@ from mpsearch.search.allocate import Costs, repair_index
 from mpsearch.storage.trials import PROPOSAL, RERUN_OF, SAMPLED, SEARCHED, SOURCE
 
 PROPOSED_BY = "proposed_by"  # which of a hand-off sampler's two proposed the plan (HandoffSampler)
+SCREENED = "screened"  # how many children the fitted model chose the plan from (LevelSwitchSampler's screen)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,19 @@ def _evo(ctx: SamplerContext) -> BaseSampler:
 @SAMPLERS.register("tpe-evo")
 def _tpe_evo(ctx: SamplerContext) -> BaseSampler:
     return HandoffSampler(_tpe(ctx), _evo(ctx))
+
+
+SCREEN = 64  # children a screened level-switch sampler chooses each proposal from
+
+
+@SAMPLERS.register("evo-screened")
+def _evo_screened(ctx: SamplerContext) -> BaseSampler:
+    return LevelSwitchSampler(ctx.costs, ctx.budget, ctx.space, seed=ctx.seed, fill=ctx.fill, screen=SCREEN)
+
+
+@SAMPLERS.register("tpe-evo-screened")
+def _tpe_evo_screened(ctx: SamplerContext) -> BaseSampler:
+    return HandoffSampler(_tpe(ctx), _evo_screened(ctx))
 
 
 def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:
@@ -131,20 +145,27 @@ class LevelSwitchSampler(BaseSampler):
     only the best few); with a pruner on, each child is screened on the first stages before it
     is scored whole. With nothing complete yet it proposes uniformly random indices, which the
     repair makes into plans.
+    With ``screen`` (``sampler = "evo-screened"``, and ``"tpe-evo-screened"`` once TPE hands off)
+    each sampled child is the one of ``screen`` new children that the additive model fitted to the
+    trials predicts lowest (:mod:`mpsearch.search.surrogate`): EvoPress screens its offspring on a
+    few tokens, this on what the study has measured, at no evaluation at all. The trial records how
+    many children it was chosen from (``screened``).
     The idea is EvoPress's (Sieberling et al., 2024): the true loss of a plan is not the sum of
     per-layer losses, and a search on real evaluations around the best plan corrects what an
     additive model (the ILP warm start) gets wrong.
     """
 
-    def __init__(self, costs: Costs, budget: int, space, seed: int = 0, parents: int = 4, tries: int = 32, fill: bool = True, switches: int = 3):
+    def __init__(self, costs: Costs, budget: int, space, seed: int = 0, parents: int = 4, tries: int = 32, fill: bool = True, switches: int = 3, screen: int = 0):
         self.costs, self.budget, self.space, self.fill = costs, budget, space, fill
-        self.parents, self.tries, self.switches = parents, tries, switches
+        self.parents, self.tries, self.switches, self.screen = parents, tries, switches, screen
         self.rng = np.random.default_rng(seed)
+        self.last_notes: dict = {}
 
     def infer_relative_search_space(self, study, trial):
         return {}
 
     def sample_relative(self, study, trial, search_space):
+        self.last_notes = {}
         trials = [t for t in study.get_trials(deepcopy=False) if len(t.params) == len(self.costs.names)]
         complete = [t for t in trials if t.state.name == "COMPLETE" and t.values]
         if not complete:
@@ -156,17 +177,43 @@ class LevelSwitchSampler(BaseSampler):
         # Seeding: while there are fewer sampled trials than warm starts, the next warm start is the parent.
         warm = [t for t in complete if t.user_attrs.get(SOURCE) not in SEARCHED and t.user_attrs.get(RERUN_OF) is None]
         sampled = sum(t.user_attrs.get(SOURCE) == SAMPLED for t in trials if t.state.is_finished())
+        if sampled >= len(warm) and self.screen > 1 and len(complete) > 1:
+            return self.space.params_of(self._screened(complete, top, weights, seen))
         child = None
         for attempt in range(self.tries):
             if sampled < len(warm) and attempt == 0:
                 parent = warm[sampled]
             else:
                 parent = top[self.rng.choice(len(top), p=weights / weights.sum())]
-            index = level_switch(self.space.index(parent.params), len(self.costs.menu) - 1, self.rng, most=self.switches, steps=self.costs.steps)
-            child = repair_index(self.costs, index, self.budget, fill=self.fill)
+            child = self._child(self.space.index(parent.params))
             if tuple(int(x) for x in child) not in seen:
                 break
         return self.space.params_of(child)
+
+    def _child(self, index: np.ndarray) -> np.ndarray:
+        index = level_switch(index, len(self.costs.menu) - 1, self.rng, most=self.switches, steps=self.costs.steps)
+        return repair_index(self.costs, index, self.budget, fill=self.fill)
+
+    def _screened(self, complete, top, weights, seen) -> np.ndarray:
+        """Of ``screen`` new children of the best plans, the one the additive model fitted to the trials
+        (:mod:`mpsearch.search.surrogate`) predicts lowest."""
+        from mpsearch.search.surrogate import fit_additive
+
+        model = fit_additive(self.costs, np.array([self.space.index(t.params) for t in complete]), np.array([t.values[0] for t in complete]))
+        parents = [self.space.index(t.params) for t in top]
+        children: dict[tuple[int, ...], np.ndarray] = {}
+        for _ in range(self.screen * 4):  # children are often repeats near a well-searched best
+            child = self._child(parents[self.rng.choice(len(parents), p=weights / weights.sum())])
+            key = tuple(int(x) for x in child)
+            if key not in seen:
+                children.setdefault(key, child)
+                if len(children) >= self.screen:
+                    break
+        if not children:
+            return child
+        rows = np.array(list(children.values()))
+        self.last_notes = {SCREENED: len(rows)}
+        return rows[int(np.argmin(model.predict(rows)))]
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         return self.space.params_of(self.rng.integers(0, len(self.costs.menu), len(self.costs.names)))[param_name]
@@ -207,8 +254,10 @@ class HandoffSampler(BaseSampler):
 
     def sample_relative(self, study, trial, search_space):
         phase = "refine" if self.refining(study) else "explore"
-        self.last_notes = {PROPOSED_BY: phase}
-        return getattr(self, phase).sample_relative(study, trial, search_space)
+        sampler = getattr(self, phase)
+        proposal = sampler.sample_relative(study, trial, search_space)
+        self.last_notes = {PROPOSED_BY: phase, **getattr(sampler, "last_notes", {})}
+        return proposal
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         sampler = self.refine if self.last_notes.get(PROPOSED_BY) == "refine" else self.explore

@@ -283,6 +283,21 @@ def test_tpe_hands_off_to_level_switches_once_it_stalls(workload):
         assert (t.user_attrs[PROPOSED_BY] == "refine") == (stalled or best.user_attrs.get(PROPOSED_BY) == "refine"), t.number
 
 
+def test_screened_level_switches_choose_each_child_from_many(workload):
+    """``evo-screened`` on the real model: after the warm starts, each child is new, fits, is
+    maximal, and was chosen by the fitted model from more than one new child."""
+    from mpsearch.search.sampler import SCREENED
+
+    search, study = searched_with(workload, "evo-screened", 14)
+    ordered = sorted(complete(study), key=lambda t: t.number)
+    sampled = [t for t in ordered if t.user_attrs[ATTR_SOURCE] == SAMPLED]
+    assert len(sampled) == 14 - len(search.warm_starts())
+    screened = sampled[len(search.warm_starts()):]  # the first children are one per warm start
+    assert screened and all(t.user_attrs.get(SCREENED, 0) > 1 for t in screened)
+    plans = [plan_of(t.user_attrs) for t in ordered]
+    assert len({p.digest() for p in plans}) == len(plans)
+
+
 def test_the_sampler_sees_a_window_of_the_best_and_the_latest_trials(workload):
     """The sampler models the 2 best and the 3 latest trials (a window of 2 + 3): a sampler that
     records what it was shown sees exactly those."""
