@@ -9,12 +9,15 @@ best baseline at 3.0 bpw.
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
         [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
         [--study studies/smollm2.toml] [--profiles hessian] [--workers 0] [--options 2a,3a,4a] [--clip mse] [--seed 1]
+        [--screen 64] [--patience 32] [--evaluation 512]
 
 ``--study`` searches another spec (e.g. the SmolLM2 study); ``--profiles hessian`` sets
 ``search.profiles``, leaving out the perturbation scan (about 1,700 calibration passes for
 SmolLM2, hours on a CPU), its ILP and the greedy plan. ``--options`` and ``--clip`` set
 ``quant.options`` and ``quant.clip`` (the candidates, hence the bank and the profiles: match
-another benchmark's to reuse what it built).
+another benchmark's to reuse what it built). ``--screen`` and ``--patience`` set
+``search.screen`` and ``search.patience`` (the screened samplers' children per proposal, and
+tpe-evo's hand-over); ``--evaluation`` sets ``data.evaluation`` (and so the test split's size).
 
 Each budget also reports the best and the best baseline on the test split (never searched on),
 which is the figure the targets are judged on, and the search's wall time: compare samplers,
@@ -68,6 +71,9 @@ def main() -> None:
     parser.add_argument("--options", default=None, help="quant.options, comma-separated (default: the study's)")
     parser.add_argument("--clip", default=None, choices=["none", "mse", "weighted"], help="quant.clip (default: the study's)")
     parser.add_argument("--equal-time", action="store_true", help="later samplers get the first's trial span as their time limit (see above)")
+    parser.add_argument("--screen", type=int, default=None, help="search.screen (default: the study's)")
+    parser.add_argument("--patience", type=int, default=None, help="search.patience (default: the study's)")
+    parser.add_argument("--evaluation", type=int, default=None, help="data.evaluation (default: the study's)")
     parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
@@ -88,9 +94,12 @@ def main() -> None:
         spec = Spec.load(args.study).with_overrides(budget=budget)
         quant = {**({"options": [o for o in args.options.split(",") if o]} if args.options is not None else {}), **({"clip": args.clip} if args.clip else {})}
         spec = spec.with_overrides(quant={**spec.quant.model_dump(), **quant})
+        if args.evaluation is not None:
+            spec = spec.with_overrides(data={**spec.data.model_dump(), "evaluation": args.evaluation})
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
                      "stages": [float(x) for x in args.stages.split(",")] if args.stages else None,
-                     "profiles": args.profiles.split(",") if args.profiles else None, "seed": args.seed}
+                     "profiles": args.profiles.split(",") if args.profiles else None, "seed": args.seed,
+                     "screen": args.screen, "patience": args.patience}
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"

@@ -205,6 +205,14 @@ class BudgetSection(_Section):
 
 class SearchSection(_Section):
     sampler: str = Field("tpe-evo", description="a sampler of mpsearch.search.sampler.SAMPLERS: tpe, nsga2, random, evo, tpe-evo (TPE, then level switches once it stalls), evo-screened or tpe-evo-screened (level switches screened by a model fitted to the trials)")
+    screen: int = Field(
+        64, ge=2, le=4096,
+        description="evo-screened and tpe-evo-screened: each level-switch child is the one of this many new children that the model fitted to the trials predicts lowest",
+    )
+    patience: PositiveInt = Field(
+        32,
+        description="tpe-evo and tpe-evo-screened: TPE hands over to level switches once this many sampled trials in a row have found no better plan",
+    )
     trials: int = Field(64, ge=1, le=MAX_TRIALS, description=f"trials a study runs in all (at most {MAX_TRIALS:,})")
     workers: NonNegativeInt = 2  # 0: score in the driver's own process, no Ray
     seed: int = 0

@@ -70,6 +70,8 @@ def test_name_defaults_to_the_file_stem_and_paths_resolve_beside_the_spec(tmp_pa
         ("[search]\nstages = [0.25, 0.5]", "search.stages", "must rise from above 0 to exactly 1.0"),
         ("[search]\nprofiles = []", "search.profiles", "one sensitivity method at least, each once"),
         ("[search]\nprofiles = ['hessian', 'hessian']", "search.profiles", "one sensitivity method at least, each once"),
+        ("[search]\nscreen = 1", "search.screen", "must be >= 2, got 1"),
+        ("[search]\npatience = 0", "search.patience", "must be > 0"),
         ("[sensitivity]\nmax_probes = 1", "sensitivity.max_probes", "must be >= 2, got 1"),
         ("[sensitivity]\ntol = 0", "sensitivity.tol", "must be > 0"),
         ("[export]\nrepair_examples = 0", "export.repair_examples", "must be > 0"),

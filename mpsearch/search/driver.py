@@ -305,7 +305,7 @@ class Search:
                 meta=meta,
                 directions=["minimize", "minimize"] if self.pareto else ["minimize"],
                 space=space,
-                sampler=make_sampler(s.sampler, SamplerContext(s.seed, costs, self.budget, space, self.fill)),
+                sampler=make_sampler(s.sampler, SamplerContext(s.seed, costs, self.budget, space, self.fill, screen=s.screen, patience=s.patience)),
                 pruner=make_pruner(s.pruner if stages else "none", PrunerContext(tuple(n for _, n in stages) or (1,))),
                 writes=s.trial_writes,
                 resume=self.resume,

@@ -40,13 +40,18 @@ SCREENED = "screened"  # how many children the fitted model chose the plan from 
 @dataclass(frozen=True)
 class SamplerContext:
     """What a sampler may use: the seed, the costs (bytes and additive loss estimates), the budget,
-    and the space (how plans are Optuna parameters: ``index`` and ``params_of`` convert)."""
+    and the space (how plans are Optuna parameters: ``index`` and ``params_of`` convert); and the
+    spec's ``search.screen`` and ``search.patience`` (the screened samplers' children per
+    proposal, and the sampled trials without a better plan after which a hand-off sampler hands
+    over)."""
 
     seed: int
     costs: Costs
     budget: int
     space: Any
     fill: bool = True
+    screen: int = 64
+    patience: int = 32
 
 
 SAMPLERS: Registry[Callable[[SamplerContext], BaseSampler]] = Registry("sampler")
@@ -81,20 +86,17 @@ def _evo(ctx: SamplerContext) -> BaseSampler:
 
 @SAMPLERS.register("tpe-evo")
 def _tpe_evo(ctx: SamplerContext) -> BaseSampler:
-    return HandoffSampler(_tpe(ctx), _evo(ctx))
-
-
-SCREEN = 64  # children a screened level-switch sampler chooses each proposal from
+    return HandoffSampler(_tpe(ctx), _evo(ctx), patience=ctx.patience)
 
 
 @SAMPLERS.register("evo-screened")
 def _evo_screened(ctx: SamplerContext) -> BaseSampler:
-    return LevelSwitchSampler(ctx.costs, ctx.budget, ctx.space, seed=ctx.seed, fill=ctx.fill, screen=SCREEN)
+    return LevelSwitchSampler(ctx.costs, ctx.budget, ctx.space, seed=ctx.seed, fill=ctx.fill, screen=ctx.screen)
 
 
 @SAMPLERS.register("tpe-evo-screened")
 def _tpe_evo_screened(ctx: SamplerContext) -> BaseSampler:
-    return HandoffSampler(_tpe(ctx), _evo_screened(ctx))
+    return HandoffSampler(_tpe(ctx), _evo_screened(ctx), patience=ctx.patience)
 
 
 def make_sampler(kind: str, ctx: SamplerContext) -> BaseSampler:

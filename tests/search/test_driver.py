@@ -236,10 +236,11 @@ def test_losses_are_finite_and_match_a_direct_evaluation(workload):
     assert math.isfinite(direct) and direct == pytest.approx(trial.values[0], rel=1e-5)
 
 
-def searched_with(workload, sampler: str, trials: int):
+def searched_with(workload, sampler: str, trials: int, **search):
     """A study of ``trials`` on ``sampler`` in the driver's process (seed 0), named after the
-    sampler, its plans checked (they fit, and are maximal): the search and the Optuna study."""
-    spec = workload.spec.with_overrides(search={"trials": trials, "workers": 0, "seed": 0, "sampler": sampler})
+    sampler, its plans checked (they fit, and are maximal): the search and the Optuna study.
+    ``search``: more of the spec's search fields."""
+    spec = workload.spec.with_overrides(search={**workload.spec.search.model_dump(), "trials": trials, "workers": 0, "seed": 0, "sampler": sampler, **search})
     storage = Storage(spec.storage.url)
     search = Search(Workload(spec), storage, study=sampler)
     search.run()
@@ -261,16 +262,17 @@ def test_the_evolutionary_sampler_proposes_new_maximal_plans_around_the_best(wor
 
 
 def test_tpe_hands_off_to_level_switches_once_it_stalls(workload):
-    """``tpe-evo``: TPE proposes until 32 sampled trials in a row have not improved on the best,
-    then level switches around the best propose for good. Each sampled trial records which
-    proposed it, and the hand-off happened exactly where the rule says."""
+    """``tpe-evo``: TPE proposes until ``search.patience`` sampled trials in a row have not
+    improved on the best (8 here; 32 by default), then level switches around the best propose for
+    good. Each sampled trial records which proposed it, and the hand-off happened exactly where
+    the rule says."""
     from mpsearch.search.sampler import PROPOSED_BY
 
-    patience = 32
-    search, study = searched_with(workload, "tpe-evo", 60)
+    patience = 8
+    search, study = searched_with(workload, "tpe-evo", 30, patience=patience)
     ordered = sorted(complete(study), key=lambda t: t.number)
     phases = [t.user_attrs[PROPOSED_BY] for t in ordered if t.user_attrs[ATTR_SOURCE] == SAMPLED]
-    assert len(phases) == 60 - len(search.warm_starts()) and set(phases) == {"explore", "refine"}
+    assert len(phases) == 30 - len(search.warm_starts()) and set(phases) == {"explore", "refine"}
     first = phases.index("refine")
     assert phases[first:] == ["refine"] * (len(phases) - first)  # for good
     for k, t in enumerate(ordered):  # the rule, on the trials finished before each proposal (workers=0: all of them)
@@ -285,15 +287,16 @@ def test_tpe_hands_off_to_level_switches_once_it_stalls(workload):
 
 def test_screened_level_switches_choose_each_child_from_many(workload):
     """``evo-screened`` on the real model: after the warm starts, each child is new, fits, is
-    maximal, and was chosen by the fitted model from more than one new child."""
+    maximal, and was chosen by the fitted model from more than one new child, and from no more
+    than ``search.screen`` (8 here; 64 by default)."""
     from mpsearch.search.sampler import SCREENED
 
-    search, study = searched_with(workload, "evo-screened", 14)
+    search, study = searched_with(workload, "evo-screened", 14, screen=8)
     ordered = sorted(complete(study), key=lambda t: t.number)
     sampled = [t for t in ordered if t.user_attrs[ATTR_SOURCE] == SAMPLED]
     assert len(sampled) == 14 - len(search.warm_starts())
-    screened = sampled[len(search.warm_starts()):]  # the first children are one per warm start
-    assert screened and all(t.user_attrs.get(SCREENED, 0) > 1 for t in screened)
+    screened = [t.user_attrs.get(SCREENED, 0) for t in sampled[len(search.warm_starts()):]]  # the first children are one per warm start
+    assert screened and all(1 < n <= 8 for n in screened) and max(screened) == 8
     plans = [plan_of(t.user_attrs) for t in ordered]
     assert len({p.digest() for p in plans}) == len(plans)
 
