@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--samplers", default=None, help="compare: comma-separated samplers, each optionally +PRUNER (e.g. tpe,evo,evo+race)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=None, help="search.seed (default: the study's)")
-    parser.add_argument("--pruner", default=None, help="search.pruner (none, race, halving, percentile)")
+    parser.add_argument("--pruner", default=None, help="search.pruner (none, race, forecast, halving, percentile)")
     parser.add_argument("--stages", default=None, help="search.stages, comma-separated fractions (e.g. 0.25,1.0)")
     parser.add_argument("--relinearise-every", type=int, default=None)
     parser.add_argument("--storage", default=None, help="default: a fresh SQLite file")

@@ -229,7 +229,7 @@ class SearchSection(_Section):
     trial_writes: Literal["batched", "optuna"] = Field("batched", description="batched: a trial's plan in one transaction; optuna: Optuna's own ask/tell")
     flagged_warm_starts: bool = Field(False, description="warm-start from a sensitivity profile that flags layers (negative or unsettled traces)")
     relinearise_every: NonNegativeInt = Field(0, description="every K trials, the ILP re-solved on the loss changes of single-layer switches around the best plan, its plan run next; 0: never")
-    pruner: str = Field("none", description="a pruner of mpsearch.search.pruner.PRUNERS: none, race, halving or percentile")
+    pruner: str = Field("none", description="a pruner of mpsearch.search.pruner.PRUNERS: none, race, forecast, halving or percentile")
     stages: list[float] = Field([0.25, 1.0], description="with a pruner: the fractions of the evaluation set a trial is scored on before each check")
     profiles: list[str] = Field(
         ["hessian", "perturbation"],

@@ -14,6 +14,8 @@ Pruners are picked by name from :data:`PRUNERS` (``search.pruner``):
 
 * ``none``: every trial at full fidelity, in one pass;
 * ``race``: :class:`RacePruner`, this module's rule (see there);
+* ``forecast``: :class:`ForecastPruner`, the race with a margin for the noise of a stage: a plan
+  stops when its full loss, forecast from its running loss, is clearly above the best's;
 * ``halving``: Optuna's successive halving, one rung per stage;
 * ``percentile``: Optuna's percentile pruner, the worst three quarters at each stage.
 """
@@ -24,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import optuna
 from optuna.pruners import BasePruner
 from optuna.trial import TrialState
@@ -53,6 +56,11 @@ def _race(ctx: PrunerContext) -> BasePruner:
     return RacePruner()
 
 
+@PRUNERS.register("forecast")
+def _forecast(ctx: PrunerContext) -> BasePruner:
+    return ForecastPruner()
+
+
 @PRUNERS.register("halving")
 def _halving(ctx: PrunerContext) -> BasePruner:
     """Optuna's successive halving with its rungs at the stages: the reduction factor is the
@@ -78,6 +86,13 @@ def pruner_factory(kind: str) -> Callable[[PrunerContext], BasePruner]:
     return PRUNERS.get(kind)
 
 
+def _last_report(trial) -> tuple[int | None, float]:
+    """The step and running loss of the trial's latest report (``None`` before its first): a
+    non-finite running loss is pruned at once by both of mpsearch's rules."""
+    step = trial.last_step
+    return step, (math.nan if step is None else trial.intermediate_values[step])
+
+
 class RacePruner(BasePruner):
     """Stop a plan at a stage where ``keep`` plans already scored at full fidelity did better on
     the same examples: it can no longer be among the ``keep`` best, so the rest of its evaluation
@@ -92,12 +107,9 @@ class RacePruner(BasePruner):
         self.keep = keep
 
     def prune(self, study, trial) -> bool:
-        step = trial.last_step
-        if step is None:
-            return False
-        value = trial.intermediate_values[step]
-        if not math.isfinite(value):
-            return True
+        step, value = _last_report(trial)
+        if step is None or not math.isfinite(value):
+            return step is not None
         better = 0
         for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             theirs = other.intermediate_values.get(step)
@@ -106,6 +118,40 @@ class RacePruner(BasePruner):
                 if better >= self.keep:
                     return True
         return False
+
+
+class ForecastPruner(BasePruner):
+    """Stop a plan at a stage where its full loss, forecast from its running loss there, is above
+    the best full loss by more than ``z`` times the forecast's error.
+
+    The forecast is a line fitted, at that stage, to the full loss against the running loss of the
+    ``neighbours`` complete trials whose running loss is nearest the plan's (chosen on the running
+    loss, so the line is not biased; local, so a far-off warm start such as uniform 2-bit does not
+    set it); its error is the residuals' standard deviation. :class:`RacePruner` compares
+    running losses as they are, and near a well-searched best it stops nearly every child: the best
+    trials were chosen on a full evaluation that includes the stage, so their running losses there
+    are lucky, and a child that would tie them in full is behind them on the stage. The line
+    regresses a running loss toward the mean as far as the complete trials show it should, and the
+    margin keeps a plan the stage cannot yet tell from the best. Until ``warmup`` trials are
+    complete nothing is pruned.
+    """
+
+    def __init__(self, z: float = 1.0, warmup: int = 8, neighbours: int = 32):
+        self.z, self.warmup, self.neighbours = z, warmup, neighbours
+
+    def prune(self, study, trial) -> bool:
+        step, value = _last_report(trial)
+        if step is None or not math.isfinite(value):
+            return step is not None
+        pairs = [(t.intermediate_values[step], t.values[0]) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if step in t.intermediate_values and t.values]
+        if len(pairs) < self.warmup:
+            return False
+        pairs.sort(key=lambda pair: abs(pair[0] - value))
+        running, full = (np.array(column, dtype=float) for column in zip(*pairs[: self.neighbours]))
+        best = min(f for _, f in pairs)
+        slope, intercept = np.polyfit(running, full, 1)
+        error = math.sqrt(float(np.sum((full - (slope * running + intercept)) ** 2)) / (len(pairs) - 2))
+        return slope * value + intercept - self.z * error > best
 
 
 def stage_bounds(fractions: Sequence[float], batch_sizes: Sequence[int]) -> list[tuple[int, int]]:
