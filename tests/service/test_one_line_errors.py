@@ -99,7 +99,7 @@ def test_a_study_name_too_long_for_any_backend_is_refused_before_any_work(tmp_pa
         ("", ["--budget", "1e309bpw"], "inf is not a finite number"),
         ("[search]\ntrials = 1000000000000\n", [], "search.trials"),
         ("", ["--trials", str(10**9)], "search.trials"),
-        ('[search]\npruner = "hyperband"\n', [], "search.pruner: unknown pruner 'hyperband'; choose one of: halving, none, percentile, race"),
+        ('[search]\npruner = "hyperband"\n', [], "search.pruner: unknown pruner 'hyperband'; choose one of: forecast, halving, none, percentile, race"),
     ],
     ids=["infinite-budget-in-spec", "infinite-budget-flag", "trials-in-spec", "trials-flag", "unknown-pruner"],
 )
