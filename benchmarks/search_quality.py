@@ -9,7 +9,7 @@ best baseline at 3.0 bpw.
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
         [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
         [--study studies/smollm2.toml] [--profiles hessian] [--workers 0] [--options 2a,3a,4a] [--clip mse] [--seed 1]
-        [--screen 64] [--patience 32] [--evaluation 512]
+        [--screen 64] [--patience 32] [--evaluation 512] [--oracle]
 
 ``--study`` searches another spec (e.g. the SmolLM2 study); ``--profiles hessian`` sets
 ``search.profiles``, leaving out the perturbation scan (about 1,700 calibration passes for
@@ -18,6 +18,8 @@ SmolLM2, hours on a CPU), its ILP and the greedy plan. ``--options`` and ``--cli
 another benchmark's to reuse what it built). ``--screen`` and ``--patience`` set
 ``search.screen`` and ``search.patience`` (the screened samplers' children per proposal, and
 tpe-evo's hand-over); ``--evaluation`` sets ``data.evaluation`` (and so the test split's size).
+``--oracle`` searches on the test split itself (an oracle no real search has): its evaluation
+ratio is what selecting on the very examples the targets are judged on reaches.
 
 Each budget also reports the best and the best baseline on the test split (never searched on),
 which is the figure the targets are judged on, and the search's wall time: compare samplers,
@@ -54,6 +56,20 @@ from pathlib import Path
 STUDY = Path(__file__).resolve().parent.parent / "studies" / "minilm.toml"
 
 
+def oracle_source(spec) -> str:
+    """A JSON-lines file of ``spec``'s test split (the same draw as the search's), for ``--oracle``."""
+    import json
+
+    from mpsearch.workload.data import split
+
+    test = split(spec.data, spec.resolve)[2]
+    if test.texts is None or not len(test):
+        raise SystemExit("--oracle needs a study with a text test split")
+    path = Path(tempfile.mkdtemp(prefix="mpsearch-oracle-")) / "test.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
@@ -74,6 +90,8 @@ def main() -> None:
     parser.add_argument("--screen", type=int, default=None, help="search.screen (default: the study's)")
     parser.add_argument("--patience", type=int, default=None, help="search.patience (default: the study's)")
     parser.add_argument("--evaluation", type=int, default=None, help="data.evaluation (default: the study's)")
+    parser.add_argument("--oracle", action="store_true", help="search on the study's test split itself (data.eval_source = its test examples): "
+                        "what selecting on the very examples the target is judged on reaches; the evaluation ratio is then the test ratio")
     parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
@@ -96,6 +114,8 @@ def main() -> None:
         spec = spec.with_overrides(quant={**spec.quant.model_dump(), **quant})
         if args.evaluation is not None:
             spec = spec.with_overrides(data={**spec.data.model_dump(), "evaluation": args.evaluation})
+        if args.oracle:
+            spec = spec.with_overrides(data={**spec.data.model_dump(), "eval_source": oracle_source(spec), "evaluation": spec.data.evaluation, "test": None})
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
                      "stages": [float(x) for x in args.stages.split(",")] if args.stages else None,
                      "profiles": args.profiles.split(",") if args.profiles else None, "seed": args.seed,
