@@ -9,7 +9,7 @@ best baseline at 3.0 bpw.
     .venv/bin/python benchmarks/search_quality.py [--trials 200] [--budgets 3.0bpw,4.0bpw] [--sampler tpe]
         [--pruner race] [--stages 0.25,1.0] [--relinearise-every 32] [--space menu-index]
         [--study studies/smollm2.toml] [--profiles hessian] [--workers 0] [--options 2a,3a,4a] [--clip mse] [--seed 1]
-        [--screen 64] [--patience 32] [--evaluation 512] [--oracle]
+        [--screen 64] [--patience 32] [--evaluation 512] [--oracle] [--repeats 5]
 
 ``--study`` searches another spec (e.g. the SmolLM2 study); ``--profiles hessian`` sets
 ``search.profiles``, leaving out the perturbation scan (about 1,700 calibration passes for
@@ -39,6 +39,13 @@ pruned sampler then runs as many cheap trials as fit in the time.
 ``--samplers tpe-evo,tpe-evo-screened --equal-time`` weighs the screen (each level-switch child the
 best of 64 by a model fitted to the trials) against plain level switches; ``--seed`` repeats a
 comparison on another seed.
+
+``--repeats N`` runs the whole comparison N times, the search seed going up by one each time
+(the data splits, hence the baselines, stay the same), and ends with each sampler's median over
+the runs at each budget, with the range. With ``--equal-time`` each repeat gets its own time limit
+from its own first run, so the samplers are compared in pairs run minutes apart. One run of two
+Ray workers is not reproducible to better than a few percent (they finish trials in an order that
+varies, and TPE learns from that order): a sampler choice rests on the medians.
 
 ``--space menu-index`` makes the study as mpsearch 0.1.0 did, each layer's parameter an index
 into the menu instead of its bits on a log scale (:mod:`mpsearch.search.space`): TPE on both,
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=None, help="data.evaluation (default: the study's)")
     parser.add_argument("--oracle", action="store_true", help="search on the study's test split itself (data.eval_source = its test examples): "
                         "what selecting on the very examples the target is judged on reaches; the evaluation ratio is then the test ratio")
+    parser.add_argument("--repeats", type=int, default=1, help="run the comparison N times, seeds seed..seed+N-1, and report medians")
     parser.add_argument("--space", default="log-bits", choices=["log-bits", "menu-index"], help="how plans are Optuna parameters")
     args = parser.parse_args()
 
@@ -104,11 +112,15 @@ def main() -> None:
     url = args.storage or f"sqlite:///{tempfile.mkdtemp(prefix='mpsearch-quality-')}/quality.db"
     storage = Storage(url)
     checkpoints = [k for k in (50, 100, 200) if k <= args.trials] + ([args.trials] if args.trials not in (50, 100, 200) else [])
-    runs = [(budget, *(choice.split("+") + [args.pruner])[:2])
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    first_seed = args.seed if args.seed is not None else Spec.load(args.study).search.seed
+    runs = [(repeat, budget, *(choice.split("+") + [args.pruner])[:2]) for repeat in range(args.repeats)
             for budget in args.budgets.split(",") for choice in (args.samplers or str(args.sampler)).split(",")]
     table = []
-    spans: dict[str, float] = {}  # the first run's trial span at each budget (--equal-time)
-    for budget, sampler, pruner in runs:
+    spans: dict[tuple[int, str], float] = {}  # each repeat's first run's trial span at each budget (--equal-time)
+    for repeat, budget, sampler, pruner in runs:
+        seed = first_seed + repeat if args.repeats > 1 else args.seed
         spec = Spec.load(args.study).with_overrides(budget=budget)
         quant = {**({"options": [o for o in args.options.split(",") if o]} if args.options is not None else {}), **({"clip": args.clip} if args.clip else {})}
         spec = spec.with_overrides(quant={**spec.quant.model_dump(), **quant})
@@ -118,12 +130,12 @@ def main() -> None:
             spec = spec.with_overrides(data={**spec.data.model_dump(), "eval_source": oracle_source(spec), "evaluation": spec.data.evaluation, "test": None})
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
                      "stages": [float(x) for x in args.stages.split(",")] if args.stages else None,
-                     "profiles": args.profiles.split(",") if args.profiles else None, "seed": args.seed,
+                     "profiles": args.profiles.split(",") if args.profiles else None, "seed": seed,
                      "screen": args.screen, "patience": args.patience}
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"
-        limit = spans.get(budget) if args.equal_time else None
+        limit = spans.get((repeat, budget)) if args.equal_time else None
         search = Search(workload, storage, study=name, trials=args.trials * (20 if limit else 1), workers=args.workers, time_limit_s=limit)
         if args.space != "log-bits":  # the older encoding, for comparison: the study records it and the search uses it
             made = search.meta
@@ -137,17 +149,17 @@ def main() -> None:
         stamped = [t for t in log.records() if t.started and t.finished]
         # the trials' own span: the bank and the sensitivity profiles, built once per machine and study, left out
         span = (max(t.finished for t in stamped) - min(t.started for t in stamped)).total_seconds() if stamped else seconds
-        spans.setdefault(budget, span)
+        spans.setdefault((repeat, budget), span)
         space = search.meta().get("space", "log-bits")
         print(f"\n{spec.name} at {budget} = {search.budget:,} bytes, sampler {s.sampler}, pruner {s.pruner} (stages {s.stages}), "
-              f"re-linearised every {s.relinearise_every or '-'}, space {space}: {len(trials)} complete + {result.n_pruned} pruned trials in {span:.0f} s "
+              f"re-linearised every {s.relinearise_every or '-'}, space {space}, seed {s.seed}: {len(trials)} complete + {result.n_pruned} pruned trials in {span:.0f} s "
               f"({seconds:.0f} s with the setup{f'; time limit {limit:.0f} s' if limit else ''})")
         test_base = min((b["test_loss"] for b in result.baselines.values() if "test_loss" in b), default=math.nan)
         eval_base = min(b["loss"] for b in result.baselines.values())
         if result.best:
             table.append((s.sampler + ("" if s.pruner == "none" else f" + {s.pruner}"), budget, span, len(trials), result.n_pruned,
                           result.best["loss"], result.best["loss"] / eval_base, result.best.get("test_loss", math.nan),
-                          result.best.get("test_loss", math.nan) / test_base, result.best.get("source", "")))
+                          result.best.get("test_loss", math.nan) / test_base, result.best.get("source", ""), s.seed))
         if result.best and "test_loss" in result.best:
             print(f"  test split: best {result.best['test_loss']:.5f} vs best baseline {test_base:.5f} = {result.best['test_loss'] / test_base:.3f} x")
         best_baseline = min(b["loss"] for b in result.baselines.values())
@@ -166,10 +178,27 @@ def main() -> None:
             half = sampled[len(sampled) // 2]
             print(f"  sampled trials: {len(sampled)}, median loss {half:.5f}, best quarter's mean {sum(sampled[: max(1, len(sampled) // 4)]) / max(1, len(sampled) // 4):.5f}")
     if len(table) > 1:
-        print("\n| sampler | budget | wall time | complete + pruned | best, evaluation | x best baseline | best, test | x best baseline | best's source |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\n| sampler | budget | wall time | complete + pruned | best, evaluation | x best baseline | best, test | x best baseline | best's source | seed |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for row in table:
-            print("| {} | {} | {:.0f} s | {} + {} | {:.5f} | {:.3f} | {:.5f} | {:.3f} | {} |".format(*row))
+            print("| {} | {} | {:.0f} s | {} + {} | {:.5f} | {:.3f} | {:.5f} | {:.3f} | {} | {} |".format(*row))
+    if args.repeats > 1:
+        print_medians(table)
+
+
+def print_medians(table: list[tuple]) -> None:
+    """Each (sampler, budget)'s median over the repeats: wall time, trials, and both ratios with their range."""
+    from statistics import median
+
+    cells: dict[tuple[str, str], list[tuple]] = {}
+    for row in table:
+        cells.setdefault((row[0], row[1]), []).append(row)
+    print("\n| sampler | budget | runs | wall time | complete + pruned | x best baseline, evaluation | x best baseline, test |")
+    print("|---|---|---|---|---|---|---|")
+    for (sampler, budget), rows in cells.items():
+        ev, te = [r[6] for r in rows], [r[8] for r in rows]
+        print(f"| {sampler} | {budget} | {len(rows)} | {median(r[2] for r in rows):.0f} s | {median(r[3] for r in rows):.0f} + {median(r[4] for r in rows):.0f} "
+              f"| {median(ev):.3f} ({min(ev):.3f}-{max(ev):.3f}) | {median(te):.3f} ({min(te):.3f}-{max(te):.3f}) |")
 
 
 if __name__ == "__main__":
