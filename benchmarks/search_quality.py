@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--screen", type=int, default=None, help="search.screen (default: the study's)")
     parser.add_argument("--patience", type=int, default=None, help="search.patience (default: the study's)")
     parser.add_argument("--evaluation", type=int, default=None, help="data.evaluation (default: the study's)")
+    parser.add_argument("--test", type=int, default=None, help="data.test (default: the study's, which is data.evaluation's size)")
     parser.add_argument("--oracle", action="store_true", help="search on the study's test split itself (data.eval_source = its test examples): "
                         "what selecting on the very examples the target is judged on reaches; the evaluation ratio is then the test ratio")
     parser.add_argument("--repeats", type=int, default=1, help="run the comparison N times, seeds seed..seed+N-1, and report medians")
@@ -154,6 +155,8 @@ def main() -> None:
         spec = spec.with_overrides(quant={**spec.quant.model_dump(), **quant})
         if args.evaluation is not None:
             spec = spec.with_overrides(data={**spec.data.model_dump(), "evaluation": args.evaluation})
+        if args.test is not None:
+            spec = spec.with_overrides(data={**spec.data.model_dump(), "test": args.test})
         if args.oracle:
             spec = spec.with_overrides(data={**spec.data.model_dump(), "eval_source": oracle_source(spec), "evaluation": spec.data.evaluation, "test": None})
         overrides = {"sampler": None if sampler == "None" else sampler, "pruner": pruner, "relinearise_every": args.relinearise_every,
