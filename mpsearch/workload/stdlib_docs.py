@@ -8,17 +8,29 @@ effects run — then split into sentences and filtered to plain prose.
 The corpus is deterministic for a given Python version: files are read in sorted
 order and the sentence list is de-duplicated and sorted, so a seed alone fixes any
 sample drawn from it. Because the list holds each sentence once, two disjoint index
-sets never share a sentence.
+sets never share a sentence. Parsing takes seconds, so the parsed paragraphs are kept on
+disk beside the candidate banks (``corpora/`` in :func:`~mpsearch.quant.bank.default_cache_dir`)
+and read back by the next process, which every Ray worker is.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
+import logging
 import os
 import re
+import sys
 import sysconfig
+import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Bump when the parsing or filtering below changes: cached corpora of older formats are then ignored.
+CORPUS_FORMAT = 1
 
 # Test suites, GUI demos and vendored code are not prose about the library.
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "turtledemo", "lib2to3", "ensurepip", "idlelib"}
@@ -58,14 +70,68 @@ class _Paragraph(list):
 
     total: int = 0
 
+    def dump(self) -> dict:
+        return {"sentences": list(self), "total": self.total}
+
+    @classmethod
+    def load(cls, row: dict) -> "_Paragraph":
+        paragraph = cls(str(s) for s in row["sentences"])
+        paragraph.total = int(row["total"])
+        return paragraph
+
 
 @functools.lru_cache(maxsize=1)
 def _prose_paragraphs() -> tuple[_Paragraph, ...]:
+    files = _source_files(stdlib_root())
+    cache = _cache_file(files)
+    if cache is not None and cache.is_file():
+        try:
+            return tuple(_Paragraph.load(row) for row in json.loads(cache.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            log.warning("the corpus cache %s cannot be read (%s); parsing the standard library again", cache.name, e)
     found = []
-    for path in _source_files(stdlib_root()):
+    for path in files:
         for doc in _docstrings(path):
             found.extend(_paragraphs(doc))
+    if cache is not None:
+        _write_atomically(cache, json.dumps([p.dump() for p in found]))
     return tuple(found)
+
+
+def _cache_file(files: list[Path]) -> Path | None:
+    """Where the parsed corpus is kept, beside the candidate banks: one file per Python version,
+    standard library and parser, keyed by every source file's name, size and modification time
+    (``None``: the disk cache is off)."""
+    from mpsearch.quant.bank import default_cache_dir
+
+    folder = default_cache_dir()
+    if folder is None:
+        return None
+    key = hashlib.sha256(f"{CORPUS_FORMAT}\0{sys.version}\0{stdlib_root()}".encode())
+    for path in files:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        key.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return folder / "corpora" / f"stdlib-{key.hexdigest()[:24]}.json"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file of its own, renamed into place: two
+    processes writing at once each leave a whole file. A cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.warning("the corpus cache cannot be written (%s); the corpus is parsed again next time", e.strerror or e)
 
 
 def _source_files(root: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from mpsearch.errors import WorkloadError
 from mpsearch.spec import Spec
 from mpsearch.workload.data import split
+from mpsearch.workload import stdlib_docs
 from mpsearch.workload.stdlib_docs import stdlib_sentences
 
 from conftest import write_spec
@@ -30,6 +31,39 @@ def test_stdlib_docs_is_english_prose_and_the_same_every_time():
     assert not any(">>>" in s or s.startswith(("def ", "import ")) for s in sentences)
     stdlib_sentences.cache_clear()
     assert stdlib_sentences() == sentences
+
+
+def _forget_the_corpus():
+    for cached in (stdlib_docs.stdlib_sentences, stdlib_docs.stdlib_paragraphs, stdlib_docs._prose_paragraphs):
+        cached.cache_clear()
+
+
+def test_the_parsed_corpus_is_cached_on_disk_and_a_broken_cache_is_parsed_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MPSEARCH_CACHE_DIR", str(tmp_path))
+    _forget_the_corpus()
+    sentences, paragraphs = stdlib_docs.stdlib_sentences(), stdlib_docs.stdlib_paragraphs()
+    (cache,) = (tmp_path / "corpora").glob("stdlib-*.json")
+    assert not list((tmp_path / "corpora").glob(".*.tmp"))  # renamed into place, nothing left over
+
+    # The next process reads the file and parses nothing.
+    _forget_the_corpus()
+    with monkeypatch.context() as m:
+        m.setattr(stdlib_docs, "_docstrings", lambda path: pytest.fail("parsed a source file despite the cache"))
+        assert stdlib_docs.stdlib_sentences() == sentences and stdlib_docs.stdlib_paragraphs() == paragraphs
+
+    # A cut-short cache is named in a warning, parsed again, and written whole again.
+    cache.write_text(cache.read_text()[: 1000])
+    _forget_the_corpus()
+    with caplog.at_level("WARNING", logger=stdlib_docs.__name__):
+        assert stdlib_docs.stdlib_sentences() == sentences and stdlib_docs.stdlib_paragraphs() == paragraphs
+    assert cache.name in caplog.text and str(tmp_path) not in caplog.text
+    assert len(json.loads(cache.read_text())) == len(stdlib_docs._prose_paragraphs())
+
+    # An empty MPSEARCH_CACHE_DIR turns the disk cache off.
+    monkeypatch.setenv("MPSEARCH_CACHE_DIR", "")
+    _forget_the_corpus()
+    assert stdlib_docs._cache_file([]) is None and stdlib_docs.stdlib_sentences() == sentences
+    _forget_the_corpus()
 
 
 def test_stdlib_split_is_seeded_and_its_three_parts_never_meet():
