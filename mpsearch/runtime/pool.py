@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping
 
-from mpsearch.errors import MPSearchError, first_line
+from mpsearch.errors import MPSearchError, death_cause
 from mpsearch.plan import Plan
 from mpsearch.runtime.cluster import start_ray
 from mpsearch.runtime.scorer import Scorer, Split
@@ -113,7 +113,7 @@ class ScorerPool:
             return ray.get(self.actors[0].call.remote(fn, *args, **kwargs), timeout=timeout_s)
         except ray.exceptions.RayActorError as e:
             self.replace(0)
-            raise MPSearchError(f"the worker died while running {getattr(fn, '__name__', fn)} ({first_line(e)}); check its memory and logs") from None
+            raise MPSearchError(f"the worker died while running {getattr(fn, '__name__', fn)} ({death_cause(e)}); check its memory and logs") from None
 
     def prepare(self, progress: bool = False, timeout_s: float = 24 * 3600.0) -> None:
         """Build the candidate bank (into the disk cache the others read) and the reference
@@ -190,7 +190,7 @@ class ScorerPool:
                 except ray.exceptions.RayActorError as e:
                     key = job[0][0]
                     if key in retried:
-                        raise MPSearchError(f"{desc}: a worker died twice on the same plans ({first_line(e)}); check the workers' memory and logs") from None
+                        raise MPSearchError(f"{desc}: a worker died twice on the same plans ({death_cause(e)}); check the workers' memory and logs") from None
                     retried.add(key)
                     self.replace(slot)
                     jobs.append(job)

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from mpsearch.errors import MPSearchError, SpecError, first_line
+from mpsearch.errors import MPSearchError, SpecError, death_cause, first_line
 from mpsearch.plan import Plan
 from mpsearch.search.allocate import Costs, greedy, ilp, relinearised
 from mpsearch.search.pruner import PrunerContext, make_pruner, pruner_factory, stage_bounds
@@ -540,7 +540,7 @@ class _Loop:
                 try:
                     results[slot] = ray.get(ref, timeout=self.poll_s * 10)
                 except ray.exceptions.RayError as e:
-                    results[slot] = {"died": f"worker died: {type(e).__name__}: {first_line(e)[:200]}"}
+                    results[slot] = {"died": f"worker died: {type(e).__name__}: {death_cause(e)[:300]}"}
             now = time.monotonic()
             for slot, f in flights.items():
                 if slot not in results and now - f.started > self.timeout_s:

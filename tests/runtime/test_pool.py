@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
+
 import pytest
 
 from mpsearch.errors import MPSearchError
@@ -31,6 +36,40 @@ def test_a_worker_that_died_is_replaced_and_its_plans_scored_again(workload):
         losses = pool.map(plans)
         assert dead not in pool.actors  # replaced
     assert losses == pytest.approx(expected, rel=1e-5) and len(set(losses)) == 3
+
+
+def _crash(actor) -> None:
+    """The real fault, as the kernel's OOM killer deals it: SIGKILL to the actor's process."""
+    import ray
+
+    pid = ray.get(actor.pid.remote(), timeout=120)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+def test_a_worker_that_dies_twice_on_the_same_plans_ends_the_map_in_one_line_that_says_how_it_died(workload):
+    table = workload.layer_table()
+    with ScorerPool(workload.spec, workers=1, snapshot=workload.snapshot()) as pool:
+        spawn = pool._spawn
+
+        def spawn_and_crash():
+            actor = spawn()
+            _crash(actor)
+            return actor
+
+        pool._spawn = spawn_and_crash  # every replacement dies too
+        _crash(pool.actors[0])
+        with pytest.raises(MPSearchError) as error:
+            pool.map([table.uniform(3)], desc="scoring")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("scoring: a worker died twice on the same plans (")
+    # Ray's own account of the death: a crash, not a Python exception, and no address in it.
+    assert "worker exit SYSTEM_ERROR" in message and not re.search(r"\d+\.\d+\.\d+\.\d+", message)
 
 
 def test_cuda_workers_without_gpus_are_refused_before_ray_starts(workload):
