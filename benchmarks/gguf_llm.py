@@ -38,11 +38,10 @@ def main() -> None:
     parser.add_argument("--imatrix", action="store_true", help="target.imatrix, and the presets with the same matrix")
     args = parser.parse_args()
 
-    from gguf import GGUFReader
-
     from mpsearch.export import export_study
     from mpsearch.quant import llama_cpp
     from mpsearch.quant.gguf import GGUF_LEVELS, gguf_tensor
+    from mpsearch.quant.gguf_file import read_gguf
     from mpsearch.search.driver import Search
     from mpsearch.spec import Spec
     from mpsearch.storage import Storage
@@ -68,8 +67,8 @@ def main() -> None:
     bank = workload.candidate_bank(progress=True)  # the imatrix (if any) the presets use too
 
     def score(path: Path) -> tuple[float, float]:
-        tensors = GGUFReader(str(path)).tensors
-        nbytes = sum(int(t.n_bytes) for t in tensors if t.name in linear)
+        tensors = read_gguf(path).tensors
+        nbytes = sum(t.n_bytes for name, t in tensors.items() if name in linear)
         return nbytes * 8 / table.n_weights, llama_cpp.perplexity(llama, path, test_text, n_ctx)
 
     reference = llama_cpp.perplexity(llama, f32, test_text, n_ctx)

@@ -34,11 +34,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
-    from gguf import GGUFReader
 
     from mpsearch.export import export_study
     from mpsearch.quant import llama_cpp
     from mpsearch.quant.gguf import GGUF_LEVELS, gguf_tensor
+    from mpsearch.quant.gguf_file import read_gguf
     from mpsearch.search.driver import Search
     from mpsearch.spec import Spec
     from mpsearch.storage import Storage
@@ -58,8 +58,8 @@ def main() -> None:
     reference = llama_cpp.embed(llama, f32, texts)
 
     def score(path: Path) -> tuple[float, float]:
-        tensors = GGUFReader(str(path)).tensors
-        nbytes = sum(int(t.n_bytes) for t in tensors if t.name in linear)
+        tensors = read_gguf(path).tensors
+        nbytes = sum(t.n_bytes for name, t in tensors.items() if name in linear)
         vectors = llama_cpp.embed(llama, path, texts)
         cos = np.sum(vectors * reference, axis=1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
         return nbytes * 8 / table.n_weights, float(statistics.fmean(cos))

@@ -145,18 +145,19 @@ def build_candidates(
     ``model_dir`` (a Hugging Face folder) is converted once to an F32 GGUF, whose tensor for each
     layer must hold the layer's weight (``model_weights``: the (rows × cols) FP matrices), row for
     row, in the model's order or another (:func:`row_orders`); ``llama-quantize --pure`` then
-    writes it at each type the levels need, and each layer's tensor is read back where its type is
-    the one planned, its rows put in the model's order. A form is ``{"blocks": uint8 (rows × bytes
+    writes, for each type the levels need, the layers planned at that type (every other matrix
+    is named at its converted type, so it is copied, not quantized), and each layer's tensor is
+    read back, its rows put in the model's order. A form is ``{"blocks": uint8 (rows × bytes
     per row)}``, or ``{"weight": fp16}`` at F16 (llama.cpp's F16 is the plain cast).
 
     ``imatrix`` = (calibration text, context length, path): llama-imatrix measures the importance
     matrix of the F32 GGUF on the text into ``path`` (unless it is there already), and every
     llama-quantize run weighs its rounding by it.
     """
-    from gguf import GGUFReader
     from tqdm.auto import tqdm
 
     from mpsearch.quant import llama_cpp
+    from mpsearch.quant.gguf_file import read_gguf
 
     llama = llama_cpp.tools()
     forms: dict[int, dict[str, dict[str, torch.Tensor]]] = {b: {} for b in levels}
@@ -174,7 +175,9 @@ def build_candidates(
         return forms
     with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-") as tmp:
         base = llama.convert(model_dir, Path(tmp) / "model-f32.gguf", outtype="f32")
-        orders = row_orders(GGUFReader(str(base)), table, model_weights)
+        converted = read_gguf(base).tensors
+        orders = row_orders(converted, table, model_weights)
+        as_converted = llama_cpp.matrix_types(converted)
         importance = None
         if imatrix is not None:
             text, n_ctx, importance = imatrix
@@ -183,8 +186,11 @@ def build_candidates(
         bar = tqdm(total=len(wanted), desc="quantizing (llama.cpp)", unit="type", disable=not progress, leave=False)
         for type_name, members in wanted.items():
             out = Path(tmp) / f"model-{type_name}.gguf"
-            llama_cpp.quantize(llama, base, out, type_name, imatrix=importance, pure=True)
-            tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+            # Only this type's layers are quantized: every other matrix is named at its converted type.
+            own = {f"{gguf_tensor(name)}.weight" for name, _ in members}
+            others = llama_cpp.write_tensor_types(Path(tmp) / f"others-{type_name}.txt", {n: k for n, k in as_converted.items() if n not in own})
+            llama_cpp.quantize(llama, base, out, type_name, others, imatrix=importance, pure=True)
+            tensors = read_gguf(out).tensors
             for name, b in members:
                 tensor = tensors[f"{gguf_tensor(name)}.weight"]
                 if tensor.tensor_type.name != type_name:
@@ -198,7 +204,7 @@ def build_candidates(
     return forms
 
 
-def row_orders(reader, table, model_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+def row_orders(tensors: Mapping, table, model_weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
     """For each layer, where the F32 GGUF keeps each of the model's rows: None when in the same
     order, else ``order`` with ``gguf_rows[order] == model_rows``.
 
@@ -207,7 +213,6 @@ def row_orders(reader, table, model_weights: Mapping[str, torch.Tensor]) -> dict
     the same whichever order the rows are in: the bank keeps the model's, and an export compares
     its blocks through the order. Anything but a reordering of the very rows is refused.
     """
-    tensors = {t.name: t for t in reader.tensors}
     orders = {}
     for layer in table.layers:
         key = f"{gguf_tensor(layer.name)}.weight"

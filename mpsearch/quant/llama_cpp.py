@@ -270,10 +270,27 @@ def imatrix(llama: LlamaCpp, model: Path, text: str, n_ctx: int, out: Path, thre
 
 
 def tensor_types(path: Path) -> dict[str, str]:
-    """Each tensor's ggml type in a GGUF file, as the ``gguf`` package reads it (``Q4_K``, ``F32``)."""
-    from gguf import GGUFReader
+    """Each tensor's ggml type in a GGUF file (``Q4_K``, ``F32``)."""
+    from mpsearch.quant.gguf_file import read_gguf
 
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    return {name: t.tensor_type.name for name, t in read_gguf(path).tensors.items()}
+
+
+def matrix_types(tensors) -> dict[str, str]:
+    """The type of each matrix among a GGUF file's ``tensors`` (name → tensor): what
+    llama-quantize may change; it leaves vectors (norms, biases) as they are."""
+    return {name: t.tensor_type.name for name, t in tensors.items() if len(t.shape) >= 2 and min(t.shape) > 1}
+
+
+def ggml_name(type_name: str) -> str:
+    """ggml's own spelling of a type (``Q4_K`` → ``q4_K``, ``IQ4_NL`` → ``iq4_nl``), which llama-quantize reads."""
+    return type_name.lower().replace("_k", "_K")
+
+
+def write_tensor_types(path: Path, types: dict[str, str]) -> Path:
+    """llama-quantize's ``--tensor-type-file``: each named tensor (matched whole) at its type."""
+    path.write_text("".join(f"^{re.escape(name)}$={ggml_name(kind)}\n" for name, kind in types.items()), encoding="utf-8")
+    return path
 
 
 def embed(llama: LlamaCpp, model: Path, texts: list[str], pooling: str = "mean", threads: int = 2):

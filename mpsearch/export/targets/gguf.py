@@ -21,7 +21,6 @@ A study with ``[target] format = "gguf"`` searched over llama.cpp's own types
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import torch
 from mpsearch.export.loader import ExportError
 from mpsearch.plan import Plan
 from mpsearch.quant.gguf import gguf_tensor, row_orders
+from mpsearch.quant.gguf_file import read_gguf
 from mpsearch.quant.layers import weight_matrix
 
 FILE = "model.gguf"
@@ -59,15 +59,8 @@ class GgufReport:
         }
 
 
-def ggml_name(type_name: str) -> str:
-    """ggml's own spelling of a type (``Q4_K`` → ``q4_K``, ``IQ4_NL`` → ``iq4_nl``), which llama-quantize reads."""
-    return type_name.lower().replace("_k", "_K")
-
-
 def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
     """``folder/model.gguf`` and its tensor-type file, checked (steps 1–3 of the module docstring)."""
-    from gguf import GGUFReader
-
     from mpsearch.quant import llama_cpp
 
     table = workload.layer_table()
@@ -75,24 +68,19 @@ def write(folder: Path, workload, plan: Plan, bank) -> GgufReport:
     planned = {f"{gguf_tensor(layer.name)}.weight": (layer, table.type_of(layer.name, plan[layer.name].bits)) for layer in table.layers}
     with tempfile.TemporaryDirectory(prefix="mpsearch-gguf-export-") as tmp:
         base = llama.convert(workload.source_dir(), Path(tmp) / "model-f32.gguf", outtype="f32")
-        reader = GGUFReader(str(base))
+        converted = read_gguf(base).tensors
         modules = dict(workload.fp_model().named_modules())
-        orders = row_orders(reader, table, {layer.name: weight_matrix(modules[layer.name]).detach() for layer in table.layers})
-        wanted: dict[str, str] = {}
-        for t in reader.tensors:
-            if t.name in planned:
-                wanted[t.name] = planned[t.name][1]
-            elif len(t.shape) >= 2 and min(int(d) for d in t.shape) > 1:  # llama-quantize leaves vectors alone
-                wanted[t.name] = t.tensor_type.name
+        orders = row_orders(converted, table, {layer.name: weight_matrix(modules[layer.name]).detach() for layer in table.layers})
+        # Every matrix named: the planned ones at their types, the others as they were converted.
+        wanted = {**llama_cpp.matrix_types(converted), **{name: planned[name][1] for name in planned if name in converted}}
         absent = [name for name in planned if name not in wanted]
         if absent:
             raise ExportError(f"the converted GGUF has no tensor {absent[0]}; the study ran with another converter")
-        types_file = folder / TYPES_FILE
-        types_file.write_text("".join(f"^{re.escape(name)}$={ggml_name(kind)}\n" for name, kind in wanted.items()), encoding="utf-8")
+        types_file = llama_cpp.write_tensor_types(folder / TYPES_FILE, wanted)
         llama_cpp.quantize(llama, base, folder / FILE, "q8_0", types_file, imatrix=bank.imatrix)  # the candidates' own matrix
     if bank.imatrix is not None:  # shipped: with it and the tensor-type file, llama-quantize makes this file again
         shutil.copyfile(bank.imatrix, folder / IMATRIX_FILE)
-    written = {t.name: t for t in GGUFReader(str(folder / FILE)).tensors}
+    written = read_gguf(folder / FILE).tensors
     rows, stated = [], {}
     for name, kind in wanted.items():
         t = written.get(name)
@@ -150,16 +138,14 @@ def check_perplexity(path: Path, workload, plan: Plan, bank, texts: list[str]) -
     """llama-perplexity on the evaluation texts (joined by blank lines) against mpsearch's forward
     pass of the same plan, computed llama.cpp's way (:func:`chunked_perplexity`) on the same
     tokens. Raises when they differ by more than :data:`MAX_PPL_GAP` (relative)."""
-    from gguf import GGUFReader
-
     from mpsearch.quant import llama_cpp
 
     text = "\n\n".join(texts)
     n_ctx = min(workload.spec.data.max_length, 512)
     theirs = llama_cpp.perplexity(llama_cpp.tools(), path, text, n_ctx)
-    fields = GGUFReader(str(path)).fields
-    add_bos = bool(_field(fields, "tokenizer.ggml.add_bos_token", False))
-    bos = int(_field(fields, "tokenizer.ggml.bos_token_id", 0))
+    fields = read_gguf(path).fields
+    add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
+    bos = int(fields.get("tokenizer.ggml.bos_token_id", 0))
     tokens = workload.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     model = workload.fp_model()
     with bank.applied(model, plan):
@@ -171,11 +157,6 @@ def check_perplexity(path: Path, workload, plan: Plan, bank, texts: list[str]) -
             f"({result['gap']:.2%} apart, allowed {MAX_PPL_GAP:.0%}): llama.cpp does not run what was searched; nothing was written (--no-verify writes it unchecked)"
         )
     return result
-
-
-def _field(fields, key: str, default):
-    field = fields.get(key)
-    return default if field is None else field.parts[field.data[0]][0]
 
 
 @torch.no_grad()
