@@ -58,7 +58,8 @@ class Scorer:
         workload, bank, model = self._loaded()
         bank.apply(model, plan, partial=partial, keep_fp=partial)
         start, stop = batches or (0, None)
-        result = workload.evaluate(model, split, perplexity=metrics, start=start, stop=stop)
+        # A partial plan leaves every other layer FP: the blocks before its first layer need not run.
+        result = workload.evaluate(model, split, perplexity=metrics, start=start, stop=stop, quantized=list(plan) if partial else None)
         return result if metrics else result.loss
 
     def call(self, fn, *args, **kwargs):

@@ -22,6 +22,7 @@ from mpsearch.spec import Spec
 from mpsearch.workload.data import Batch, make_batches, repair_examples, split
 from mpsearch.workload.losses import Loss, Outputs, make_loss
 from mpsearch.workload.models import LoadedModel, import_callable, load_model, load_tokenizer
+from mpsearch.workload.prefix import FpPrefix
 
 Split = Literal["calibration", "evaluation", "test", "repair"]
 SPLITS: tuple[str, ...] = ("calibration", "evaluation", "test")  # "repair" (export --repair's own) is drawn on first use
@@ -93,6 +94,7 @@ class Workload:
         self._model_key: str | None = None
         self._top_k: int | None = spec.loss.top_k
         self._unseen: list[str] | None = None
+        self._prefix: FpPrefix | None = None
 
     # -- the model ---------------------------------------------------------------------
 
@@ -297,6 +299,14 @@ class Workload:
             self._loss = make_loss(self.spec.loss.kind, user)
         return self._loss
 
+    def fp_prefix(self) -> FpPrefix:
+        """The kept FP block outputs that :meth:`evaluate` starts partial plans from."""
+        if self._prefix is None:
+            from mpsearch.quant.blockwise import blocks_of
+
+            self._prefix = FpPrefix(lambda model: blocks_of(model, self.layer_table()))
+        return self._prefix
+
     def forward(self, model: nn.Module, batch: Batch) -> Outputs:
         return Outputs.of(model(**_accepted_inputs(model, batch)))
 
@@ -362,18 +372,34 @@ class Workload:
         """The loss of ``model`` over a whole split: Σ total / Σ count."""
         return self.evaluate(model, which, perplexity=False).loss
 
-    def evaluate(self, model: nn.Module, which: Split = "evaluation", perplexity: bool = True, start: int = 0, stop: int | None = None) -> Evaluation:
+    def evaluate(
+        self, model: nn.Module, which: Split = "evaluation", perplexity: bool = True, start: int = 0, stop: int | None = None,
+        quantized: Sequence[str] | None = None,
+    ) -> Evaluation:
         """The loss of ``model`` over a whole split (or its batches ``start:stop``, one stage of a
         trial) and, for a causal LM, its perplexity on the split's own next tokens (from the
-        same forward passes)."""
+        same forward passes).
+
+        ``quantized``: the only layers of ``model`` that are not FP (a partial plan, as a
+        perturbation scan scores). The blocks before the first of them are then not run again
+        where their FP outputs are kept (:mod:`mpsearch.workload.prefix`); the loss is the same
+        to the bit.
+        """
         from mpsearch.workload.losses import causal_lm_terms
 
         lm = perplexity and self.is_causal_lm
         terms = []
         refs = self.reference(which)
+        batches = self.batches(which)
+        prefix = self.fp_prefix() if quantized is not None else None
+        fp_blocks = prefix.fp_blocks(model, quantized) if prefix is not None else 0
         with torch.no_grad():
-            for batch, ref in list(zip(self.batches(which), refs))[start:stop]:
-                out = self.forward(model, batch)
+            for index, (batch, ref) in list(enumerate(zip(batches, refs)))[start:stop]:
+                if fp_blocks:
+                    same = lambda a, b, ref=ref, batch=batch: [float(x) for x in self.loss_fn(a, ref, batch)] == [float(x) for x in self.loss_fn(b, ref, batch)]
+                    out = prefix.forward(model, which, index, len(batches), fp_blocks, lambda batch=batch: self.forward(model, batch), same)
+                else:
+                    out = self.forward(model, batch)
                 t, c = self.loss_fn(out, ref, batch)
                 n, k = causal_lm_terms(out, None, batch) if lm else (0.0, 0.0)
                 terms.append((float(t), float(c), float(n), float(k)))

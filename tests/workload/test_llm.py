@@ -163,6 +163,30 @@ def test_a_search_exports_and_evaluates_on_cpu_with_ray_workers(cold_search):
     assert json.loads(scored.stdout)["loss"] == pytest.approx(doc["best"]["loss"], rel=1e-4)
 
 
+def test_partial_plans_score_to_the_bit_from_kept_llama_block_outputs(cold_search, monkeypatch):
+    """The perturbation scan's plans on SmolLM2's 30 decoder layers: from the kept FP outputs of
+    the blocks before a plan's layer (rotary embeddings and mask passed on as transformers gives
+    them) the loss is the one the whole forward gives, to the bit. The cold search's bank is read
+    from its cache."""
+    from mpsearch.plan import Plan
+    from mpsearch.runtime.scorer import Scorer
+
+    monkeypatch.setenv("MPSEARCH_CACHE_DIR", str(cold_search["folder"] / "banks"))
+    spec = Spec.load(cold_search["spec"])
+    losses = {}
+    for skip in (True, False):
+        workload = Workload(spec, device="cpu")
+        workload.fp_prefix().enabled = skip
+        names = workload.layer_table().names
+        picked = [names[0], names[100], names[-1]]  # blocks 0, 14 and 29
+        plans = [Plan(layers={})] + [Plan.of_bits({name: 3}) for name in picked]
+        scorer = Scorer(spec, device="cpu", workload=workload)
+        losses[skip] = [scorer.score(plan, "calibration", partial=True) for plan in plans]
+        if skip:
+            assert workload.fp_prefix().skipped_blocks == len(workload.batches("calibration")) * (0 + 14 + 29)
+    assert losses[True] == losses[False] and len(set(losses[True])) == 4
+
+
 def test_block_wise_rounding_runs_through_llama_blocks(lm):
     """``export --refine blockwise`` on SmolLM2's 30 decoder layers: the blocks are called with
     the keyword arguments transformers gives them (mask, rotary position embeddings, no cache),
