@@ -393,6 +393,8 @@ class Workload:
         batches = self.batches(which)
         prefix = self.fp_prefix() if quantized is not None else None
         fp_blocks = prefix.fp_blocks(model, quantized) if prefix is not None else 0
+        if prefix is None and self._prefix is not None:
+            self._prefix.forget()  # a whole plan: the kept outputs' scan is over
         with torch.no_grad():
             for index, (batch, ref) in list(enumerate(zip(batches, refs)))[start:stop]:
                 if fp_blocks:

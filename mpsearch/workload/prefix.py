@@ -11,7 +11,8 @@ of running (only the last one's output is read on).
 The blocks are the model's transformer layers (:func:`~mpsearch.quant.blockwise.blocks_of`).
 A plan that quantizes a layer outside them (an embedding table runs before them) skips nothing.
 The kept outputs stay on the model's device within :data:`BUDGET_BYTES` a split: every block
-while they fit (MiniLM, SmolLM2 on the CI study), else evenly spaced checkpoints.
+while they fit (MiniLM, SmolLM2 on the CI study), else evenly spaced checkpoints. They are
+dropped when the workload next scores a whole plan (a search's first trial, after its scan).
 
 The skip must change no bit of the loss. The first skipped forward of each split is therefore
 also run in full and the two losses compared; if they differ at all (a model whose blocks share
@@ -50,6 +51,11 @@ class FpPrefix:
         if key not in self._models:
             self._models = {key: self._blocks_of(model)}  # one model at a time: a scorer's lent model
         return self._models[key]
+
+    def forget(self) -> None:
+        """Drop the kept outputs (a whole plan is being scored: the scan that used them is over)."""
+        self._kept.clear()
+        self._points.clear()
 
     def fp_blocks(self, model: nn.Module, quantized) -> int:
         """How many leading blocks of ``model`` hold none of the ``quantized`` layers (all the

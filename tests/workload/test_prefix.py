@@ -66,6 +66,10 @@ def test_the_last_block_plan_does_not_run_the_blocks_before_it(spec):
     # block on each batch, and every block once more: its first batch in full, to check the skip.
     assert ran.count("encoder.layer.0") == 1 and ran.count("encoder.layer.5") == batches + 1
     assert loss > 0
+    # A whole plan scored next (a search's first trial, after its scan) drops the kept outputs.
+    assert workload.fp_prefix()._kept["calibration"]
+    workload.evaluate(model, "calibration", perplexity=False)
+    assert not workload.fp_prefix()._kept
 
 
 def test_a_smaller_budget_keeps_fewer_blocks_and_the_scores_stay_exact(spec):
