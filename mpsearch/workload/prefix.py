@@ -99,8 +99,9 @@ class FpPrefix:
         """Blocks ``0 … start−1`` return ``output`` (block ``start−1``'s) without running. A
         forward of a block's own (accelerate's hooks set one) is put back after."""
         own = [block.__dict__.get("forward") for block in blocks[:start]]
+        given = _copied(output)  # a block that changes its input in place changes a copy, not what is kept
         for block in blocks[:start]:
-            block.forward = lambda *args, **kwargs: output
+            block.forward = lambda *args, **kwargs: given
         try:
             yield
         finally:
@@ -122,7 +123,7 @@ class FpPrefix:
                 if points is None:
                     points = self._points[split] = _checkpoints(len(blocks), _nbytes(output) * n_batches, self.budget_bytes)
                 if p in points:
-                    self._kept[split].setdefault(p, [None] * n_batches)[index] = _detached(output)
+                    self._kept[split].setdefault(p, [None] * n_batches)[index] = _copied(output)  # the next block may change it in place
             return hook
 
         for p in range(start + 1, fp_blocks + 1):
@@ -153,9 +154,9 @@ def _nbytes(output) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _detached(output):
+def _copied(output):
     if torch.is_tensor(output):
-        return output.detach()
+        return output.detach().clone()
     if isinstance(output, tuple):
-        return tuple(t.detach() if torch.is_tensor(t) else t for t in output)
+        return tuple(t.detach().clone() if torch.is_tensor(t) else t for t in output)
     return output

@@ -114,3 +114,29 @@ def test_a_model_whose_blocks_share_state_is_caught_on_the_first_skip_and_run_in
         got = prefix.forward(model, "calibration", 0, 1, 2, run, same)
     assert torch.equal(got, expected) and not prefix.enabled and "every block is run from now on" in caplog.text
     assert prefix.skipped_blocks == 0 and blocks[0].__dict__["forward"] is own  # put back after the skip
+
+
+class _InPlace(nn.Module):
+    """A block that scales its input in place before its linear map (legal, if unusual)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(x.mul_(2))
+
+
+def test_a_block_that_changes_its_input_in_place_does_not_change_the_kept_outputs():
+    blocks = nn.ModuleList(_InPlace() for _ in range(3))
+    model = nn.Sequential(*blocks)
+    prefix = FpPrefix(lambda m: [(f"{i}", b) for i, b in enumerate(blocks)])
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    run = lambda: model(x.clone())
+    same = lambda a, b: torch.equal(a, b)
+    with torch.no_grad():
+        expected = run()
+        prefix.forward(model, "calibration", 0, 1, 3, run, same)  # keeps every block's output
+        repeated = [prefix.forward(model, "calibration", 0, 1, 2, run, same) for _ in range(3)]
+    assert prefix.enabled and prefix.skipped_blocks == 6
+    assert all(torch.equal(out, expected) for out in repeated)
