@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--options", default=None, help="quant.options, comma-separated (default: the study's)")
     parser.add_argument("--clip", default=None, choices=["none", "mse", "weighted"], help="quant.clip (default: the study's)")
     parser.add_argument("--equal-time", action="store_true", help="later samplers get the first's trial span as their time limit (see above)")
+    parser.add_argument("--time-limit", type=float, default=None, help="search.time_limit_s for every run (seconds of trials; e.g. another run's span)")
     parser.add_argument("--screen", type=int, default=None, help="search.screen (default: the study's)")
     parser.add_argument("--patience", type=int, default=None, help="search.patience (default: the study's)")
     parser.add_argument("--evaluation", type=int, default=None, help="data.evaluation (default: the study's)")
@@ -166,7 +167,7 @@ def main() -> None:
         spec = spec.with_overrides(search={**spec.search.model_dump(), **{k: v for k, v in overrides.items() if v is not None}})
         workload = Workload(spec, device="cpu")
         name = f"quality-{budget}-{spec.search.sampler}-{int(time.time())}"
-        limit = spans.get((repeat, budget)) if args.equal_time else None
+        limit = spans.get((repeat, budget)) if args.equal_time else args.time_limit
         search = Search(workload, storage, study=name, trials=args.trials * (20 if limit else 1), workers=args.workers, time_limit_s=limit)
         if args.space != "log-bits":  # the older encoding, for comparison: the study records it and the search uses it
             made = search.meta

@@ -211,6 +211,21 @@ def ilp(costs: Costs, budget: int, fill: bool = True, allowed: np.ndarray | None
     return repair(costs, index, budget, fill=fill)
 
 
+def single_switches(costs: Costs, plan: PlanLike) -> list[tuple[int, int, np.ndarray]]:
+    """``(layer, step, index)`` for each layer moved alone one step down (``step`` -1) or up (+1)
+    the menu from ``plan``, where it has such a step (:attr:`Costs.steps`): the plans whose loss
+    changes :func:`relinearised` takes."""
+    index = costs.index(plan)
+    moves = []
+    for i in range(len(index)):
+        for step, to in ((-1, costs.steps[0]), (1, costs.steps[1])):
+            if to[i, index[i]] != index[i]:
+                moved = index.copy()
+                moved[i] = to[i, index[i]]
+                moves.append((i, step, moved))
+    return moves
+
+
 def relinearised(costs: Costs, plan: PlanLike, down: np.ndarray, up: np.ndarray, budget: int) -> Plan:
     """The ILP re-solved on local costs around ``plan``: ``down[l]`` and ``up[l]`` are the measured
     loss changes of moving layer ``l`` alone one step down or up the menu from ``plan`` (NaN where

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 
 from mpsearch.errors import MPSearchError, SpecError, death_cause, first_line
 from mpsearch.plan import Plan
-from mpsearch.search.allocate import Costs, greedy, ilp, relinearised
+from mpsearch.search.allocate import Costs, greedy, ilp, relinearised, single_switches
 from mpsearch.search.pruner import PrunerContext, make_pruner, pruner_factory, stage_bounds
 from mpsearch.search.sampler import SamplerContext, make_sampler, sampler_factory
 from mpsearch.search.space import space_for
@@ -604,22 +604,16 @@ class _Loop:
         import numpy as np
 
         costs = self.costs
-        index = costs.index(best.plan)
-        down_to, up_to = costs.steps
-        moves = [(i, step) for i in range(len(index)) for step in (-1, 1) if (down_to if step < 0 else up_to)[i, index[i]] != index[i]]
-        plans = [best.plan]
-        for i, step in moves:
-            moved = index.copy()
-            moved[i] = (down_to if step < 0 else up_to)[i, index[i]]
-            plans.append(costs.plan(moved))
+        moves = single_switches(costs, best.plan)
+        plans = [best.plan, *(costs.plan(moved) for _, _, moved in moves)]
         screen = (0, self.stages[0][0]) if self.stages else None
         try:
             losses = self.pool.map(plans, batches=screen, progress=self.progress, desc="re-linearising")
         except Exception as e:  # noqa: BLE001
             log.warning("study %r: the re-linearisation around trial %d failed (%s); the search goes on", self.log.name, best.number, first_line(e))
             return
-        down, up = np.full(len(index), np.nan), np.full(len(index), np.nan)
-        for (i, step), loss in zip(moves, losses[1:]):
+        down, up = np.full(len(costs.names), np.nan), np.full(len(costs.names), np.nan)
+        for (i, step, _), loss in zip(moves, losses[1:]):
             (down if step < 0 else up)[i] = loss - losses[0]
         plan = relinearised(costs, best.plan, down, up, self.budget)
         digest = plan.digest()
