@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpsearch.errors import BudgetError
-from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal, relinearised, repair
+from mpsearch.search.allocate import Costs, greedy, ilp, is_maximal, relinearised, repair, single_switches
 
 MENU = (2, 3, 4, 8, 16)
 
@@ -115,6 +115,19 @@ def test_the_relinearised_ilp_is_exact_on_the_local_costs_around_a_plan(seed):
     assert costs.bytes_of(result) <= budget and is_maximal(costs, result, budget)
     assert (result >= index - 1).all()
     assert gain(np.clip(result - index, -1, 1)) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_single_switches_move_one_layer_one_step_and_leave_out_the_ends_of_the_menu():
+    """From a plan with layers at the lowest, a middle and the highest width: every layer that can
+    step down or up appears once for each, moved alone to its neighbour, down first; none at the
+    ends of the menu steps past them."""
+    costs = random_costs(3, 0)
+    index = np.array([0, 2, 4])
+    moves = single_switches(costs, costs.plan(index))
+    assert [(i, step) for i, step, _ in moves] == [(0, 1), (1, -1), (1, 1), (2, -1)]
+    for i, step, moved in moves:
+        changed = np.flatnonzero(moved != index)
+        assert changed.tolist() == [i] and moved[i] == index[i] + step
 
 
 def test_equal_byte_widths_of_other_codes_are_free_steps_up():
